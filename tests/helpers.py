@@ -1,0 +1,33 @@
+"""Small builders shared by tests: random-initialised models, inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from models import NextDiT, NextDiTConfig
+
+
+def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter non-zero random values (the zero-init gates would hide most of the network)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + std * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=gen) * (4 if "gate" in name else 1))
+    return module
+
+
+def random_nextdit(cfg: NextDiTConfig, seed: int = 0) -> NextDiT:
+    torch.manual_seed(seed)
+    return randomise(NextDiT(cfg).eval(), seed)
+
+
+def caption_batch(batch: int, length: int, dim: int, valid: list[int] | None = None, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, length, dim, generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    for b, n in enumerate(valid or []):
+        mask[b, n:] = False
+    return feats, mask
