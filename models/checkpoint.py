@@ -430,3 +430,33 @@ def save_model(model: NextDiT, path: str, fmt: str = "ours", ema_state: dict | N
         write_checkpoint(model.config, model.state_dict(), tmp, fmt, ema_state, metadata)
         fs, remote = filesystem(str(path))
         fs.put(tmp.rstrip("/") + "/", remote, recursive=True)
+
+
+def _has_ema(local: str) -> bool:
+    path = Path(local)
+    if path.is_file():
+        return False
+    return (path / EMA_WEIGHTS_FILE).exists() or bool(list(path.glob(f"{OFFICIAL_EMA_WEIGHTS}.*")))
+
+
+def convert_checkpoint(src: str, dst: str, fmt: str) -> NextDiTConfig:
+    """Rewrite any supported checkpoint (local or s3://) in format ``fmt`` at ``dst``; EMA weights travel along
+    (diffusers has no slot for them). Our folder's metadata (text encoder / VAE references) is kept when writing ours."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    local, tmp = _localise(src)
+    try:
+        cfg, state, extra = read_checkpoint(local)
+        ema_state = read_checkpoint(local, ema=True)[1] if _has_ema(local) and fmt != "diffusers" else None
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    build_model(cfg, state, device="meta")  # validates keys and shapes before anything is written
+    if not is_remote(dst):
+        write_checkpoint(cfg, state, dst, fmt, ema_state, extra)
+        return cfg
+    with tempfile.TemporaryDirectory(prefix="nextdit-") as out:
+        write_checkpoint(cfg, state, out, fmt, ema_state, extra)
+        fs, remote = filesystem(dst)
+        fs.put(out.rstrip("/") + "/", remote, recursive=True)
+    return cfg

@@ -119,7 +119,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.wq(x)).view(batch, n, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x)).view(batch, n, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, n, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         if pool is not None:  # Context Drop: merge keys/values spatially, keep every query
             grids, kernel = pool
@@ -278,7 +278,7 @@ class NextDiT(nn.Module):
         return out.reshape(c_out, frames, h * p, w * p)[: self.config.in_channels]
 
     def rope_tables(self, grids, t, scaling, n_tokens, device):
-        """cos/sin (B, N, hd/2). Pad positions copy the last valid position (lumina-reference §1.1.2)."""
+        """Unit complex rotations e^{iφ} (B, N, hd/2). Pad positions copy the last valid position (lumina-reference §1.1.2)."""
         time_dependent = scaling is not None and scaling.mode in ("time_aware", "official_switch")
         cache, rows = {}, []
         for grid, t_i in zip(grids, t.tolist()):
@@ -290,7 +290,7 @@ class NextDiT(nn.Module):
                 angles = torch.cat([angles, angles[-1:].expand(n_tokens - angles.shape[0], -1)])
             rows.append(angles)
         angles = torch.stack(rows)
-        return torch.cos(angles), torch.sin(angles)
+        return torch.polar(torch.ones_like(angles), angles)
 
     def attention_scale(self, lengths: list[int], device) -> float | torch.Tensor | None:
         """Proportional attention (lumina-reference §2.4): sqrt(log_{N_base} N / hd) with N each sample's own tokens."""

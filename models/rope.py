@@ -152,15 +152,8 @@ class NDRotaryEmbedding(torch.nn.Module):
         return coords[:, self.pair_axis.to(device)] * freqs  # (N, head_dim/2)
 
 
-def rope_cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cos(angles), torch.sin(angles)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs (2j, 2j+1) of x (B, N, H, D) by angle j; cos/sin (B, N, D/2). fp32 math."""
-    dtype = x.dtype
-    x = x.float().unflatten(-1, (-1, 2))  # (B, N, H, D/2, 2)
-    real, imag = x[..., 0], x[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return out.flatten(-2).to(dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs (2j, 2j+1) of x (B, N, H, D) by the unit complex ``rotation`` (B, N, D/2) of
+    pair j: one complex multiply in fp32, as the official code does."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation[:, :, None, :]).flatten(-2).to(x.dtype)

@@ -1,0 +1,133 @@
+"""``python -m jobs.bench model``: our Next-DiT forward against diffusers' LuminaNextDiT2DModel, same config, weights
+and inputs, in one run. Prints the device, both timings, the ratio (ours / peer; target ≤ 0.7 on CPU, anchors.md) and
+the numerical agreement of the two outputs.
+
+GPU example (anchors.md): ``python -m jobs.bench model --device cuda --preset 2B-GQA --dtype bf16 --sizes 1024,2048``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from models import NextDiT, preset
+from models.checkpoint import config_to_diffusers, official_to_diffusers
+
+VAE_FACTOR = 8
+
+
+def timed(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median and min wall time (ms) of fn() after warm-up; CUDA is synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), min(times)
+
+
+def build_pair(preset_name: str, device, dtype, seed: int = 0):
+    from diffusers import LuminaNextDiT2DModel
+
+    cfg = preset(preset_name)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise where it runs: fast even for the 2B config
+        ours = NextDiT(cfg)
+    with torch.no_grad():  # non-zero gates/modulations so every path computes something real
+        for name, p in ours.named_parameters():
+            if "adaLN" in name or "gate" in name or "final_layer" in name or "cap_embedder.1" in name:
+                p.normal_(std=0.02)
+    peer_cfg = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        peer = LuminaNextDiT2DModel(**peer_cfg)
+    peer.load_state_dict(official_to_diffusers(ours.state_dict()), strict=True, assign=True)
+    peer.to(device)
+    return ours.to(device, dtype).eval(), peer.to(device, dtype).eval(), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="small", help="model size preset (small on CPU, 2B-GQA on GPU)")
+    parser.add_argument("--sizes", default="512", help="comma-separated square image sizes in pixels")
+    parser.add_argument("--batch", type=int, default=2, help="2 = one CFG pair")
+    parser.add_argument("--caption-len", type=int, default=128, help="caption tokens; the second sample has half")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA")
+    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="append results as JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    ours, peer, cfg = build_pair(args.preset, device, dtype)
+    params = sum(p.numel() for p in ours.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name} | torch {torch.__version__} | preset {args.preset} ({params / 1e6:.1f} M params) | "
+          f"{str(dtype).removeprefix('torch.')} | batch {args.batch}")
+    rope_table = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
+    peer_kwargs = {"base_sequence_length": cfg.base_tokens}
+    results = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        latent = size // VAE_FACTOR
+        gen = torch.Generator().manual_seed(size)
+        x = torch.randn(args.batch, cfg.in_channels, latent, latent, generator=gen).to(device, dtype)
+        t = torch.full((args.batch,), 0.5, device=device)
+        feats = torch.randn(args.batch, args.caption_len, cfg.cap_feat_dim, generator=gen).to(device, dtype)
+        mask = torch.ones(args.batch, args.caption_len, dtype=torch.bool, device=device)
+        mask[1:, args.caption_len // 2:] = False
+
+        def run_ours(model=ours):
+            with torch.no_grad():
+                return model(x, t, feats, mask)
+
+        def run_peer(model=peer):
+            with torch.no_grad():
+                return model(x, t, feats, mask, rope_table, cross_attention_kwargs=peer_kwargs, return_dict=False)[0]
+
+        with torch.no_grad():
+            a, b = run_ours().float(), run_peer()[:, : cfg.in_channels].float()
+        rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ours_ms, ours_min = timed(run_ours, device, args.warmup, args.repeats)
+        ours_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        peer_ms, peer_min = timed(run_peer, device, args.warmup, args.repeats)
+        peer_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        row = dict(size=size, tokens=(latent // cfg.patch_size) ** 2, ours_ms=ours_ms, peer_ms=peer_ms,
+                   ratio=ours_ms / peer_ms, rel_err=rel, ours_gib=ours_mem, peer_gib=peer_mem, device=name,
+                   preset=args.preset, dtype=str(dtype), batch=args.batch, compiled=False)
+        print(f"{size}² ({row['tokens']} tokens/img): ours {ours_ms:8.1f} ms (min {ours_min:.1f}) | "
+              f"diffusers {peer_ms:8.1f} ms (min {peer_min:.1f}) | ratio ours/peer {row['ratio']:.3f} | "
+              f"rel. diff {rel:.1e} | peak GiB ours {ours_mem:.1f} peer {peer_mem:.1f}")
+        results.append(row)
+        if args.compile:
+            compiled_ours, compiled_peer = torch.compile(ours), torch.compile(peer)
+            c_ours, _ = timed(lambda: run_ours(compiled_ours), device, max(args.warmup, 2), args.repeats)
+            c_peer, _ = timed(lambda: run_peer(compiled_peer), device, max(args.warmup, 2), args.repeats)
+            row_c = dict(row, ours_ms=c_ours, peer_ms=c_peer, ratio=c_ours / c_peer, compiled=True)
+            print(f"{size}² compiled: ours {c_ours:8.1f} ms | diffusers {c_peer:8.1f} ms | ratio {row_c['ratio']:.3f} | "
+                  f"ours compiled vs peer eager {c_ours / peer_ms:.3f}")
+            results.append(row_c)
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in results:
+                f.write(json.dumps(row) + "\n")
+    return 0

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run the test suite (sets up .venv first, idempotently). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+set +e
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+code=$?
+set -e
+if [ "$code" -eq 5 ]; then echo "no tests collected"; exit 1; fi
+exit "$code"

@@ -1,0 +1,1 @@
+"""Ray Serve application: sampler replicas behind an HTTP API."""
