@@ -88,3 +88,19 @@ def test_image_uses_the_pinned_python_and_installs_the_project_with_gpu_extras()
     assert "flash-attn" in dockerfile and "deepspeed==0.19.8" in dockerfile and "pip install -e" in dockerfile
     images = set(re.findall(r"image:\s*(\S+)", "".join(p.read_text() for p in MANIFESTS)))
     assert len(images) == 1  # every role runs the same project image
+
+
+def test_rayservice_serves_the_serve_config_yaml():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((REPO_ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load((REPO_ROOT / "serve" / "config.yaml").read_text())
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert embedded == serve_config
+    schema = ServeDeploySchema.model_validate(serve_config)
+    assert schema.applications[0].import_path == "serve.app:build_app"
+    # the application builder accepts the args as they are written
+    from models.config_io import from_dict
+    from serve.config import ServeConfig
+
+    from_dict(ServeConfig, schema.applications[0].args)

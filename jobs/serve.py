@@ -1,0 +1,68 @@
+"""``python -m jobs.serve --model PATH``: run the generation API locally (Ray Serve on this machine or RAY_ADDRESS).
+
+The model folder names its text encoder and VAE; --text-encoder / --vae override them, as in jobs.generate. Bearer
+tokens come from SERVE_API_TOKEN (comma-separated) or `api_tokens` in the config. For clusters use serve/config.yaml with
+``serve deploy`` or the KubeRay RayService (infra/kuberay/rayservice.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from jobs.cli import make_parser, resolve_config, run_main, setup_logging
+from jobs.runtime import init_ray
+from models.config_io import ConfigError
+from serve.config import ServeConfig
+
+log = logging.getLogger("jobs.serve")
+DEFAULT_MODEL_NAME = "default"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m jobs.serve", __doc__, ServeConfig)
+    parser.add_argument("--model", help="model folder (ours / official / diffusers; local or s3://)")
+    parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="the model's name in the API")
+    parser.add_argument("--text-encoder", help="text encoder path (default: the folder's reference)")
+    parser.add_argument("--vae", help="VAE path (default: the folder's reference)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    flags = {}
+    if args.model:
+        flags[f"models.{args.name}.path"] = args.model
+        flags[f"models.{args.name}.text_encoder"] = args.text_encoder
+        flags[f"models.{args.name}.vae"] = args.vae
+    elif args.text_encoder or args.vae:
+        raise ConfigError("--text-encoder / --vae need --model")
+    config = resolve_config(ServeConfig, args, flags)
+    if not config.tokens():
+        log.warning("no API token configured (SERVE_API_TOKEN or api_tokens): the API is open to anyone who can "
+                    "reach %s:%d", args.host, args.port)
+    if args.dry_run:
+        log.info("config is valid: models %s, default %s", list(config.models), config.default_model)
+        return 0
+
+    from ray import serve
+
+    from models.config_io import to_dict
+    from serve.app import build_app
+
+    init_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(to_dict(config)), name="lumina", route_prefix="/")
+    log.info("serving %s on http://%s:%d (OpenAPI: /docs); Ctrl-C stops", list(config.models), args.host, args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,72 @@
+"""Typed configuration of the Serve application (the ``args`` of serve/config.yaml, or ``python -m jobs.serve``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from models.config_io import ConfigError
+
+TOKEN_ENV = "SERVE_API_TOKEN"  # comma-separated bearer tokens
+
+
+@dataclass
+class ModelSpec:
+    """One servable model: a model folder (ours / official / diffusers, local or s3://); the text encoder and VAE
+    default to the references recorded in the folder."""
+
+    path: str = ""
+    text_encoder: str | None = None
+    vae: str | None = None
+    ema: bool = False
+
+
+@dataclass
+class LimitsConfig:
+    max_n: int = 4  # images per request
+    max_pixels: int = 2048 * 2048
+    max_side: int = 2048
+    min_steps: int = 1
+    max_steps: int = 100
+    max_guidance: float = 30.0
+    max_prompt_chars: int = 8000  # cheap check at the ingress; the token limit is checked by the replica's tokenizer
+    max_prompt_tokens: int = 256  # Gemma captions are cut at 256 tokens in training (lumina-reference §5)
+
+
+@dataclass
+class BatchingConfig:
+    max_batch_size: int = 4  # requests per batched ODE solve (compatible requests only)
+    batch_wait_timeout_s: float = 0.05
+
+
+@dataclass
+class ServeConfig:
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    default_model: str = ""  # "" → the first entry of `models`
+    api_tokens: list[str] = field(default_factory=list)  # empty: SERVE_API_TOKEN; both empty: no auth
+    request_timeout_s: float = 300.0
+    retry_after_s: int = 2  # Retry-After of 503 responses under overload
+    device: str = "auto"  # auto: cuda when present
+    max_models_per_replica: int = 2  # multiplexing cache size
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    sampler: dict = field(default_factory=dict)  # SamplerConfig overrides (steps, solver, schedule, guidance, …)
+
+    def __post_init__(self):
+        if not self.models:
+            raise ConfigError("serve config: `models` is empty; name at least one model folder")
+        for name, spec in self.models.items():
+            if not spec.path:
+                raise ConfigError(f"serve config: model {name!r} has no path")
+        if not self.default_model:
+            self.default_model = next(iter(self.models))
+        if self.default_model not in self.models:
+            raise ConfigError(f"serve config: default_model {self.default_model!r} is not one of {list(self.models)}")
+        if self.batching.max_batch_size < 1:
+            raise ConfigError("serve config: batching.max_batch_size must be ≥ 1")
+
+    def tokens(self) -> list[str]:
+        """Accepted bearer tokens: the config's, else the comma-separated SERVE_API_TOKEN."""
+        if self.api_tokens:
+            return list(self.api_tokens)
+        return [t.strip() for t in os.environ.get(TOKEN_ENV, "").split(",") if t.strip()]

@@ -1,0 +1,239 @@
+"""The Serve application over real HTTP: a local Ray cluster, the app with tiny random models, httpx as the client."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from models.config_io import to_dict
+from tests.conftest import free_port
+from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
+
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PATH = "/v1/images/generations"
+
+
+def serve_config(folders: dict[str, str], **overrides) -> dict:
+    config = {
+        "models": {name: {"path": path} for name, path in folders.items()},
+        "api_tokens": [TOKEN],
+        "request_timeout_s": 60.0,
+        "limits": {"max_n": 2, "max_side": 128, "max_pixels": 128 * 96, "max_steps": 4, "max_prompt_tokens": 24},
+        "batching": {"max_batch_size": 2, "batch_wait_timeout_s": 0.05},
+        "sampler": {"steps": 2, "solver": "euler"},
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-models")
+    te, vae = make_tiny_text_encoder(root / "te"), make_tiny_vae(root / "vae")
+    return {"tiny": make_tiny_model_folder(root / "m0", te, vae, seed=0),
+            "tiny-b": make_tiny_model_folder(root / "m1", te, vae, seed=1)}
+
+
+def start_app(config: dict, name: str, route_prefix: str, sampler_options: dict | None = None):
+    from ray import serve
+
+    from serve.app import Ingress, SamplerReplica
+
+    sampler = SamplerReplica.options(**(sampler_options or {})).bind(config)
+    serve.run(Ingress.bind(sampler, config), name=name, route_prefix=route_prefix)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, folders):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_app(serve_config(folders), "lumina", "/")
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield client
+    serve.shutdown()
+
+
+def generate(client, **body):
+    return client.post(PATH, json={"prompt": "a red circle", **body}, headers=AUTH)
+
+
+def decode_png(item: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def test_valid_request_returns_png_of_the_requested_size_and_same_seed_same_bytes(server):
+    first = generate(server, size="48x32", seed=7)
+    assert first.status_code == 200, first.text
+    item = first.json()["data"][0]
+    image = decode_png(item)
+    assert image.format == "PNG" and image.size == (48, 32)
+    assert item["seed"] == 7 and item["nfe"] == 2 and item["latency_s"] > 0
+    again = generate(server, size="48x32", seed=7)
+    assert again.json()["data"][0]["b64_json"] == item["b64_json"]
+    other = generate(server, size="48x32", seed=8)
+    assert other.json()["data"][0]["b64_json"] != item["b64_json"]
+
+
+def test_n_images_get_consecutive_seeds_and_batch_mates_do_not_change_an_image(server):
+    alone = generate(server, size="32x32", seed=100).json()["data"][0]["b64_json"]
+    pair = generate(server, size="32x32", seed=99, n=2).json()["data"]
+    assert [d["seed"] for d in pair] == [99, 100]
+    assert pair[1]["b64_json"] == alone
+    # concurrent requests share batched solves; each image stays what it is alone
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        bodies = list(pool.map(lambda s: generate(server, size="32x32", seed=s).json(), [100, 5, 100, 6]))
+    assert bodies[0]["data"][0]["b64_json"] == alone == bodies[2]["data"][0]["b64_json"]
+
+
+def test_models_health_and_openapi(server):
+    assert server.get("/healthz").json() == {"status": "ok"}
+    models = server.get("/v1/models", headers=AUTH).json()
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b"]
+    schema = server.get("/openapi.json").json()
+    assert PATH in schema["paths"] and "requestBody" in schema["paths"][PATH]["post"]
+
+
+def test_multiplexed_models_are_chosen_by_the_model_field(server):
+    a = generate(server, size="32x32", seed=3, model="tiny").json()["data"][0]["b64_json"]
+    b = generate(server, size="32x32", seed=3, model="tiny-b").json()["data"][0]["b64_json"]
+    assert a != b
+    assert generate(server, size="32x32", seed=3).json()["data"][0]["b64_json"] == a  # default model
+
+
+def test_requests_without_a_valid_token_get_401(server):
+    body = {"prompt": "x"}
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": TOKEN}]:
+        response = server.post(PATH, json=body, headers=headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert server.get("/v1/models").status_code == 401
+    # auth comes first: an unauthenticated malformed request learns nothing about validation
+    assert server.post(PATH, content=b"{not json", headers={"content-type": "application/json"}).status_code == 401
+
+
+MALFORMED = [
+    ("unknown field", {"prompt": "x", "temperature": 1}, 400),
+    ("typo of a field", {"prompt": "x", "guidance": 3}, 400),
+    ("missing prompt", {"size": "32x32"}, 400),
+    ("prompt not a string", {"prompt": 5}, 400),
+    ("empty prompt", {"prompt": ""}, 400),
+    ("blank prompt", {"prompt": "   "}, 400),
+    ("prompt above the token limit", {"prompt": "word " * 200}, 400),
+    ("size not WxH", {"prompt": "x", "size": "large"}, 400),
+    ("size with one side", {"prompt": "x", "size": "64"}, 400),
+    ("size not a multiple of 16", {"prompt": "x", "size": "50x32"}, 400),
+    ("size of zero", {"prompt": "x", "size": "0x32"}, 400),
+    ("size above the side limit", {"prompt": "x", "size": "256x16"}, 400),
+    ("size above the pixel limit", {"prompt": "x", "size": "128x128"}, 400),
+    ("negative size", {"prompt": "x", "size": "-32x32"}, 400),
+    ("n of zero", {"prompt": "x", "n": 0}, 400),
+    ("n above the limit", {"prompt": "x", "n": 3}, 400),
+    ("n not an integer", {"prompt": "x", "n": 1.5}, 400),
+    ("steps of zero", {"prompt": "x", "steps": 0}, 400),
+    ("steps above the limit", {"prompt": "x", "steps": 50}, 400),
+    ("unknown solver", {"prompt": "x", "solver": "ddim"}, 400),
+    ("unknown schedule", {"prompt": "x", "schedule": "karras"}, 400),
+    ("unknown rope mode", {"prompt": "x", "rope_scaling": "yarn"}, 400),
+    ("negative guidance", {"prompt": "x", "guidance_scale": -1}, 400),
+    ("guidance above the limit", {"prompt": "x", "guidance_scale": 1000}, 400),
+    ("negative seed", {"prompt": "x", "seed": -1}, 400),
+    ("seed too large", {"prompt": "x", "seed": 2**70}, 400),
+    ("url response format", {"prompt": "x", "response_format": "url"}, 400),
+    ("context_drop not a bool", {"prompt": "x", "context_drop": "sometimes"}, 400),
+    ("body is a list", ["x"], 400),
+    ("body is a string", "a prompt", 400),
+    ("unknown model", {"prompt": "x", "model": "gpt-image-1"}, 404),
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_requests_get_the_right_4xx(server, case):
+    _, body, status = case
+    response = server.post(PATH, json=body, headers=AUTH)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_malformed_json_and_wrong_content_type(server):
+    bad_json = server.post(PATH, content=b'{"prompt": "x",', headers={**AUTH, "content-type": "application/json"})
+    assert bad_json.status_code == 400 and "malformed JSON" in bad_json.json()["error"]["message"]
+    form = server.post(PATH, data={"prompt": "x"}, headers=AUTH)
+    assert form.status_code == 415
+    text = server.post(PATH, content=b"prompt=x", headers={**AUTH, "content-type": "text/plain"})
+    assert text.status_code == 415
+
+
+def test_schemathesis_finds_no_server_error(server, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server.base_url}/openapi.json",
+         "--checks", "not_a_server_error", "--max-examples", "15", "--header", f"Authorization: Bearer {TOKEN}",
+         "--phases", "examples,coverage,fuzzing", "--seed", "1", "--request-timeout", "60", "--workers", "1",
+         "--suppress-health-check", "all", "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_overload_gets_503_with_retry_after_and_nothing_hangs(server, folders):
+    """A second app whose sampler takes one request at a time and queues one: a burst gets 503s, the rest 200s."""
+    from ray import serve
+
+    config = to_dict(serve_config(folders, batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0}))
+    start_app(config, "tight", "/tight", {"max_ongoing_requests": 1, "max_queued_requests": 1})
+    try:
+        url = f"{PATH.replace('/v1', '/tight/v1')}"
+        body = {"prompt": "a blue square", "size": "64x64", "steps": 4, "solver": "rk4"}
+
+        def call(seed):
+            started = time.time()
+            response = server.post(url, json={**body, "seed": seed}, headers=AUTH, timeout=120)
+            return response.status_code, response.headers.get("retry-after"), time.time() - started
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(call, range(10)))
+        statuses = [r[0] for r in results]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+        assert all(r[1] is not None for r in results if r[0] == 503)
+        assert max(r[2] for r in results) < 110
+    finally:
+        serve.delete("tight")
+
+
+def test_killed_replica_is_replaced_and_serves_again(server):
+    import ray
+
+    def sampler_replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "lumina" in a["name"] and "SamplerReplica" in a["name"]}
+
+    before = sampler_replicas()
+    assert len(before) == 1
+    victim = next(iter(before))
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        replacements = sampler_replicas() - before
+        if replacements:
+            response = generate(server, size="32x32", seed=1)
+            if response.status_code == 200:
+                break
+        time.sleep(1)
+    else:
+        pytest.fail("the killed sampler replica was not replaced in time")
+    assert json.loads(response.text)["data"][0]["seed"] == 1
