@@ -1,0 +1,154 @@
+"""The built-in demo data set, made by code: captioned coloured shapes, captioned tones, labelled primitive point clouds,
+and a handful of corrupt files that the curation job must reject (and count) without failing.
+
+Every file is deterministic for a given seed. Captions are sidecar ``.txt`` files, as users' folders usually have them.
+"""
+
+from __future__ import annotations
+
+import math
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (235, 210, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (250, 250, 250), "grey": (200, 200, 200)}
+IMAGE_SIZES = ((128, 128), (160, 128), (128, 160))  # (width, height): several aspect ratios → several buckets
+TONES = {"low": 220.0, "middle": 440.0, "high": 880.0}
+SAMPLE_RATE = 16000
+SOLIDS = ("sphere", "cube", "cylinder")
+
+
+@dataclass
+class DemoCounts:
+    images: int = 240
+    tones: int = 12
+    solids: int = 12
+
+
+def shape_image(colour: str, shape: str, background: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """One shape, large enough to dominate the picture, at a random position and scale."""
+    width, height = size
+    image = Image.new("RGB", size, BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    side = int(min(width, height) * rng.uniform(0.45, 0.7))
+    x0 = int(rng.uniform(0, width - side))
+    y0 = int(rng.uniform(0, height - side))
+    box = (x0, y0, x0 + side, y0 + side)
+    fill = tuple(int(np.clip(c + rng.normal(0, 8), 0, 255)) for c in COLOURS[colour])
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
+    return image
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+
+
+def solid_points(solid: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n points on the surface of a unit solid."""
+    if solid == "sphere":
+        p = rng.normal(size=(n, 3))
+        return p / np.linalg.norm(p, axis=1, keepdims=True)
+    if solid == "cube":
+        p = rng.uniform(-1, 1, size=(n, 3))
+        axis = rng.integers(0, 3, n)
+        p[np.arange(n), axis] = np.sign(rng.uniform(-1, 1, n))
+        return p
+    theta = rng.uniform(0, 2 * math.pi, n)
+    return np.stack([np.cos(theta), np.sin(theta), rng.uniform(-1, 1, n)], axis=1)
+
+
+CUBE_OBJ = """v -1 -1 -1\nv 1 -1 -1\nv 1 1 -1\nv -1 1 -1\nv -1 -1 1\nv 1 -1 1\nv 1 1 1\nv -1 1 1
+f 1 2 3\nf 1 3 4\nf 5 6 7\nf 5 7 8\nf 1 2 6\nf 1 6 5\nf 2 3 7\nf 2 7 6\nf 3 4 8\nf 3 8 7\nf 4 1 5\nf 4 5 8
+"""
+
+
+def write_corrupt_files(root: Path) -> dict[str, str]:
+    """The bad inputs of the corrupted-corpus check; returns {relative path: what is wrong}."""
+    bad = root / "images"
+    bad.mkdir(parents=True, exist_ok=True)
+    good = shape_image("red", "circle", "white", (128, 128), np.random.default_rng(0))
+    good.save(bad / "corrupt_truncated.jpg", quality=90)
+    data = (bad / "corrupt_truncated.jpg").read_bytes()
+    (bad / "corrupt_truncated.jpg").write_bytes(data[: len(data) // 3])
+    (bad / "corrupt_empty.png").write_bytes(b"")
+    (bad / "corrupt_text.png").write_text("this is not an image\n")
+    (root / "audio").mkdir(exist_ok=True)
+    write_wav(root / "audio" / "corrupt_silent.wav", np.zeros(SAMPLE_RATE))
+    (root / "points").mkdir(exist_ok=True)
+    (root / "points" / "corrupt_empty.obj").write_text("# no vertices\n")
+    (root / "points" / "corrupt_degenerate.obj").write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\n")
+    return {
+        "images/corrupt_truncated.jpg": "truncated JPEG",
+        "images/corrupt_empty.png": "zero-byte file",
+        "images/corrupt_text.png": "text saved as .png",
+        "audio/corrupt_silent.wav": "silent audio",
+        "points/corrupt_empty.obj": "mesh without vertices",
+        "points/corrupt_degenerate.obj": "degenerate mesh (zero area)",
+    }
+
+
+def build_demo_dataset(root: str | Path, counts: DemoCounts | None = None, seed: int = 0,
+                       corrupt: bool = True) -> dict:
+    """Write the demo corpus under ``root`` (images/, audio/, points/). Returns a summary."""
+    root = Path(root)
+    counts = counts or DemoCounts()
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(counts.images):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        shape = SHAPES[(i // len(COLOURS)) % len(SHAPES)]
+        background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+        size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
+        name = f"shape_{i:05d}"
+        shape_image(colour, shape, background, size, rng).save(root / "images" / f"{name}.png")
+        (root / "images" / f"{name}.txt").write_text(f"a {colour} {shape} on a {background} background")
+    (root / "audio").mkdir(exist_ok=True)
+    for i in range(counts.tones):
+        pitch = list(TONES)[i % len(TONES)]
+        seconds = float(rng.uniform(1.0, 3.0))
+        t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+        tone = 0.5 * np.sin(2 * math.pi * TONES[pitch] * t) * np.minimum(1, 20 * t) * np.minimum(1, 20 * (seconds - t))
+        write_wav(root / "audio" / f"tone_{i:04d}.wav", tone + rng.normal(0, 0.003, t.shape))
+        (root / "audio" / f"tone_{i:04d}.txt").write_text(f"a {pitch} pitched tone")
+    (root / "points").mkdir(exist_ok=True)
+    for i in range(counts.solids):
+        solid = SOLIDS[i % len(SOLIDS)]
+        if solid == "cube" and i % 2:
+            (root / "points" / f"solid_{i:04d}.obj").write_text(CUBE_OBJ)
+        else:
+            np.save(root / "points" / f"solid_{i:04d}.npy", solid_points(solid, 2048, rng).astype(np.float32))
+        (root / "points" / f"solid_{i:04d}.txt").write_text(f"a {solid}")
+    bad = write_corrupt_files(root) if corrupt else {}
+    return {"root": str(root), "images": counts.images, "tones": counts.tones, "solids": counts.solids,
+            "corrupt": bad}
+
+
+def dominant_colour(image: np.ndarray) -> str:
+    """The named colour closest to the mean of the pixels that are not background-like (saturated ones)."""
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    saturation = pixels.max(1) - pixels.min(1)
+    chosen = pixels[saturation > 60]
+    if len(chosen) < 0.02 * len(pixels):
+        return "none"
+    mean = chosen.mean(0)
+    return min(COLOURS, key=lambda name: float(np.sum((np.array(COLOURS[name]) - mean) ** 2)))

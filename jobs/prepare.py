@@ -1,0 +1,42 @@
+"""``python -m jobs.prepare --input URI [--input URI …] --output URI [--config FILE] [--set key=value …] [--dry-run]``
+
+Turns raw image, audio and 3D collections into resolution-bucketed WebDataset shards with a manifest (docs/curation.md).
+Resumable: a rerun skips finished work and never duplicates a sample.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jobs.cli import make_parser, resolve_config, run_main, setup_logging
+from pipelines.config import PrepareConfig
+
+log = logging.getLogger("jobs.prepare")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("jobs.prepare", __doc__.split("\n\n")[1], PrepareConfig)
+    parser.add_argument("--input", action="append", metavar="URI",
+                        help="folder, glob, list file (.parquet/.csv/.jsonl) or WebDataset tar; repeatable")
+    parser.add_argument("--output", metavar="URI", help="output folder: local path or s3://bucket/prefix")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    config = resolve_config(PrepareConfig, args, {"inputs": args.input, "output": args.output}).validate()
+
+    from pipelines.io import resolve_storage
+    from pipelines.plan import build_plan, run_prepare, summary_table
+
+    if args.dry_run:
+        print(build_plan(config, resolve_storage("s3://", config.storage)).describe())
+        return 0
+
+    from jobs.runtime import init_ray
+
+    init_ray()
+    stats = run_prepare(config)
+    print(summary_table(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,87 @@
+"""Small PNG reports drawn with Pillow (no plotting stack needed): line charts and captioned image grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
+               x_label: str = "step", y_label: str = "loss", size: tuple[int, int] = (720, 420)) -> None:
+    """Each named series of (x, y) points as a polyline on shared axes; writes a PNG."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 40, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    points = [p for values in series.values() for p in values if math.isfinite(p[1])]
+    if not points:
+        draw.text((left, height // 2), "no data", fill="black", font=font)
+        image.save(path)
+        return
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x0) / (x1 - x0) * (width - left - right)
+        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=(120, 120, 120))
+    for i in range(5):  # grid and tick labels
+        fy = y0 + (y1 - y0) * i / 4
+        _, py = to_pixel(x0, fy)
+        draw.line([left, py, width - right, py], fill=(230, 230, 230))
+        draw.text((5, py - 6), f"{fy:.3g}", fill="black", font=font)
+        fx = x0 + (x1 - x0) * i / 4
+        px, _ = to_pixel(fx, y0)
+        draw.text((px - 10, height - bottom + 5), f"{fx:.0f}", fill="black", font=font)
+    for index, (name, values) in enumerate(series.items()):
+        colour = PALETTE[index % len(PALETTE)]
+        pixels = [to_pixel(x, y) for x, y in values if math.isfinite(y)]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        draw.text((width - right - 150, top + 5 + 14 * index), f"— {name}", fill=colour, font=font)
+    draw.text((left, 10), title, fill="black", font=font)
+    draw.text(((width - left) // 2, height - 20), x_label, fill="black", font=font)
+    draw.text((5, top - 20), y_label, fill="black", font=font)
+    image.save(path)
+
+
+def image_grid(images: list[np.ndarray], captions: list[str], path: str | Path, columns: int = 4,
+               cell: int = 160) -> None:
+    """Images (H×W×3 uint8) scaled into square cells with a caption under each; writes a PNG."""
+    rows = max(1, math.ceil(len(images) / columns))
+    caption_height = 28
+    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for i, (array, caption) in enumerate(zip(images, captions)):
+        tile = Image.fromarray(array)
+        tile.thumbnail((cell - 8, cell - 8))
+        x = (i % columns) * cell + (cell - tile.width) // 2
+        y = (i // columns) * (cell + caption_height) + 4
+        grid.paste(tile, (x, y))
+        text_y = (i // columns) * (cell + caption_height) + cell
+        for line_index, line in enumerate(_wrap(caption, 26)[:2]):
+            draw.text(((i % columns) * cell + 4, text_y + 12 * line_index), line, fill="black", font=font)
+    grid.save(path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, current = [], ""
+    for word in text.split():
+        if current and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    return lines + ([current] if current else [])

@@ -1,0 +1,184 @@
+"""Resolution, duration and point-count buckets (architecture.md "Buckets"; lumina-reference §7, imgproc.py).
+
+Image buckets are every (h_p·16, w_p·16) pixel size with h_p·w_p ≤ max_patches and aspect ≤ max_aspect, enumerated like
+the official ``imgproc.py`` (for each width the largest height that fits). Unlike the official random top-4 choice, an
+image goes to its best-fit bucket deterministically — the fit ratio min(sw, sh) / max(sw, sh) of the two scale factors —
+so a rerun puts every sample in the same bucket (resume needs that). Every bucket has its own micro-batch size so that
+batches carry about the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from models.config_io import from_dict
+from pipelines import constants as C
+from pipelines.config import PrepareConfig
+from pipelines.ledger import Reject, Stage, meta_of
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One bucket: its directory name, the shape of its samples' tensor, and its micro-batch size."""
+
+    modality: str
+    name: str
+    size: tuple[int, ...]  # image (H, W) pixels; audio (samples,); points (count,)
+    micro_batch: int
+
+
+# ---- images ------------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=32)
+def image_bucket_sizes(max_patches: int, max_aspect: float, patch: int = C.PATCH_PIXELS) -> tuple[tuple[int, int], ...]:
+    """(H, W) pixel sizes of every image bucket, by decreasing width (official enumeration order)."""
+    sizes = []
+    for w_p in range(max_patches, 0, -1):
+        h_p = max_patches // w_p
+        # the largest height that fits the budget, lowered to respect the aspect limit in the tall direction
+        h_p = min(h_p, math.floor(w_p * max_aspect))
+        if h_p < 1 or w_p / h_p > max_aspect:
+            continue
+        sizes.append((h_p * patch, w_p * patch))
+    return tuple(sizes)
+
+
+def image_micro_batch(size: tuple[int, int], batch_tokens: int, patch: int = C.PATCH_PIXELS) -> int:
+    tokens = (size[0] // patch) * (size[1] // patch)
+    return max(1, batch_tokens // tokens)
+
+
+def image_bucket_name(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"  # H x W in pixels
+
+
+def best_image_bucket(width: int, height: int, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The bucket keeping most of the image: max over buckets of min(sw, sh) / max(sw, sh), sw = W_b / w, sh = H_b / h.
+
+    Ties go to the larger bucket, then the wider one, so the choice is a pure function of (width, height).
+    """
+    best, best_key = sizes[0], None
+    for h_b, w_b in sizes:
+        sw, sh = w_b / width, h_b / height
+        key = (min(sw, sh) / max(sw, sh), h_b * w_b, w_b)
+        if best_key is None or key > best_key:
+            best, best_key = (h_b, w_b), key
+    return best
+
+
+def cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of the smallest aspect-preserving resize that covers the bucket (then centre-cropped to it)."""
+    h_b, w_b = bucket
+    scale = max(w_b / width, h_b / height)
+    return max(w_b, round(width * scale)), max(h_b, round(height * scale))
+
+
+def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 → bucket-sized HxWx3 uint8: bicubic resize to cover (box pre-reduction for big factors) + centre crop."""
+    h, w = image.shape[:2]
+    h_b, w_b = bucket
+    if (h, w) == (h_b, w_b):
+        return image
+    cw, ch = cover_size(w, h, bucket)
+    pil = Image.fromarray(image)
+    if (cw, ch) != (w, h):
+        # reducing_gap: PIL first box-reduces by an integer factor while the image is ≥ 2× the target (official recipe)
+        pil = pil.resize((cw, ch), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    left, top = (cw - w_b) // 2, (ch - h_b) // 2
+    return np.asarray(pil.crop((left, top, left + w_b, top + h_b)))
+
+
+# ---- audio and points ---------------------------------------------------------------------------------------------------
+def audio_bucket_name(duration_s: float) -> str:
+    return f"{duration_s:g}s"
+
+
+def best_audio_duration(duration_s: float, durations: list[float]) -> float | None:
+    """The longest bucket duration the clip fills; None if it is shorter than every bucket."""
+    fitting = [d for d in sorted(durations) if d <= duration_s + 1e-9]
+    return fitting[-1] if fitting else None
+
+
+def points_bucket_name(count: int) -> str:
+    return f"{count}pts"
+
+
+def best_point_count(count: int, counts: list[int]) -> int | None:
+    fitting = [c for c in sorted(counts) if c <= count]
+    return fitting[-1] if fitting else None
+
+
+def mel_frames(num_samples: int) -> int:
+    """Frames of a centred STFT with HOP_LENGTH (torch.stft(center=True))."""
+    return num_samples // C.HOP_LENGTH + 1
+
+
+def bucket_table(config) -> list[Bucket]:
+    """Every bucket the config allows, for --dry-run, docs and the trainer's sampler."""
+    table = []
+    img = config.bucket.image
+    for size in image_bucket_sizes(img.max_patches, img.max_aspect):
+        table.append(Bucket(C.IMAGE, image_bucket_name(size), size, image_micro_batch(size, img.batch_tokens)))
+    for d in sorted(config.bucket.audio_durations_s):
+        mb = max(1, int(config.bucket.audio_batch_seconds // d))
+        table.append(Bucket(C.AUDIO, audio_bucket_name(d), (round(d * C.SAMPLE_RATE),), mb))
+    for n in sorted(config.bucket.point_counts):
+        table.append(Bucket(C.POINTS, points_bucket_name(n), (n,), max(1, config.bucket.point_batch_points // n)))
+    return table
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------------
+class Bucketize(Stage):
+    """Assign each sample its bucket and bring its payload to the bucket's size: image resize-to-cover + centre crop,
+    audio centre crop to the bucket duration, point subsample (seeded by key, so reruns agree)."""
+
+    stage = C.STAGE_BUCKET
+
+    def __init__(self, config: dict, ledger: str | None = None):
+        super().__init__(ledger)
+        self.config = from_dict(PrepareConfig, config)
+        b = self.config.bucket.image
+        self.sizes = image_bucket_sizes(b.max_patches, b.max_aspect)
+
+    def process_row(self, row: dict) -> dict:
+        modality, payload, meta = row[C.MODALITY], row[C.PAYLOAD], meta_of(row)
+        if modality == C.IMAGE:
+            size = best_image_bucket(meta["width"], meta["height"], self.sizes)
+            row[C.PAYLOAD] = resize_to_bucket(payload, size)
+            row[C.BUCKET] = image_bucket_name(size)
+        elif modality == C.AUDIO:
+            duration = best_audio_duration(len(payload) / C.SAMPLE_RATE, self.config.bucket.audio_durations_s)
+            if duration is None:
+                raise Reject(C.Reason.NO_BUCKET, f"{len(payload) / C.SAMPLE_RATE:.2f}s is shorter than every bucket")
+            n = round(duration * C.SAMPLE_RATE)
+            start = (len(payload) - n) // 2  # centre crop: keeps the middle of the clip
+            row[C.PAYLOAD] = np.ascontiguousarray(payload[start:start + n])
+            row[C.BUCKET] = audio_bucket_name(duration)
+            meta["crop_start_s"] = round(start / C.SAMPLE_RATE, 4)
+        else:
+            count = best_point_count(len(payload), self.config.bucket.point_counts)
+            if count is None:
+                raise Reject(C.Reason.NO_BUCKET, f"{len(payload)} points is fewer than every bucket")
+            if count < len(payload):
+                rng = np.random.default_rng(int(row[C.KEY], 16) % (2**32))
+                payload = payload[np.sort(rng.choice(len(payload), count, replace=False))]
+            row[C.PAYLOAD] = np.ascontiguousarray(payload, dtype=np.float32)
+            row[C.BUCKET] = points_bucket_name(count)
+        meta["bucket"] = row[C.BUCKET]
+        row[C.META] = json.dumps(meta, sort_keys=True, default=str)
+        return row
+
+
+def micro_batch_for(modality: str, bucket: str, config: PrepareConfig) -> int:
+    """The micro-batch size of a bucket, from its name (so the writer needs no table lookup)."""
+    if modality == C.IMAGE:
+        h, w = (int(v) for v in bucket.split("x"))
+        return image_micro_batch((h, w), config.bucket.image.batch_tokens)
+    if modality == C.AUDIO:
+        return max(1, int(config.bucket.audio_batch_seconds // float(bucket.rstrip("s"))))
+    return max(1, config.bucket.point_batch_points // int(bucket.removesuffix("pts")))

@@ -1,0 +1,134 @@
+"""Captioning (issue "Stages: caption"): an actor pool running a captioner loaded by path through transformers.
+
+- images: any image-to-text / vision-language model ``AutoModelForImageTextToText`` loads (VisionEncoderDecoder, BLIP,
+  LLaVA-style with ``caption.prompt``);
+- 3D: the same image model captions a grid of views rendered from the sampled points (a numpy splat renderer: no GL);
+- audio: any ``AutoModelForSpeechSeq2Seq`` model (speech/audio encoder–decoder).
+
+Existing captions are kept unless ``caption.recaption``; every sample's json records where its caption came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.config_io import from_dict
+from pipelines import constants as C
+from pipelines.config import PrepareConfig
+from pipelines.ledger import Stage, batch_of, meta_of, reject_row, rows_of
+
+
+def render_views(points: np.ndarray, views: int = 4, size: int = 128, elevation_deg: float = 20.0) -> np.ndarray:
+    """(N,3) points on the unit sphere → a grid image of ``views`` orthographic renders around the vertical axis.
+
+    Each point is splatted as one pixel, nearest-first (z-buffer by sorting), shaded by depth so the shape reads.
+    """
+    cols = math.ceil(math.sqrt(views))
+    rows = math.ceil(views / cols)
+    canvas = np.full((rows * size, cols * size, 3), 255, dtype=np.uint8)
+    el = math.radians(elevation_deg)
+    tilt = np.array([[1, 0, 0], [0, math.cos(el), -math.sin(el)], [0, math.sin(el), math.cos(el)]])
+    for v in range(views):
+        az = 2 * math.pi * v / views
+        spin = np.array([[math.cos(az), 0, math.sin(az)], [0, 1, 0], [-math.sin(az), 0, math.cos(az)]])
+        p = points @ (tilt @ spin).T  # camera looks along -z; y up
+        px = np.clip(((p[:, 0] + 1) / 2 * (size - 1)).round().astype(int), 0, size - 1)
+        py = np.clip(((1 - (p[:, 1] + 1) / 2) * (size - 1)).round().astype(int), 0, size - 1)
+        depth = (p[:, 2] + 1) / 2  # 1 = nearest
+        order = np.argsort(depth)  # far first, so near points overwrite them
+        shade = (40 + 180 * (1 - depth[order])).astype(np.uint8)
+        tile = np.full((size, size, 3), 255, dtype=np.uint8)
+        tile[py[order], px[order]] = shade[:, None]
+        r, c = divmod(v, cols)
+        canvas[r * size:(r + 1) * size, c * size:(c + 1) * size] = tile
+    return canvas
+
+
+class Captioner(Stage):
+    """Captions the rows that need one (all rows with ``recaption``); records ``caption_source``."""
+
+    stage = C.STAGE_CAPTION
+
+    def __init__(self, config: dict, modality: str, ledger: str | None = None, device: str | None = None):
+        super().__init__(ledger)
+        self.cfg = from_dict(PrepareConfig, config).caption
+        self.modality = modality
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        path = self.cfg.audio_model if modality == C.AUDIO else self.cfg.model
+        self.path = path
+        if modality == C.AUDIO:
+            from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer
+
+            self.model = AutoModelForSpeechSeq2Seq.from_pretrained(path)
+            self.features = AutoFeatureExtractor.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.processor = None
+        else:
+            from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+            from transformers.processing_utils import ProcessorMixin
+
+            self.model = AutoModelForImageTextToText.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path)
+            # a folder with a full processor (VLMs) uses it; an encoder–decoder folder has image processor + tokenizer
+            self.processor = processor if isinstance(processor, ProcessorMixin) else None
+            self.features = None if self.processor else AutoImageProcessor.from_pretrained(path)
+            self.tokenizer = getattr(processor, "tokenizer", None) or AutoTokenizer.from_pretrained(path)
+        self.model.to(self.device).eval()
+
+    def needs_caption(self, row: dict[str, Any]) -> bool:
+        return self.cfg.recaption or not str(row[C.CAPTION]).strip()
+
+    def model_input(self, row: dict[str, Any]) -> np.ndarray:
+        if self.modality == C.POINTS:
+            return render_views(row[C.PAYLOAD], self.cfg.views, self.cfg.view_size)
+        return row[C.PAYLOAD]
+
+    @torch.no_grad()
+    def generate(self, inputs: list[np.ndarray]) -> list[str]:
+        gen = {"max_new_tokens": self.cfg.max_new_tokens}
+        if self.modality == C.AUDIO:
+            rate = int(self.features.sampling_rate)
+            if rate != C.SAMPLE_RATE:
+                import torchaudio.functional as AF
+
+                inputs = [AF.resample(torch.from_numpy(x), C.SAMPLE_RATE, rate).numpy() for x in inputs]
+            batch = self.features(inputs, sampling_rate=rate, return_tensors="pt", padding=True)
+            out = self.model.generate(**{k: v.to(self.device) for k, v in batch.items()}, **gen)
+            return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        if self.processor is not None:
+            kwargs = {"images": list(inputs), "return_tensors": "pt"}
+            if self.cfg.prompt:
+                kwargs.update(text=[self.cfg.prompt] * len(inputs), padding=True)
+            batch = {k: v.to(self.device) for k, v in self.processor(**kwargs).items() if hasattr(v, "to")}
+            out = self.model.generate(**batch, **gen)
+            if "input_ids" in batch and not self.model.config.is_encoder_decoder:
+                out = out[:, batch["input_ids"].shape[1]:]  # decoder-only VLMs echo the prompt
+            return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        pixels = self.features(images=list(inputs), return_tensors="pt")["pixel_values"].to(self.device)
+        out = self.model.generate(pixel_values=pixels, **gen)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    def process(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[dict]]:
+        rows = rows_of(batch)
+        todo = [i for i, r in enumerate(rows) if self.needs_caption(r)]
+        if todo:
+            captions = self.generate([self.model_input(rows[i]) for i in todo])
+            for i, text in zip(todo, captions):
+                row = rows[i]
+                meta = meta_of(row)
+                if str(row[C.CAPTION]).strip():
+                    meta["original_caption"] = str(row[C.CAPTION])  # recaption keeps what it replaced
+                meta["caption_model"] = self.path
+                row[C.CAPTION] = " ".join(text.split())
+                row[C.CAPTION_SOURCE] = C.CAPTION_FROM_MODEL
+                row[C.META] = json.dumps(meta, sort_keys=True, default=str)
+        if not self.cfg.require_caption:
+            return batch_of(rows), []
+        kept = [r for r in rows if str(r[C.CAPTION]).strip()]
+        rejects = [reject_row(r, C.Reason.NO_CAPTION, "empty caption") for r in rows if not str(r[C.CAPTION]).strip()]
+        return batch_of(kept), rejects

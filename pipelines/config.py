@@ -1,0 +1,201 @@
+"""PrepareConfig: the typed config tree of ``python -m jobs.prepare`` (defaults ← YAML ← ``--set``).
+
+Model stages run only when their model path is set (issue "Ray Data curation"): ``caption.model``,
+``caption.audio_model``, ``filter.clip_model``, ``filter.aesthetic_model``, ``filter.clap_model``, ``encode.vae``,
+``encode.text_encoder``. Every stage has its own ``resources`` so encoders can land on other hardware than decoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.config_io import ConfigError
+
+from pipelines import constants as C
+
+
+@dataclass
+class Resources:
+    """Ray resources of one stage, applied at its ``map_batches`` call site.
+
+    ``concurrency``: actor-pool size for model stages; for CPU task stages 0 means "as many tasks as Ray schedules".
+    Actor pools default to 0.5 CPU so that a 2-core machine never hands every CPU to actors (stack.md pitfall).
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    accelerator_type: str | None = None
+    concurrency: int = 0
+    batch_size: int = 32
+
+
+def _actor_resources(batch_size: int = 8) -> Resources:
+    return Resources(num_cpus=0.5, concurrency=1, batch_size=batch_size)
+
+
+@dataclass
+class StorageConfig:
+    """S3 settings; each one left empty falls back to AWS_ENDPOINT_URL / AWS_REGION / AWS_ACCESS_KEY_ID / ..."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+
+@dataclass
+class ReadConfig:
+    modalities: list[str] = field(default_factory=lambda: list(C.MODALITIES))
+    limit: int = 0  # 0 = every input; else the first N items (handy for trials)
+
+
+@dataclass
+class ImageDecodeConfig:
+    formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])  # PIL format names accepted
+    max_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default); checked on the header, before decoding
+    modes: list[str] = field(default_factory=lambda: ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I"])
+
+
+@dataclass
+class AudioDecodeConfig:
+    max_duration_s: float = 3600.0  # a decode guard; the length rules live in filter
+    silence_db: float = -60.0  # RMS below this (dBFS) is silence
+
+
+@dataclass
+class PointsDecodeConfig:
+    num_points: int = 4096  # area-weighted surface samples drawn from a mesh
+    min_extent: float = 1e-6  # a shape whose points span less than this (or lie on a line) is degenerate
+
+
+@dataclass
+class DecodeConfig:
+    image: ImageDecodeConfig = field(default_factory=ImageDecodeConfig)
+    audio: AudioDecodeConfig = field(default_factory=AudioDecodeConfig)
+    points: PointsDecodeConfig = field(default_factory=PointsDecodeConfig)
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class CaptionConfig:
+    enabled: bool = True
+    model: str | None = None  # image-to-text / vision-language model folder (transformers); also captions 3D renders
+    audio_model: str | None = None  # speech/audio-to-text model folder (transformers)
+    prompt: str | None = None  # for vision-language models that take a text prompt
+    recaption: bool = False  # False: keep existing captions, caption only the rest
+    max_new_tokens: int = 40
+    views: int = 4  # 3D objects are captioned from this many rendered views tiled into one image
+    view_size: int = 128
+    require_caption: bool = False  # reject samples that end with no caption
+    resources: Resources = field(default_factory=_actor_resources)
+
+
+@dataclass
+class FilterConfig:
+    enabled: bool = True
+    # rules
+    min_image_side: int = 32
+    max_image_aspect: float = 4.0
+    min_duration_s: float = 1.0
+    max_duration_s: float = 600.0
+    min_points: int = 256
+    # dedup (exact: sha256 of the file; perceptual: 64-bit dHash of images within phash_max_distance bits)
+    dedup_exact: bool = True
+    dedup_perceptual: bool = True
+    phash_max_distance: int = 0
+    # model scores (each runs when its model is set; a threshold of None only records the score)
+    clip_model: str | None = None
+    min_clip_score: float | None = None
+    aesthetic_model: str | None = None  # an MLP head file (.safetensors/.pth) on CLIP image embeddings; needs clip_model
+    min_aesthetic: float | None = None
+    clap_model: str | None = None
+    min_clap_score: float | None = None
+    resources: Resources = field(default_factory=_actor_resources)
+
+
+@dataclass
+class ImageBucketConfig:
+    max_patches: int = 4096  # token budget in 16-px patches: 4096 = 1024²
+    max_aspect: float = 4.0
+    batch_tokens: int = 16384  # micro-batch size per bucket = max(1, batch_tokens // tokens)
+
+
+@dataclass
+class BucketConfig:
+    image: ImageBucketConfig = field(default_factory=ImageBucketConfig)
+    audio_durations_s: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0, 30.0])
+    audio_batch_seconds: float = 320.0
+    point_counts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    point_batch_points: int = 65536
+
+
+@dataclass
+class EncodeConfig:
+    enabled: bool = True
+    vae: str | None = None  # diffusers AutoencoderKL folder; without it the bucket-sized image is stored
+    vae_scaling_factor: float | None = None
+    vae_shift_factor: float | None = None
+    latent_mode: str = "sample"  # "sample" (official training) or "mean" of the posterior
+    latent_dtype: str = "float16"
+    text_encoder: str | None = None  # transformers model folder for precomputed caption features
+    text_max_length: int = 256
+    text_hidden_layer: int = -2  # Lumina-Next uses Gemma's second-to-last hidden state
+    text_dtype: str = "float16"
+    vae_resources: Resources = field(default_factory=_actor_resources)
+    text_resources: Resources = field(default_factory=_actor_resources)
+
+
+@dataclass
+class WriteConfig:
+    samples_per_shard: int = 1000
+    image_format: str = "jpg"  # when there is no VAE (or with keep_original): jpg / png / webp
+    jpeg_quality: int = 95
+    keep_original: bool = False  # also store the original media bytes (jpg/png/flac...)
+    num_writers: int = 2  # writer actors; a bucket always belongs to one of them
+    rejects_flush_rows: int = 1000
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = field(default_factory=list)
+    output: str = ""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    bucket: BucketConfig = field(default_factory=BucketConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    progress: bool = True
+
+    def validate(self) -> "PrepareConfig":
+        """Value checks that types alone cannot express; raises ConfigError before any work starts."""
+        if not self.inputs:
+            raise ConfigError("at least one --input is required")
+        if not self.output:
+            raise ConfigError("--output is required")
+        for m in self.read.modalities:
+            if m not in C.MODALITIES:
+                raise ConfigError(f"read.modalities: {m!r} is not one of {list(C.MODALITIES)}")
+        if self.write.samples_per_shard < 1:
+            raise ConfigError("write.samples_per_shard must be >= 1")
+        if self.write.num_writers < 1:
+            raise ConfigError("write.num_writers must be >= 1")
+        if self.write.image_format not in C.IMAGE_FORMATS:
+            raise ConfigError(f"write.image_format must be one of {list(C.IMAGE_FORMATS)}")
+        if self.encode.latent_mode not in ("sample", "mean"):
+            raise ConfigError("encode.latent_mode must be 'sample' or 'mean'")
+        for name in ("latent_dtype", "text_dtype"):
+            if getattr(self.encode, name) not in ("float16", "float32"):
+                raise ConfigError(f"encode.{name} must be float16 or float32 (.npy has no bfloat16)")
+        if self.bucket.image.max_patches < 1 or self.bucket.image.max_aspect < 1:
+            raise ConfigError("bucket.image.max_patches must be >= 1 and bucket.image.max_aspect >= 1")
+        if not self.bucket.audio_durations_s or not self.bucket.point_counts:
+            raise ConfigError("bucket.audio_durations_s and bucket.point_counts need at least one value")
+        if self.filter.aesthetic_model and not self.filter.clip_model:
+            raise ConfigError("filter.aesthetic_model scores CLIP embeddings: set filter.clip_model too")
+        if not 0 <= self.filter.phash_max_distance < 64:
+            raise ConfigError("filter.phash_max_distance must be in [0, 63]")
+        return self

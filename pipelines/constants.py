@@ -1,0 +1,119 @@
+"""Every name that crosses the boundary between the curation job and its readers (trainer, tests, users), defined once.
+
+architecture.md, "Shard layout" / "Manifest": shards live at ``OUTPUT/shards/{modality}/{bucket}/{NNNNNN}.tar``; a
+sample is one key with an encoded tensor, ``json`` metadata, ``txt`` caption and optional extras. The trainer imports
+these constants (through ``pipelines.shards``) to read the shards, so the two sides cannot drift.
+"""
+
+from __future__ import annotations
+
+# ---- modalities ------------------------------------------------------------------------------------------------------
+IMAGE = "image"
+AUDIO = "audio"
+POINTS = "points"
+MODALITIES = (IMAGE, AUDIO, POINTS)
+
+# File extensions (lower case, no dot) that decide an input's modality.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
+POINTS_EXTENSIONS = ("ply", "obj", "off", "npy", "npz")
+CAPTION_EXTENSIONS = ("txt", "json")  # sidecar captions: photo.jpg + photo.txt / photo.json
+LIST_EXTENSIONS = ("parquet", "csv", "jsonl")  # lists of paths with optional captions and metadata
+TAR_EXTENSIONS = ("tar",)  # existing WebDataset shards
+
+# ---- output layout ---------------------------------------------------------------------------------------------------
+SHARDS_DIR = "shards"
+MANIFEST_FILE = "manifest.parquet"
+REJECTS_FILE = "rejects.parquet"
+STATS_FILE = "stats.json"
+WORK_DIR = "_work"  # committed reject parts of every run; rebuilt into rejects.parquet at the end of a run
+SHARD_DIGITS = 6  # 000000.tar
+SHARD_SUFFIX = ".tar"
+SIDECAR_SUFFIX = ".json"  # 000000.json beside 000000.tar: the commit record of that shard
+
+# ---- sample members (WebDataset extensions) ----------------------------------------------------------------------------
+LATENT_MEMBER = "latent.npy"  # image VAE latents (C, H/8, W/8)
+MEL_MEMBER = "mel.npy"  # audio log-mel spectrogram (N_MELS, frames)
+POINTS_MEMBER = "points.npy"  # point samples (N, 3) on the unit sphere
+TEXT_FEATURES_MEMBER = "text.npy"  # optional precomputed caption features (L, D), unpadded
+CAPTION_MEMBER = "txt"
+META_MEMBER = "json"
+IMAGE_FORMATS = ("jpg", "png", "webp")  # bucket-sized image when there is no VAE, or the original when kept
+ORIGINAL_AUDIO_MEMBER = "flac"
+
+# ---- Ray Data column names (between the stages) ----------------------------------------------------------------------
+KEY = "key"  # 16 hex digits, a hash of the source URI: stable across reruns, which is what makes resume exactly-once
+SOURCE = "source"  # URI of the file (``tar_uri#member`` inside a tar)
+MODALITY = "modality"
+OFFSET = "offset"  # byte range inside SOURCE's file; -1 = the whole file
+LENGTH = "length"
+CAPTION = "caption"
+CAPTION_SOURCE = "caption_source"
+CAPTION_URI = "caption_uri"  # sidecar caption file to read in the decode stage
+META = "meta"  # JSON text: metadata carried from lists and sidecars, extended by every stage
+DATA = "data"  # the original encoded bytes
+PAYLOAD = "payload"  # decoded media: HxWx3 uint8 image, float32 waveform at SAMPLE_RATE, (N,3) float32 points
+SHA256 = "sha256"
+PHASH = "phash"  # 64-bit perceptual hash (dHash) as a signed int64, images only; 0 elsewhere
+BUCKET = "bucket"
+TENSOR = "tensor"  # the encoded tensor that goes into the sample's tensor member
+TEXT_FEATURES = "text_features"
+
+# Caption sources recorded in every sample's json.
+CAPTION_FROM_SIDECAR = "sidecar"
+CAPTION_FROM_LIST = "list"
+CAPTION_FROM_TAR = "tar"
+CAPTION_FROM_MODEL = "model"
+
+# ---- audio (lumina-reference §14 "Audio and music") -----------------------------------------------------------------
+SAMPLE_RATE = 16_000
+N_FFT = 1024
+HOP_LENGTH = 256
+N_MELS = 80
+MEL_FMIN = 0.0
+MEL_FMAX = 8_000.0
+LOG_MEL_FLOOR = 1e-5  # log(clamp(mel, min=floor)), the HiFi-GAN / BigVGAN convention
+
+# ---- images (lumina-reference §7, imgproc.py) -----------------------------------------------------------------------
+PATCH_PIXELS = 16  # VAE /8 × DiT patch 2
+VAE_DOWNSAMPLE = 8
+
+# ---- stages and reject reasons -------------------------------------------------------------------------------------
+STAGE_READ = "read"
+STAGE_DECODE = "decode"
+STAGE_CAPTION = "caption"
+STAGE_FILTER = "filter"
+STAGE_SCORE = "score"
+STAGE_DEDUP = "dedup"
+STAGE_BUCKET = "bucket"
+STAGE_ENCODE = "encode"
+STAGE_WRITE = "write"
+
+
+class Reason:
+    """Reject reasons recorded in rejects.parquet and stats.json (one vocabulary for every stage)."""
+
+    EMPTY_FILE = "empty_file"
+    UNREADABLE = "unreadable"  # the file could not be fetched
+    NOT_DECODABLE = "not_decodable"  # not an image / audio / mesh the decoder understands
+    TRUNCATED = "truncated"
+    BAD_FORMAT = "bad_format"
+    BAD_MODE = "bad_mode"
+    TOO_MANY_PIXELS = "too_many_pixels"  # decompression-bomb limit
+    NAN = "nan"
+    SILENT = "silent"
+    TOO_SHORT = "too_short"
+    TOO_LONG = "too_long"
+    TOO_SMALL = "too_small"
+    BAD_ASPECT = "bad_aspect"
+    EMPTY_SHAPE = "empty_shape"
+    DEGENERATE = "degenerate"
+    TOO_FEW_POINTS = "too_few_points"
+    NO_CAPTION = "no_caption"
+    DUPLICATE = "duplicate"
+    NEAR_DUPLICATE = "near_duplicate"
+    LOW_CLIP_SCORE = "low_clip_score"
+    LOW_AESTHETIC = "low_aesthetic"
+    LOW_CLAP_SCORE = "low_clap_score"
+    NO_BUCKET = "no_bucket"
+    ERROR = "error"  # anything unexpected: counted, never fatal

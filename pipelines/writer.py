@@ -1,0 +1,208 @@
+"""Shard writing (issue "Stages: write"; architecture.md "Shard layout").
+
+``WriteShards`` (a Ray Data stage) turns rows into WebDataset samples and hands them to the ``ShardWriter`` actor that
+owns their bucket. A writer streams each bucket into one open tar at a time; after ``samples_per_shard`` samples it
+closes the tar and commits it: the tar gets its final name (rename on a filesystem; on S3 the upload itself completes
+atomically), then the sidecar ``NNNNNN.json`` is written atomically. The sidecar is the commit record: the manifest is
+rebuilt from sidecars only, so an interrupted run leaves no half shard in it, and the sidecar's key list is what a rerun
+skips. At the end of a run ``flush`` commits every bucket's last, partial shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from models.config_io import from_dict
+from pipelines import constants as C
+from pipelines.buckets import micro_batch_for
+from pipelines.config import PrepareConfig
+from pipelines.io import is_local, open_fs, write_atomic
+from pipelines.ledger import Stage, rows_of
+
+TENSOR_MEMBERS = {C.AUDIO: C.MEL_MEMBER, C.POINTS: C.POINTS_MEMBER}
+FIXED_MTIME = 0  # identical inputs give byte-identical tars
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def image_bytes(image: np.ndarray, fmt: str, quality: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    elif fmt == "webp":
+        Image.fromarray(image).save(buf, format="WEBP", quality=quality)
+    else:
+        Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def writer_of(modality: str, bucket: str, num_writers: int) -> int:
+    """The writer that owns a bucket: a stable hash (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(f"{modality}/{bucket}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % num_writers
+
+
+def writer_name(run_id: str, index: int) -> str:
+    return f"prepare-writer-{run_id}-{index}"
+
+
+class _HashingStream:
+    """A write-only stream that counts and hashes what passes to the real file (the manifest's bytes and checksum)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class ShardWriter:
+    """A Ray actor writing the shards of the buckets it owns (I/O only: samples arrive encoded)."""
+
+    def __init__(self, output: str, s3_options: dict, run_id: str, samples_per_shard: int,
+                 next_index: dict[str, int]):
+        self.fs, self.root = open_fs(output, s3_options)
+        self.local = is_local(self.fs)
+        self.run_id = run_id
+        self.per_shard = samples_per_shard
+        self.next_index = dict(next_index)  # "modality/bucket" → first free shard number
+        self.open: dict[str, dict[str, Any]] = {}
+        self.committed = 0
+        self.samples = 0
+
+    def _start(self, slot: str, info: dict[str, Any]) -> dict[str, Any]:
+        import webdataset as wds
+
+        index = self.next_index.get(slot, 0)
+        self.next_index[slot] = index + 1
+        rel = f"{C.SHARDS_DIR}/{slot}/{index:0{C.SHARD_DIGITS}d}{C.SHARD_SUFFIX}"
+        final = f"{self.root}/{rel}"
+        target = final
+        if self.local:
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            target = f"{final.rsplit('/', 1)[0]}/.{index:0{C.SHARD_DIGITS}d}.{self.run_id}.tmp"
+        f = self.fs.open(target, "wb")
+        stream = _HashingStream(f)
+        return {"rel": rel, "final": final, "target": target, "file": f, "stream": stream,
+                "tar": wds.TarWriter(stream, encoder=False, mtime=FIXED_MTIME), "records": [], "info": info}
+
+    def add(self, slot: str, info: dict[str, Any], samples: list[dict[str, Any]]) -> int:
+        """Append samples of one bucket (``slot`` = "modality/bucket"); commits every full shard. Returns commits."""
+        commits = 0
+        for sample in samples:
+            shard = self.open.get(slot) or self.open.setdefault(slot, self._start(slot, info))
+            record = sample.pop("__record__")
+            shard["tar"].write(sample)
+            shard["records"].append(record)
+            if len(shard["records"]) >= self.per_shard:
+                self._commit(slot)
+                commits += 1
+        return commits
+
+    def _commit(self, slot: str) -> dict[str, Any]:
+        shard = self.open.pop(slot)
+        shard["tar"].close()
+        shard["file"].close()
+        if shard["target"] != shard["final"]:
+            self.fs.mv(shard["target"], shard["final"])
+        modality, bucket = slot.split("/", 1)
+        sidecar = {
+            "path": shard["rel"], "modality": modality, "bucket": bucket, **shard["info"],
+            "samples": len(shard["records"]), "bytes": shard["stream"].size, "sha256": shard["stream"].sha.hexdigest(),
+            "run_id": self.run_id, "created": time.time(), "records": shard["records"],
+        }
+        sidecar_path = shard["final"][: -len(C.SHARD_SUFFIX)] + C.SIDECAR_SUFFIX
+        write_atomic(self.fs, sidecar_path, json.dumps(sidecar).encode())  # the commit point
+        self.committed += 1
+        self.samples += sidecar["samples"]
+        return sidecar
+
+    def flush(self) -> dict[str, int]:
+        """Commit every open (partial) shard; returns this writer's totals."""
+        for slot in list(self.open):
+            self._commit(slot)
+        return {"shards": self.committed, "samples": self.samples}
+
+
+class WriteShards(Stage):
+    """Rows → WebDataset samples (tensor member, ``txt``, ``json``, extras), routed to the writer owning each bucket."""
+
+    stage = C.STAGE_WRITE
+
+    def __init__(self, config: dict, run_id: str, ledger: str | None = None):
+        super().__init__(ledger)
+        import ray
+
+        self.config = from_dict(PrepareConfig, config)
+        self.writers = [ray.get_actor(writer_name(run_id, i)) for i in range(self.config.write.num_writers)]
+
+    def member_of(self, modality: str) -> str:
+        if modality == C.IMAGE:
+            return C.LATENT_MEMBER if self.config.encode.vae and self.config.encode.enabled else \
+                self.config.write.image_format
+        return TENSOR_MEMBERS[modality]
+
+    def sample_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        modality, tensor = row[C.MODALITY], row[C.TENSOR]
+        member = self.member_of(modality)
+        meta = json.loads(row[C.META]) if row[C.META] else {}
+        meta.update(key=str(row[C.KEY]), source=str(row[C.SOURCE]), modality=modality, bucket=str(row[C.BUCKET]),
+                    caption_source=str(row[C.CAPTION_SOURCE]) or None, sha256=str(row[C.SHA256]),
+                    phash=int(row[C.PHASH]), shape=list(tensor.shape), member=member)
+        w = self.config.write
+        sample = {"__key__": str(row[C.KEY]),
+                  member: npy_bytes(tensor) if member.endswith(".npy") else image_bytes(tensor, member, w.jpeg_quality),
+                  C.CAPTION_MEMBER: str(row[C.CAPTION]).encode(),
+                  C.META_MEMBER: json.dumps(meta, sort_keys=True, default=str).encode()}
+        if C.TEXT_FEATURES in row:
+            sample[C.TEXT_FEATURES_MEMBER] = npy_bytes(row[C.TEXT_FEATURES])
+        if C.DATA in row and len(row[C.DATA]):
+            sample[f"orig.{meta.get('ext') or 'bin'}"] = bytes(row[C.DATA])
+        sample["__record__"] = {"key": str(row[C.KEY]), "source": str(row[C.SOURCE]), "sha256": str(row[C.SHA256]),
+                                "phash": int(row[C.PHASH])}
+        return sample
+
+    def process(self, batch):
+        import ray
+
+        rows = rows_of(batch)
+        slots: dict[str, list] = {}
+        infos: dict[str, dict] = {}
+        for row in rows:
+            modality, bucket = str(row[C.MODALITY]), str(row[C.BUCKET])
+            slot = f"{modality}/{bucket}"
+            sample = self.sample_of(row)
+            slots.setdefault(slot, []).append(sample)
+            tensor = row[C.TENSOR]
+            infos[slot] = {"member": self.member_of(modality), "shape": list(tensor.shape), "dtype": str(tensor.dtype),
+                           "micro_batch": micro_batch_for(modality, bucket, self.config)}
+        n = self.config.write.num_writers
+        pending = [self.writers[writer_of(*slot.split("/", 1), n)].add.remote(slot, infos[slot], samples)
+                   for slot, samples in slots.items()]
+        ray.get(pending)  # back-pressure: the next batch waits for the writers
+        return {C.KEY: np.array([str(r[C.KEY]) for r in rows], dtype=object)} if rows else {}, []
+
+
+def new_writer_id() -> str:
+    return uuid.uuid4().hex[:8]

@@ -1,0 +1,84 @@
+"""A job submitted through the Ray Jobs API to a real `ray start --head` cluster, as users submit to a cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import random_nextdit
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """`ray start --head` on 127.0.0.1 with the dashboard (the Jobs API lives there); stopped by its own temp dir."""
+    port, dashboard = free_port(), free_port()
+    # the project's virtualenv first on PATH, as the cluster image has it: the job's `python` is the project's
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    temp_dir = tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    subprocess.run(
+        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats",
+         # every port explicit: other Ray instances on this machine hold the defaults
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        # `ray stop` would stop every Ray on the machine; stop only this head's processes, found by its temp dir.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split():
+                try:
+                    os.kill(int(pid), sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_job_submitted_with_working_dir_runs_and_writes_its_output(head_node, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from models import NextDiT, preset
+
+    model = random_nextdit(preset("tiny"))
+    model.save_pretrained(str(tmp_path / "src"))
+    client = JobSubmissionClient(head_node)
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a little after `ray start` returns
+        try:
+            job = client.submit_job(
+                entrypoint=f"python -m jobs.convert --to official {tmp_path / 'src'} {tmp_path / 'out'}",
+                runtime_env={"working_dir": str(REPO_ROOT),
+                             "excludes": [".venv", ".git", "**/__pycache__", ".pytest_cache", ".schemathesis", "out"]},
+            )
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    converted = NextDiT.from_pretrained(str(tmp_path / "out"))
+    for key, value in model.state_dict().items():
+        assert (converted.state_dict()[key] == value).all()
