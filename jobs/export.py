@@ -1,0 +1,105 @@
+"""``python -m jobs.export CHECKPOINT_URI OUT_DIR [--ema/--no-ema]``
+
+Turns a training checkpoint (a Ray Train checkpoint folder, or a run folder: its latest checkpoint; local or s3://) into
+a model folder (architecture.md "Checkpoints"): config.json + model.safetensors (raw weights) + ema.safetensors, with the
+text-encoder / VAE references, loadable by NextDiT.from_pretrained and the Sampler and convertible with jobs.convert.
+A LoRA run exports a peft adapter folder instead (EMA adapters under ema/), applied on top of model.init_from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+
+from jobs.cli import make_parser, run_main, setup_logging
+
+log = logging.getLogger("jobs.export")
+
+
+def references(train_config: dict) -> dict:
+    """The text-encoder / VAE metadata of the model folder, from the run's config (model.* first, then data.*)."""
+    model, data = train_config.get("model", {}), train_config.get("data", {})
+    meta = {}
+    text_encoder = model.get("text_encoder") or data.get("text_encoder")
+    vae = model.get("vae") or data.get("vae")
+    if text_encoder:
+        meta["text_encoder"] = {"path": text_encoder}
+    if vae:
+        meta["vae"] = {"path": vae}
+    return meta
+
+
+def export(checkpoint_uri: str, out_dir: str, ema: bool = True) -> str:
+    """Write the model folder; returns the checkpoint folder that was exported."""
+    import json
+    import os
+
+    from jobs.training import checkpointing
+    from models.checkpoint import build_model, write_checkpoint
+    from models.config_io import from_dict
+    from models.presets import NextDiTConfig
+    from models.storage import filesystem, is_remote
+
+    uri = checkpointing.latest_checkpoint(checkpoint_uri)
+    log.info("exporting %s", uri)
+    with checkpointing.local_copy(uri) as folder:
+        raw, ema_state, state = checkpointing.consolidate(folder)
+        with open(os.path.join(folder, checkpointing.CONFIG_FILE)) as f:
+            train_config = json.load(f)
+    cfg = from_dict(NextDiTConfig, state["model"])
+    if ema and ema_state is None:
+        log.warning("the checkpoint has no EMA (ema.enabled was off): exporting raw weights only")
+    ema_state = ema_state if ema else None
+
+    def write(local: str) -> None:
+        if state.get("lora"):
+            _write_adapter(train_config, raw, ema_state, local)
+            return
+        build_model(cfg, raw, device="meta")  # validates names and shapes before anything is written
+        write_checkpoint(cfg, raw, local, "ours", ema_state, references(train_config))
+
+    if is_remote(out_dir):
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            write(tmp)
+            fs, remote = filesystem(out_dir)
+            fs.put(tmp.rstrip("/") + "/", remote, recursive=True)
+    else:
+        write(out_dir)
+    return uri
+
+
+def _write_adapter(train_config: dict, raw: dict, ema_state: dict | None, out_dir: str) -> None:
+    import os
+
+    from jobs.training.config import LoRAConfig
+    from jobs.training.lora import save_adapter
+    from models import NextDiT
+    from models.config_io import from_dict
+
+    lora = from_dict(LoRAConfig, train_config["lora"])
+    base = train_config["model"]["init_from"]
+    save_adapter(NextDiT.from_pretrained(base), lora, raw, out_dir)
+    if ema_state is not None:
+        save_adapter(NextDiT.from_pretrained(base), lora, ema_state, os.path.join(out_dir, "ema"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("jobs.export", __doc__.split("\n\n")[1])
+    parser.add_argument("checkpoint", help="training checkpoint folder or run folder (local or s3://)")
+    parser.add_argument("out_dir", help="model folder to write (local or s3://)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write the EMA weights (ema.safetensors); --no-ema: raw weights only")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        uri = export(args.checkpoint, args.out_dir, ema=args.ema)
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("wrote %s from %s", args.out_dir, uri)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,181 @@
+"""TrainConfig: the typed config tree of ``python -m jobs.train`` (defaults ← YAML ← named flags ← ``--set``).
+
+Defaults are the official Lumina-Next recipe (lumina-reference §7): AdamW lr 1e-4, weight decay 0, betas (0.9, 0.999),
+constant LR without warm-up, gradient clipping at 2.0, EMA 0.9999 every step, bf16 on GPU, 100k steps. The tree is
+saved into every checkpoint and crosses the Ray boundary as its dict form (style.md practice 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.config_io import ConfigError
+from models.flow import FlowConfig
+from models.presets import PRESETS
+
+TASKS = ("t2i", "class")  # text-to-image (default) and class-conditional; audio / points plug in later (loop.TASKS)
+PRECISIONS = ("auto", "bf16", "fp32")
+TEXT_SOURCES = ("auto", "shards", "online")
+LORA_DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from: a ``jobs.prepare`` output (local or s3://)."""
+
+    uri: str = ""
+    modality: str = "image"
+    # "shards": text features precomputed in the shards (text.npy); "online": encode captions with a frozen
+    # text encoder on the worker; "auto": shards when the shards carry text.npy, else online.
+    text_features: str = "auto"
+    text_encoder: str | None = None  # TextEncoder folder (needed for "online", and for the empty prompt of dropout)
+    vae: str | None = None  # AutoencoderKL folder: online VAE encoding when shards carry images instead of latents
+    micro_batch: dict[str, int] = field(default_factory=dict)  # per-bucket override of the manifest's micro_batch
+    label_key: str = "label"  # class-conditional task: the json metadata field that holds the class index
+    seed: int = 0  # shuffle seed of the per-epoch plan (shard order per bucket, bucket draws)
+    cached_shards: int = 2  # decoded shards kept in memory per worker
+
+
+@dataclass
+class ModelSection:
+    preset: str = "2B-GQA"  # the released Lumina-Next T2I checkpoints are the GQA variant (lumina-reference §1.5)
+    overrides: dict[str, Any] = field(default_factory=dict)  # NextDiTConfig fields, e.g. {n_layers: 4}
+    init_from: str | None = None  # a model folder (ours / official / diffusers) to start from; required for LoRA
+    init_ema: bool = False  # start from the folder's EMA weights
+    # References written into the exported model folder for the Sampler (default: data.text_encoder / data.vae).
+    text_encoder: str | None = None
+    vae: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 2.0  # global L2 norm (official clip_grad 2.0)
+    warmup_steps: int = 0  # official: constant LR; >0 ramps linearly from 0
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999  # official: every step, over all parameters
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning through peft: the base weights are frozen, only adapters train and are exported."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 3
+    # ZeRO-3 keeps parameters below this many elements unpartitioned (DeepSpeed's default 1e5); tests set 0 so even the
+    # tiny model is really sharded.
+    param_persistence_threshold: int = 100_000
+    offload_optimizer: bool = False  # ZeRO-Offload of the optimizer state to CPU memory
+    overlap_comm: bool = True
+
+
+@dataclass
+class LoopConfig:
+    task: str = "t2i"
+    steps: int = 100_000  # official max_steps
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro-batch × workers × grad_accum)
+    seed: int = 0  # model init and per-sample noise / t / dropout draws
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    ckpt_every: int = 1000
+    # Testing hooks: raise once after this step (a marker in storage keeps it from firing again after the restart) and
+    # record every consumed sample key under the run directory.
+    fail_at_step: int = 0
+    fail_rank: int = -1  # -1: the last rank
+    record_samples: bool = False
+
+
+@dataclass
+class ScalingSection:
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    accelerator_type: str | None = None  # e.g. "H100": Ray schedules workers only on that kind of GPU
+
+
+@dataclass
+class RunSection:
+    storage: str = ""  # storage_path of Ray Train: local path or s3://bucket/prefix
+    name: str = "nextdit"  # run name; rerunning with the same name resumes from its latest checkpoint
+    num_to_keep: int = 2
+    max_failures: int = 3  # worker failures Ray Train recovers from (restart + resume from the latest checkpoint)
+
+
+@dataclass
+class LoggingSection:
+    wandb: str = "offline"  # offline (default) / online / disabled
+    wandb_project: str = "lumina-ray"
+    progress: bool = True
+    # Peak dense TFLOP/s of one accelerator for MFU; None = look the device up in metrics.PEAK_TFLOPS.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def validate(self) -> TrainConfig:
+        """Value checks that types cannot express; raises ConfigError before any worker starts."""
+        if not self.data.uri:
+            raise ConfigError("--data (data.uri) is required: the output folder of jobs.prepare")
+        if not self.run.storage:
+            raise ConfigError("--storage (run.storage) is required: a local path or s3:// URI for checkpoints")
+        if self.model.preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {self.model.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.train.task not in TASKS:
+            raise ConfigError(f"train.task must be one of {list(TASKS)}, got {self.train.task!r}")
+        if self.train.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}")
+        if self.data.text_features not in TEXT_SOURCES:
+            raise ConfigError(f"data.text_features must be one of {list(TEXT_SOURCES)}")
+        if self.data.text_features == "online" and not self.data.text_encoder:
+            raise ConfigError("data.text_features=online needs --text-encoder")
+        for name in ("steps", "grad_accum", "log_every", "ckpt_every"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        if self.scaling.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero_stage must be 0..3")
+        if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.optim.warmup_steps < 0:
+            raise ConfigError("optim.lr must be > 0, optim.grad_clip and optim.warmup_steps >= 0")
+        if not 0.0 <= self.ema.decay < 1.0:
+            raise ConfigError("ema.decay must lie in [0, 1)")
+        if self.lora.enabled and not self.model.init_from:
+            raise ConfigError("LoRA fine-tunes a pretrained model: set model.init_from")
+        if self.lora.enabled and self.lora.rank < 1:
+            raise ConfigError("lora.rank must be >= 1")
+        for bucket, mb in self.data.micro_batch.items():
+            if mb < 1:
+                raise ConfigError(f"data.micro_batch.{bucket} must be >= 1")
+        if "/" in self.run.name or not self.run.name:
+            raise ConfigError("run.name must be a non-empty name without '/'")
+        return self

@@ -1,0 +1,283 @@
+"""The deterministic, resumable bucketed loader (issue "Bucketed loading"; architecture.md "Buckets", "Checkpoints").
+
+Every worker runs the same plan arithmetic on the same manifest, so all of them agree on every step without talking:
+
+- **Epoch plan.** For each bucket, the shards of that bucket are shuffled with a seed of (data.seed, epoch, bucket); the
+  concatenation of their sample ranges is cut into ``world`` contiguous, near-equal pieces: worker r reads only its piece
+  (the manifest's shards are split across workers; at most one shard is shared by two neighbours).
+- **Steps.** At each optimizer step one bucket is drawn (seeded by (seed, epoch, step), weighted by the samples it has
+  left) among the buckets that still hold a full global batch (micro-batch × grad_accum × world samples); every worker
+  takes the next micro-batch × grad_accum samples of its piece of that bucket. When a worker's piece runs short while
+  the bucket still holds a global batch, the bucket's remaining ranges are re-cut evenly. When no bucket holds a global
+  batch the epoch ends (the < one-global-batch remainder per bucket is dropped, like ``drop_last``).
+- **State.** :class:`LoaderState` is the remaining sample ranges of every worker's piece, plus epoch and step: plain JSON
+  that goes into every checkpoint. It is world-size independent in meaning (the set of samples not yet consumed in this
+  epoch): resuming on another number of workers re-cuts the remaining ranges, so no sample is consumed twice or skipped.
+
+A sample is identified by its WebDataset key; its noise, t and caption-dropout draws are seeded by (seed, epoch, key)
+(:func:`sample_seed`), so they do not depend on which worker happens to read it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.config_io import ConfigError
+from pipelines import constants as C
+from pipelines.shards import iter_samples, read_manifest, shard_url
+
+log = logging.getLogger(__name__)
+
+Range = list[int]  # [shard index, start, end): a run of samples of one shard
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    index: int  # position in the manifest (sorted by path): the stable id used in the loader state
+    path: str  # relative to the data root, as the manifest writes it
+    bucket: str
+    samples: int
+    shape: tuple[int, ...]
+    member: str
+
+
+@dataclass(frozen=True)
+class BucketInfo:
+    name: str
+    shape: tuple[int, ...]  # tensor shape of every sample (latent (C, h, w), or an image (H, W, 3))
+    micro_batch: int
+    member: str
+    shards: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens of one sample at patch size 2 (latents; an image bucket counts its latent size /8)."""
+        h, w = (self.shape[1], self.shape[2]) if self.member == C.LATENT_MEMBER else (self.shape[0] // 8, self.shape[1] // 8)
+        return (h // 2) * (w // 2)
+
+
+@dataclass
+class DataPlan:
+    """The static part: shards and buckets of one modality from the manifest."""
+
+    root: str
+    shards: list[ShardInfo]
+    buckets: dict[str, BucketInfo]
+
+    @classmethod
+    def from_manifest(cls, root: str, modality: str = C.IMAGE, micro_batch: dict[str, int] | None = None) -> DataPlan:
+        """Read ``root/manifest.parquet``. Raises ConfigError for a missing manifest or a bucket without samples."""
+        try:
+            rows = read_manifest(root).to_pylist()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"no {C.MANIFEST_FILE} under {root!r}: --data must be a jobs.prepare output") from exc
+        rows = sorted((r for r in rows if r["modality"] == modality), key=lambda r: r["path"])
+        if not rows:
+            raise ConfigError(f"{root}/{C.MANIFEST_FILE} lists no {modality} shards")
+        shards = [ShardInfo(i, r["path"], r["bucket"], int(r["samples"]), tuple(r["shape"]), r["member"])
+                  for i, r in enumerate(rows)]
+        overrides = micro_batch or {}
+        unknown = sorted(set(overrides) - {s.bucket for s in shards})
+        if unknown:
+            raise ConfigError(f"data.micro_batch names bucket(s) {unknown} that the manifest does not have")
+        buckets = {}
+        for name in sorted({s.bucket for s in shards}):
+            members = [s for s in shards if s.bucket == name]
+            if sum(s.samples for s in members) == 0:
+                raise ConfigError(f"bucket {name!r} has no samples in {root}/{C.MANIFEST_FILE}")
+            if len({s.shape for s in members}) != 1:
+                raise ConfigError(f"bucket {name!r} mixes tensor shapes {sorted({s.shape for s in members})}")
+            mb = overrides.get(name) or int(rows[members[0].index]["micro_batch"] or 1)
+            buckets[name] = BucketInfo(name, members[0].shape, mb, members[0].member, tuple(s.index for s in members))
+        return cls(root, shards, buckets)
+
+    def bucket_samples(self, name: str) -> int:
+        return sum(self.shards[i].samples for i in self.buckets[name].shards)
+
+    def per_worker(self, name: str, grad_accum: int) -> int:
+        """Samples one worker consumes per optimizer step from bucket ``name``."""
+        return self.buckets[name].micro_batch * grad_accum
+
+    def check(self, world: int, grad_accum: int) -> list[str]:
+        """Raise if no bucket holds one global batch; return warnings for buckets too small to ever be drawn."""
+        warnings, usable = [], 0
+        for name in self.buckets:
+            need = self.per_worker(name, grad_accum) * world
+            have = self.bucket_samples(name)
+            if have < need:
+                warnings.append(f"bucket {name}: {have} samples < one global batch of {need}; it is never drawn")
+            else:
+                usable += 1
+        if not usable:
+            raise ConfigError(f"no bucket holds one global batch for {world} worker(s) × grad_accum {grad_accum}: "
+                              + "; ".join(warnings))
+        return warnings
+
+
+@dataclass
+class LoaderState:
+    """What the loader has left to give in the current epoch (JSON; saved in every checkpoint)."""
+
+    seed: int = 0
+    epoch: int = -1  # -1: no epoch planned yet
+    step: int = 0  # optimizer steps taken
+    samples: int = 0  # samples consumed since the start of training (all workers)
+    world: int = 1
+    queues: dict[str, list[list[Range]]] = field(default_factory=dict)  # bucket → worker → ranges left
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoaderState:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class StepPlan:
+    """One optimizer step: the bucket and, per worker, the (shard, index) of each sample in consumption order."""
+
+    step: int  # 1-based number of this step
+    epoch: int
+    bucket: str
+    samples: list[list[tuple[int, int]]]
+
+
+def _rng(*parts: Any) -> np.random.Generator:
+    """A generator seeded by stable hashes of ``parts`` (never Python's salted hash())."""
+    return np.random.default_rng([zlib.crc32(str(p).encode()) for p in parts])
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """Seed of one sample's noise / t / dropout draws: the same whichever worker reads the sample."""
+    return zlib.crc32(f"{seed}/{epoch}/{key}".encode()) | (zlib.crc32(f"{key}/{epoch}/{seed}".encode()) << 31)
+
+
+def _count(ranges: list[Range]) -> int:
+    return sum(end - start for _, start, end in ranges)
+
+
+def cut(ranges: list[Range], world: int) -> list[list[Range]]:
+    """Split a list of ranges into ``world`` contiguous pieces whose sizes differ by at most one sample."""
+    total = _count(ranges)
+    sizes = [total // world + (1 if r < total % world else 0) for r in range(world)]
+    pieces: list[list[Range]] = [[] for _ in range(world)]
+    worker, room = 0, sizes[0]
+    for shard, start, end in ranges:
+        while start < end:
+            while room == 0:
+                worker += 1
+                room = sizes[worker]
+            take = min(room, end - start)
+            pieces[worker].append([shard, start, start + take])
+            start += take
+            room -= take
+    return pieces
+
+
+class Planner:
+    """The plan arithmetic (no I/O): advances a :class:`LoaderState` one optimizer step at a time."""
+
+    def __init__(self, plan: DataPlan, grad_accum: int, world: int, seed: int):
+        self.plan, self.grad_accum, self.world, self.seed = plan, grad_accum, world, seed
+
+    def initial_state(self) -> LoaderState:
+        return LoaderState(seed=self.seed, world=self.world)
+
+    def adopt(self, state: LoaderState) -> LoaderState:
+        """A state saved by another run: re-cut every bucket for this world size (no sample lost or repeated)."""
+        if state.seed != self.seed:
+            raise ConfigError(f"data.seed {self.seed} differs from the checkpoint's {state.seed}")
+        if state.world != self.world:
+            log.info("loader: re-cutting the remaining samples from %d to %d worker(s)", state.world, self.world)
+            state.queues = {b: cut([r for q in qs for r in q], self.world) for b, qs in state.queues.items()}
+            state.world = self.world
+        return state
+
+    def _new_epoch(self, state: LoaderState) -> None:
+        state.epoch += 1
+        state.queues = {}
+        for name, bucket in self.plan.buckets.items():
+            order = list(bucket.shards)
+            _rng(self.seed, state.epoch, name).shuffle(order)
+            ranges = [[i, 0, self.plan.shards[i].samples] for i in order if self.plan.shards[i].samples]
+            state.queues[name] = cut(ranges, self.world)
+
+    def _eligible(self, state: LoaderState) -> list[str]:
+        return [b for b, qs in sorted(state.queues.items())
+                if sum(_count(q) for q in qs) >= self.world * self.plan.per_worker(b, self.grad_accum)]
+
+    def next(self, state: LoaderState) -> StepPlan:
+        """Advance ``state`` by one optimizer step (in place) and return what every worker consumes in it."""
+        eligible = self._eligible(state) if state.epoch >= 0 else []
+        if not eligible:
+            self._new_epoch(state)
+            eligible = self._eligible(state)
+            if not eligible:
+                raise ConfigError("no bucket holds one global batch")  # DataPlan.check catches this on the driver
+        left = np.array([sum(_count(q) for q in state.queues[b]) for b in eligible], dtype=np.float64)
+        bucket = eligible[int(_rng(self.seed, state.epoch, state.step, "bucket").choice(len(eligible), p=left / left.sum()))]
+        need = self.plan.per_worker(bucket, self.grad_accum)
+        queues = state.queues[bucket]
+        if min(_count(q) for q in queues) < need:
+            queues = state.queues[bucket] = cut([r for q in queues for r in q], self.world)
+        taken = []
+        for q in queues:
+            mine: list[tuple[int, int]] = []
+            while len(mine) < need:
+                shard, start, end = q[0]
+                take = min(end - start, need - len(mine))
+                mine.extend((shard, i) for i in range(start, start + take))
+                if start + take == end:
+                    q.pop(0)
+                else:
+                    q[0] = [shard, start + take, end]
+            taken.append(mine)
+        state.step += 1
+        state.samples += need * self.world
+        return StepPlan(state.step, state.epoch, bucket, taken)
+
+
+class ShardReader:
+    """Decoded samples of whole shards, a few kept in memory (a worker reads its piece shard by shard)."""
+
+    def __init__(self, plan: DataPlan, cached: int = 2):
+        self.plan, self.cached = plan, max(1, cached)
+        self._cache: OrderedDict[int, list[dict]] = OrderedDict()
+
+    def sample(self, shard: int, index: int) -> dict:
+        if shard not in self._cache:
+            info = self.plan.shards[shard]
+            samples = list(iter_samples(shard_url(self.plan.root, info.path)))
+            if len(samples) != info.samples:
+                raise RuntimeError(f"{info.path}: the manifest says {info.samples} samples, the shard holds "
+                                   f"{len(samples)}")
+            self._cache[shard] = samples
+            while len(self._cache) > self.cached:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(shard)
+        return self._cache[shard][index]
+
+
+class BucketLoader:
+    """One worker's view: each call yields the bucket and this worker's micro-batches (lists of sample dicts)."""
+
+    def __init__(self, plan: DataPlan, rank: int, world: int, grad_accum: int, seed: int,
+                 state: LoaderState | None = None, cached_shards: int = 2):
+        self.planner = Planner(plan, grad_accum, world, seed)
+        self.rank, self.grad_accum = rank, grad_accum
+        self.state = self.planner.adopt(state) if state is not None else self.planner.initial_state()
+        self.reader = ShardReader(plan, cached_shards)
+
+    def next(self) -> tuple[StepPlan, list[list[dict]]]:
+        step = self.planner.next(self.state)
+        mine = [self.reader.sample(s, i) for s, i in step.samples[self.rank]]
+        mb = self.planner.plan.buckets[step.bucket].micro_batch
+        return step, [mine[k * mb:(k + 1) * mb] for k in range(self.grad_accum)]

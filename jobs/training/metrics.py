@@ -1,0 +1,155 @@
+"""Training metrics (issue "Metrics every N steps"): loss, grad norm, lr, samples/s, tokens/s, bucket and, on GPU, model
+FLOP utilisation — through ``ray.train.report``, the console (a progress bar on rank 0) and wandb (offline by default).
+
+MFU counts *model* FLOPs (forward + backward = 3 × forward, matmuls and attention only, as the PaLM / anchors.md
+convention): activation-checkpointing recomputation is not counted, so turning it on lowers MFU, as it should.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from models import NextDiTConfig
+from models.storage import filesystem, is_remote, join
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peaks from the vendors' datasheets, TFLOP/s per device (substring of torch.cuda.get_device_name()).
+# anchors.md measured 753 TFLOP/s for a bf16 8192³ matmul on an H100: pass logging.peak_tflops=753 to compare with that.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
+
+
+def forward_flops(cfg: NextDiTConfig, image_tokens: int, caption_tokens: int = 0) -> float:
+    """Matmul + attention FLOPs of one sample's forward pass (2 FLOPs per multiply-add)."""
+    d, n, L = cfg.dim, image_tokens, caption_tokens
+    kv = cfg.kv_heads * cfg.head_dim
+    per_block = (
+        2 * n * d * (2 * d + 2 * kv)  # wq, wo (d×d) and wk, wv (d×kv)
+        + 4 * n * n * d  # self-attention: QKᵀ and AV
+        + 3 * 2 * n * d * cfg.ffn_hidden_dim  # SwiGLU w1, w3, w2
+        + 2 * cfg.cond_dim * 4 * d  # adaLN modulation (per sample)
+    )
+    if cfg.conditioning == "text" and L:
+        per_block += 2 * L * cfg.cap_feat_dim * 2 * kv + 4 * n * L * d  # caption K/V projections + cross-attention
+    patch = cfg.patch_size ** 2
+    embed = 2 * n * patch * cfg.in_channels * d + 2 * n * d * patch * cfg.out_channels
+    embed += 2 * cfg.cond_dim * d  # the final layer's adaLN scale (per sample)
+    return float(cfg.n_layers * per_block + embed)
+
+
+def train_flops(cfg: NextDiTConfig, image_tokens: int, caption_tokens: int = 0) -> float:
+    """Model FLOPs of one sample's training step: forward + backward (2 × forward)."""
+    return 3.0 * forward_flops(cfg, image_tokens, caption_tokens)
+
+
+def peak_flops(configured_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one local accelerator; None on CPU or for an unknown device without a configured value."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def mfu(model_flops: float, seconds: float, devices: int, peak: float | None) -> float | None:
+    """Achieved model FLOP/s over the peak of all devices (0..1); None without a known peak."""
+    if not peak or seconds <= 0:
+        return None
+    return model_flops / seconds / (peak * devices)
+
+
+class Throughput:
+    """Samples, tokens and model FLOPs accumulated over a logging window."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.samples, self.tokens, self.flops = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, samples: int, tokens: int, flops: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.flops += flops
+
+    def rates(self, devices: int, peak: float | None) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        out = {"samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds,
+               "tflops_per_device": self.flops / seconds / devices / 1e12}
+        utilisation = mfu(self.flops, seconds, devices, peak)
+        if utilisation is not None:
+            out["mfu"] = utilisation
+        return out
+
+
+class MetricsSink:
+    """Rank 0's outputs: a progress bar, wandb, and ``metrics.jsonl`` in the run directory (every logged step)."""
+
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, config: dict[str, Any], wandb_mode: str,
+                 project: str, run_name: str, progress: bool):
+        self.run_dir = run_dir
+        self.history: list[dict[str, Any]] = []
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", mininterval=1.0)
+        self.wandb = None
+        if wandb_mode != "disabled":
+            self.wandb = self._init_wandb(config, wandb_mode, project, run_name)
+
+    def _init_wandb(self, config, mode, project, run_name):
+        try:
+            import wandb
+        except ImportError:  # pragma: no cover - wandb is a pinned dependency
+            log.warning("wandb is not installed; metrics go to metrics.jsonl only")
+            return None
+        # Offline runs write under the run directory when it is local, else under a local temp folder (sync them
+        # later with `wandb sync`); the id is the run name so a resumed run continues the same wandb run.
+        directory = self.run_dir if not is_remote(self.run_dir) else os.path.join("/tmp", "wandb", run_name)
+        os.makedirs(directory, exist_ok=True)
+        return wandb.init(project=project, name=run_name, id=run_name, resume="allow", mode=mode, dir=directory,
+                          config=config)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.history.append({"step": step, **metrics})
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", bucket=metrics.get("bucket"), refresh=True)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def flush(self, attempt: str) -> None:
+        """Write this attempt's history (one file per attempt: object stores cannot append)."""
+        fs, path = filesystem(join(self.run_dir, "metrics", f"{attempt}.jsonl"))
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in self.history))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_history(run_dir: str) -> list[dict[str, Any]]:
+    """Every logged step of a run, later attempts overriding earlier ones for the same step (what was kept)."""
+    fs, path = filesystem(join(run_dir, "metrics"))
+    rows: dict[int, dict[str, Any]] = {}
+    for file in sorted(fs.glob(path + "/*.jsonl")):
+        with fs.open(file, "r") as f:
+            for line in f:
+                row = json.loads(line)
+                rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]

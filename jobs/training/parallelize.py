@@ -1,0 +1,186 @@
+"""Everything applied to the model from outside it, in one documented order (style.md practices 4–5):
+
+    build (seeded init or ``model.init_from``) → LoRA (peft; freezes the base) → activation checkpointing
+    → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32) → EMA over the engine's parameter partitions.
+
+The model never branches on any of these. The EMA lives here too because under ZeRO-3 it must follow the engine's
+partitioning: every rank keeps the fp32 EMA of its own partition of every parameter (no gather per step), and the full
+EMA is assembled with an all-gather that every rank joins (stack.md: ZeRO-3 gathers are collectives).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from jobs.training.config import TrainConfig
+from models import NextDiT, NextDiTConfig, preset
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: TrainConfig) -> NextDiTConfig:
+    """The architecture: the pretrained folder's when fine-tuning, else the preset with overrides."""
+    if cfg.model.init_from:
+        from models.checkpoint import read_checkpoint
+
+        return read_checkpoint(cfg.model.init_from)[0]
+    overrides = dict(cfg.model.overrides)
+    if cfg.train.task == "class":
+        overrides.setdefault("conditioning", "class")
+    return preset(cfg.model.preset, **overrides)
+
+
+def build_model(cfg: TrainConfig, device: str | torch.device = "cpu") -> NextDiT:
+    """The fp32 model with its initial weights: seeded (identical on every rank) or loaded from ``model.init_from``."""
+    if cfg.model.init_from:
+        return NextDiT.from_pretrained(cfg.model.init_from, ema=cfg.model.init_ema).to(device)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        return NextDiT(model_config(cfg))
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and DeepSpeed's CPU path is meant for correctness)."""
+    if cfg.train.precision == "auto":
+        return cfg.scaling.gpu
+    return cfg.train.precision == "bf16"
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict. The micro-batch size changes per bucket, so DeepSpeed is given a nominal 1; it only
+    uses it for its own data loader and timers, while the gradient-accumulation count is what scales the loss."""
+    o = cfg.optim
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage, "overlap_comm": cfg.deepspeed.overlap_comm,
+                            "contiguous_gradients": True}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.gpu}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.grad_accum * world,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW on CPU (DeepSpeed's fused Adam needs CUDA); decoupled weight decay = AdamW.
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       "torch_adam": not cfg.scaling.gpu, "adam_w_mode": True},
+        },
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 10**9,  # our metrics module reports; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if o.warmup_steps > 0:
+        config["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": o.warmup_steps, "warmup_type": "linear"}}
+    return config
+
+
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, load_universal: bool = False):
+    """LoRA → activation checkpointing → DeepSpeed. Returns the engine (``engine.module`` is the wrapped model)."""
+    import deepspeed
+
+    if cfg.lora.enabled:
+        from jobs.training.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
+    if cfg.train.activation_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_activation_checkpointing(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                      config=deepspeed_config(cfg, world, load_universal))
+    return engine
+
+
+def is_zero3(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+class ShardedEMA:
+    """EMA (decay 0.9999, every optimizer step) of the trainable parameters, kept where the engine keeps them.
+
+    Under ZeRO-3 each rank holds the fp32 EMA of its own partition of each parameter, updated from the optimizer's
+    fp32 master partition (``safe_get_local_fp32_param``), so no communication happens per step. ``full_state`` and
+    ``load_full_state`` convert to and from full tensors with the partition rule of ZeRO-3 (rank r holds elements
+    [r·p, (r+1)·p) of the flattened parameter, p = ceil(numel / world)), so an EMA saved on N workers loads on M.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        import torch.distributed as dist
+
+        self.decay = decay
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self.shadow = {name: self._local(p).detach().float().clone() for name, p in self.params}
+
+    @staticmethod
+    def _local(p: torch.nn.Parameter) -> torch.Tensor:
+        if is_zero3(p):
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(p)
+        return p.detach()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params:
+            self.shadow[name].mul_(self.decay).add_(self._local(p).float(), alpha=1.0 - self.decay)
+
+    def _partition(self, p: torch.nn.Parameter) -> int:
+        return math.ceil(p.ds_numel / self.world)
+
+    @torch.no_grad()
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 EMA tensors on CPU, on every rank. A collective: every rank must call it."""
+        import torch.distributed as dist
+
+        out = {}
+        for name, p in self.params:
+            local = self.shadow[name]
+            if not is_zero3(p):
+                out[name] = local.cpu().clone()
+                continue
+            size = self._partition(p)
+            padded = torch.zeros(size, dtype=torch.float32, device=local.device)
+            padded[: local.numel()] = local.reshape(-1)
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(parts, padded)
+            out[name] = torch.cat(parts)[: p.ds_numel].reshape(p.ds_shape).cpu()
+        return out
+
+    @torch.no_grad()
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted({n for n, _ in self.params} - set(state))
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+        for name, p in self.params:
+            full = state[name].float().reshape(-1)
+            local = self.shadow[name]
+            if is_zero3(p):
+                start = self.rank * self._partition(p)
+                local.reshape(-1).copy_(full[start:start + local.numel()].to(local.device))
+            else:
+                local.copy_(full.reshape(local.shape).to(local.device))
+
+
+@torch.no_grad()
+def full_parameters(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the trainable parameters on CPU, on every rank (a collective under ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p) if is_zero3(p) else p.detach()
+            out[name] = full.float().cpu().clone()
+    return out
