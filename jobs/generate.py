@@ -1,0 +1,246 @@
+"""``python -m jobs.generate``: prompts → PNGs with a JSON metadata sidecar each.
+
+    python -m jobs.generate --model PATH [--text-encoder PATH] [--vae PATH] --prompt TEXT [--prompt TEXT …] \
+        --size WxH --steps N --solver NAME --schedule NAME --guidance G --seed S --out DIR
+
+``--steps`` counts solver steps (grid intervals; NFE = steps × evaluations per step, 2 for midpoint). Text encoder and VAE
+default to the references in the model folder's metadata. ``--prompt-file FILE`` (one prompt per line, or JSON lines with
+prompt / negative_prompt / seed / width / height) runs as a Ray Data job: an actor pool of samplers (one GPU each when CUDA
+is present, half a CPU otherwise) writing to any fsspec URL. Everything else: ``--config FILE`` / ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+from jobs.cli import make_parser, resolve_config, run_main, setup_logging
+from models.config_io import ConfigError, from_dict, to_dict
+from models.sampler import GenerationRequest, SamplerConfig, check_size, parse_size
+from models.schedules import make_schedule
+from models.solvers import check_solver
+from models.text_encoder import TextEncoderConfig
+from models.vae import VAEConfig
+
+log = logging.getLogger("jobs.generate")
+
+
+@dataclass
+class RayConfig:
+    actors: int = 1  # sampler replicas in the actor pool
+    batch_size: int = 4  # prompts per map_batches call
+    num_cpus: float = 0.5  # per actor without CUDA (fractional: whole CPUs starve the read tasks on small machines)
+    num_gpus: float = 1.0  # per actor with CUDA
+
+
+@dataclass
+class GenerateConfig:
+    model: str = ""  # our model folder, an official checkpoint or a diffusers folder (local or s3://)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # path None: the folder's metadata
+    vae: VAEConfig = field(default_factory=VAEConfig)  # path None: the folder's metadata
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str | None = None
+    negative_prompt: str | None = None  # None: sampler.negative_prompt
+    size: str | None = None  # "WxH"; None: the sampler's / model's default
+    seed: int = 0  # image i gets seed + i (a prompt file may give each prompt its own)
+    images_per_prompt: int = 1
+    out: str = "outputs/generate"
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    ema: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def build_requests(cfg: GenerateConfig, rows: list[dict] | None = None) -> list[dict]:
+    """Rows (index, prompt, negative_prompt, seed, width, height) of every image; validates sizes, steps, names."""
+    check_solver(cfg.sampler.solver)
+    make_schedule(cfg.sampler.schedule)
+    width, height = parse_size(cfg.size) if cfg.size else (cfg.sampler.width, cfg.sampler.height)
+    if rows is None:
+        rows = [{"prompt": p} for p in cfg.prompts]
+    if not rows:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    out = []
+    for row in rows:
+        for k in range(cfg.images_per_prompt):
+            i = len(out)
+            seed = int(row["seed"]) + k if row.get("seed") is not None else cfg.seed + i
+            item = {"index": i, "prompt": row["prompt"], "negative_prompt": row.get("negative_prompt",
+                                                                                    cfg.negative_prompt),
+                    "seed": seed, "width": row.get("width", width), "height": row.get("height", height)}
+            if item["width"] is not None or item["height"] is not None:
+                check_size(item["width"] or item["height"], item["height"] or item["width"], cfg.sampler.max_side)
+            out.append(item)
+    return out
+
+
+def read_prompt_file(url: str) -> list[dict]:
+    from models.storage import filesystem
+
+    fs, path = filesystem(url)
+    rows = []
+    with fs.open(path, "r") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line) if line.startswith("{") else {"prompt": line})
+    return rows
+
+
+def _torch_setup(cfg: GenerateConfig):
+    import torch
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    return device, dtype
+
+
+def build_sampler(cfg: GenerateConfig):
+    from models.sampler import Sampler
+
+    device, dtype = _torch_setup(cfg)
+    return Sampler.from_pretrained(cfg.model, text_encoder=cfg.text_encoder if cfg.text_encoder.path else None,
+                                   vae=cfg.vae if cfg.vae.path else None, config=cfg.sampler, device=device,
+                                   dtype=dtype, ema=cfg.ema)
+
+
+def output_fs(url: str, storage: dict | None = None):
+    """(filesystem, root) of the output URL; a local folder is created (object stores need no folders)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from models.storage import filesystem
+
+    fs, root = filesystem(url, storage)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(root, exist_ok=True)
+    return fs, root
+
+
+def write_result(fs, root: str, row: dict, result) -> str:
+    """PNG + JSON sidecar through fsspec; returns the PNG path."""
+    from PIL import Image
+
+    stem = f"{root.rstrip('/')}/{row['index']:06d}_{result.metadata['seed']}"
+    buf = io.BytesIO()
+    Image.fromarray(result.image).save(buf, format="PNG")
+    fs.pipe_file(stem + ".png", buf.getvalue())
+    fs.pipe_file(stem + ".json", json.dumps(result.metadata, indent=2).encode())
+    return stem + ".png"
+
+
+def generate_rows(sampler, rows: list[dict], fs, root: str, progress=None) -> list[dict]:
+    requests = [GenerationRequest(r["prompt"], r.get("negative_prompt"), r.get("width"), r.get("height"), r["seed"])
+                for r in rows]
+    results = sampler.generate(requests, progress=progress)
+    return [{"index": r["index"], "path": write_result(fs, root, r, res), "seed": res.metadata["seed"],
+             "nfe": res.metadata["nfe"], "seconds": res.metadata["seconds"]} for r, res in zip(rows, results)]
+
+
+class GenerateActor:
+    """Ray Data stage: a sampler loaded once per actor; each batch of prompt rows → PNG + JSON files."""
+
+    def __init__(self, config: dict, storage: dict):
+        self.cfg = from_dict(GenerateConfig, config)  # the typed config crosses the Ray boundary as a dict
+        self.sampler = build_sampler(self.cfg)
+        self.fs, self.root = output_fs(self.cfg.out, storage)
+
+    def __call__(self, batch: dict) -> dict:
+        keys = ("index", "prompt", "negative_prompt", "seed", "width", "height")
+        rows = [{k: _plain(batch[k][i]) for k in keys} for i in range(len(batch["index"]))]
+        done = generate_rows(self.sampler, rows, self.fs, self.root)
+        return {k: [d[k] for d in done] for k in ("index", "path", "seed", "nfe", "seconds")}
+
+
+def _plain(value):
+    """numpy scalars / NaN from Arrow → Python values (None for missing sizes)."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def run_ray(cfg: GenerateConfig, rows: list[dict]) -> list[dict]:
+    import ray
+    import torch
+
+    from jobs.runtime import init_ray
+    from models.storage import storage_options
+
+    init_ray()
+    resources = {"num_gpus": cfg.ray.num_gpus} if torch.cuda.is_available() else {"num_cpus": cfg.ray.num_cpus}
+    ds = ray.data.from_items(rows).map_batches(
+        GenerateActor, fn_constructor_kwargs={"config": to_dict(cfg), "storage": storage_options(cfg.out)},
+        batch_size=cfg.ray.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.actors), **resources,
+    )
+    return sorted(ds.take_all(), key=lambda r: r["index"])
+
+
+def run_local(cfg: GenerateConfig, rows: list[dict]) -> list[dict]:
+    from tqdm import tqdm
+
+    sampler = build_sampler(cfg)
+    fs, root = output_fs(cfg.out)
+    with tqdm(total=len(rows), desc="generate", unit="img") as bar:
+        return generate_rows(sampler, rows, fs, root, progress=bar.update)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m jobs.generate", __doc__.split("\n\n")[0], GenerateConfig)
+    parser.add_argument("--model", help="model folder / official or diffusers checkpoint")
+    parser.add_argument("--text-encoder", help="text-encoder folder or hub id (default: the model's metadata)")
+    parser.add_argument("--vae", help="AutoencoderKL folder (default: the model's metadata)")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", help="prompt file (lines or JSON lines): runs as a Ray Data job")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16")
+    parser.add_argument("--steps", type=int, help="solver steps (grid intervals)")
+    parser.add_argument("--solver", help="euler | midpoint | heun | rk4 | dopri5")
+    parser.add_argument("--schedule", help="uniform | rational | sigmoid")
+    parser.add_argument("--guidance", type=float, help="CFG scale")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", help="output folder or URL (s3://…)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+
+    flags = {"model": args.model, "text_encoder.path": args.text_encoder, "vae.path": args.vae,
+             "prompts": args.prompt, "prompt_file": args.prompt_file, "negative_prompt": args.negative_prompt,
+             "size": args.size, "sampler.steps": args.steps, "sampler.solver": args.solver,
+             "sampler.schedule.name": args.schedule, "sampler.guidance": args.guidance, "seed": args.seed,
+             "out": args.out}
+    try:
+        cfg = resolve_config(GenerateConfig, args, flags, base=_base_from_metadata(args.model))
+        if not cfg.model:
+            raise ValueError("no model: give --model PATH")
+        rows = build_requests(cfg, read_prompt_file(cfg.prompt_file) if cfg.prompt_file else None)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.dry_run:
+        print(json.dumps({"config": to_dict(cfg), "images": len(rows)}, indent=2))
+        return 0
+    done = run_ray(cfg, rows) if cfg.prompt_file else run_local(cfg, rows)
+    log.info("wrote %d images to %s", len(done), cfg.out)
+    return 0
+
+
+def _base_from_metadata(model: str | None) -> GenerateConfig | None:
+    """Sampler defaults recorded in the model folder (``sampler`` metadata) under every other source."""
+    if not model:
+        return None
+    from models.checkpoint import read_metadata
+
+    sampler = read_metadata(model).get("sampler")
+    return GenerateConfig(sampler=from_dict(SamplerConfig, sampler)) if sampler else None
+
+
+if __name__ == "__main__":
+    run_main(main)

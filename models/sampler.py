@@ -1,0 +1,362 @@
+"""The ``Sampler``: prompts → images and metadata. Shared by ``jobs.generate`` and the Serve replicas.
+
+Pipeline per request (paper §"Optimized Time Schedule with Higher-Order Solvers", §"Resolution extrapolation",
+§"Time-Aware Context Drop"; lumina-reference §4, our §14):
+1. the prompt and the negative prompt (default "") are encoded by the text encoder (Gemma hidden_states[-2], right padding);
+2. the initial noise z ~ N(0, I) of shape (C, H/8, W/8) comes from the request's own ``torch.Generator(seed)`` on the CPU;
+3. the flow ODE is integrated from t = 0 to 1 on the schedule's grid with the chosen solver; every evaluation is one
+   [cond; uncond] forward with CFG, RoPE scaling and Context Drop recomputed from that evaluation's t;
+4. the VAE decodes the latent to an image.
+
+Batching and determinism: compatible requests (same size, caption length, solver, schedule, steps, guidance, RoPE and
+Context Drop settings) share one batched ODE solve of ``batch_size`` slots. Row results of a matmul depend on the number of
+rows on every BLAS we have seen (small-M kernels differ), so with ``pad_batches`` (default) every solve is padded to exactly
+``batch_size`` slots, prompts are encoded one at a time and images decoded one at a time: a request's image then depends
+only on the request and the sampler config, never on what else was in the batch. Adaptive solvers (dopri5) choose their
+steps from the whole state's error, so they always solve one request at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.config_io import from_dict, merge, to_dict
+from models.flow import pad_captions, solve, velocity_fn
+from models.nextdit import ContextDrop, NextDiT
+from models.rope import RopeScaling
+from models.schedules import ScheduleConfig, make_schedule
+from models.solvers import ADAPTIVE_SOLVERS, check_solver
+from models.text_encoder import TextEncoder, TextEncoderConfig
+from models.vae import VAE_DOWNSAMPLE, ImageVAE, VAEConfig, images_to_uint8
+
+MAX_SIDE = 2048  # default upper bound on either image side in pixels
+STEPS_MEANING = "solver steps = grid intervals (the official num_sampling_steps N is steps + 1 grid points)"
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling defaults (paper: midpoint; our measured default schedule: sigmoid, docs/sampling.md)."""
+
+    steps: int = 10  # solver steps = grid intervals; NFE = steps × evaluations per step (midpoint: 2)
+    solver: str = "midpoint"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    guidance: float = 4.0  # official default CFG scale
+    cfg_channels: int | None = None  # None: guide every channel; 3: the official first-3-channels rule
+    negative_prompt: str = ""
+    rope: RopeScaling = field(default_factory=RopeScaling)  # time_aware, per-axis: identity at ≤ the training size
+    context_drop_min_tokens: int | None = None  # None: off; else pool K/V of samples with ≥ this many image tokens
+    context_drop_kernel: int = 2
+    width: int | None = None  # default size in pixels; None: the model's training size
+    height: int | None = None
+    max_side: int = MAX_SIDE
+    batch_size: int = 1  # requests per batched ODE solve
+    pad_batches: bool = True  # pad every solve to batch_size slots so batch composition never changes an image
+    atol: float = 1e-6  # dopri5 only
+    rtol: float = 1e-3
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {self.steps}")
+        check_solver(self.solver)
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be ≥ 0, got {self.guidance}")
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise ValueError(f"cfg_channels must be ≥ 1 or null (every channel), got {self.cfg_channels}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.context_drop_kernel < 2:
+            raise ValueError(f"context_drop_kernel must be ≥ 2, got {self.context_drop_kernel}")
+        if self.max_side < 16:
+            raise ValueError(f"max_side must be ≥ 16, got {self.max_side}")
+
+
+@dataclass
+class GenerationRequest:
+    """One image. ``None`` fields take the sampler config's value."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None  # None: a fresh random seed, reported in the metadata
+    steps: int | None = None
+    solver: str | None = None
+    schedule: str | ScheduleConfig | None = None
+    guidance: float | None = None
+    rope_scaling: RopeScaling | None = None
+    context_drop: ContextDrop | bool | None = None  # None: config threshold; False: off; True: on from 0 tokens
+    cfg_channels: int | None = None  # None: config (pass the latent channel count to force every channel)
+
+
+@dataclass
+class GenerationResult:
+    image: np.ndarray | None  # H×W×3 uint8 (None without a VAE)
+    latent: torch.Tensor  # (C, H/8, W/8) fp32 on the CPU
+    metadata: dict
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A fully resolved request."""
+
+    index: int
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    solver: str
+    schedule: ScheduleConfig
+    guidance: float
+    cfg_channels: int | None
+    rope: RopeScaling
+    context_drop: ContextDrop | None
+
+    def group_key(self, caption_length: int) -> tuple:
+        return (self.height, self.width, caption_length, self.steps, self.solver, repr(self.schedule),
+                self.guidance, self.cfg_channels, repr(self.rope), repr(self.context_drop))
+
+
+def size_multiple(patch_size: int = 2) -> int:
+    return VAE_DOWNSAMPLE * patch_size
+
+
+def check_size(width: int, height: int, max_side: int = MAX_SIDE, multiple: int = 16) -> None:
+    """Sizes are positive multiples of ``multiple`` (VAE /8 × patch 2 = 16 px) and at most ``max_side``."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value < multiple or value % multiple:
+            raise ValueError(f"{name} {value} must be a positive multiple of {multiple} pixels")
+        if value > max_side:
+            raise ValueError(f"{name} {value} exceeds the maximum of {max_side} pixels")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' → (width, height)."""
+    try:
+        w, h = str(text).lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise ValueError(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 1024x768") from None
+
+
+class Sampler:
+    """Text encoder + Next-DiT + VAE; ``generate(requests) -> results``. Holds no global state; safe to share between
+    threads as long as they don't mutate the modules (every call runs under ``torch.inference_mode``)."""
+
+    def __init__(self, model: NextDiT, text_encoder: TextEncoder | None, vae: ImageVAE | None,
+                 config: SamplerConfig | None = None):
+        self.model = model.eval()
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.config = config or SamplerConfig()
+        if text_encoder is not None and model.config.conditioning == "text":
+            if text_encoder.hidden_size != model.config.cap_feat_dim:
+                raise ValueError(f"text encoder width {text_encoder.hidden_size} ≠ the model's cap_feat_dim "
+                                 f"{model.config.cap_feat_dim}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_path: str, text_encoder: str | TextEncoderConfig | TextEncoder | None = None,
+                        vae: str | VAEConfig | ImageVAE | None = None, config: SamplerConfig | dict | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        ema: bool = False) -> Sampler:
+        """Load a model folder (ours, official or diffusers). Text encoder / VAE / sampler defaults not given here come
+        from the folder's metadata (``text_encoder``, ``vae``, ``sampler`` entries of our config.json)."""
+        model = NextDiT.from_pretrained(model_path, ema=ema, device=device, dtype=dtype)
+        meta = getattr(model, "checkpoint_metadata", {}) or {}
+        te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
+                                             model_path)
+        vae_cfg = resolve_vae_config(vae if vae is not None else meta.get("vae"), model_path)
+        if isinstance(text_encoder, TextEncoder):
+            encoder = text_encoder
+        elif te_cfg is not None and te_cfg.path:
+            encoder = TextEncoder.from_config(te_cfg, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"no text encoder given and none recorded in {model_path}'s metadata")
+        if isinstance(vae, ImageVAE):
+            autoencoder = vae
+        elif vae_cfg is not None and vae_cfg.path:
+            # Decoding runs in fp32 (lumina-reference §6).
+            autoencoder = ImageVAE.from_pretrained(vae_cfg.path, vae_cfg.scaling_factor, vae_cfg.shift_factor, device)
+        else:
+            raise ValueError(f"no VAE given and none recorded in {model_path}'s metadata")
+        if not isinstance(config, SamplerConfig):
+            config = from_dict(SamplerConfig, merge(meta.get("sampler") or {}, config or {}))
+        return cls(model, encoder, autoencoder, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def default_size(self) -> tuple[int, int]:
+        cfg = self.model.config
+        side = lambda tokens: tokens * cfg.patch_size * VAE_DOWNSAMPLE
+        return (self.config.width or side(cfg.train_grid[2]), self.config.height or side(cfg.train_grid[1]))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def resolve(self, requests: list[GenerationRequest]) -> list[_Plan]:
+        """Validate every request and fill in the defaults; raises ValueError before any work starts."""
+        if not requests:
+            raise ValueError("no prompts: give at least one generation request")
+        cfg = self.config
+        plans = []
+        for i, req in enumerate(requests):
+            if not isinstance(req.prompt, str):
+                raise ValueError(f"request {i}: the prompt must be a string, got {type(req.prompt).__name__}")
+            default_w, default_h = self.default_size()
+            width, height = req.width or default_w, req.height or default_h
+            check_size(width, height, cfg.max_side, size_multiple(self.model.config.patch_size))
+            steps = cfg.steps if req.steps is None else req.steps
+            if steps < 1:
+                raise ValueError(f"request {i}: steps must be ≥ 1, got {steps}")
+            solver = check_solver(req.solver or cfg.solver)
+            if req.schedule is None:
+                schedule = cfg.schedule
+            elif isinstance(req.schedule, ScheduleConfig):
+                schedule = req.schedule
+            else:  # a name: keep the config's parameters for it
+                schedule = dataclasses.replace(cfg.schedule, name=req.schedule)
+            guidance = cfg.guidance if req.guidance is None else float(req.guidance)
+            if guidance < 0:
+                raise ValueError(f"request {i}: guidance must be ≥ 0, got {guidance}")
+            channels = req.cfg_channels if req.cfg_channels is not None else cfg.cfg_channels
+            if channels is not None and not 1 <= channels <= self.model.config.in_channels:
+                raise ValueError(f"request {i}: cfg_channels {channels} outside 1..{self.model.config.in_channels}")
+            if req.context_drop is None:
+                drop = (ContextDrop(cfg.context_drop_min_tokens, cfg.context_drop_kernel)
+                        if cfg.context_drop_min_tokens is not None else None)
+            elif req.context_drop is True:
+                drop = ContextDrop(0, cfg.context_drop_kernel)
+            elif req.context_drop is False:
+                drop = None
+            else:
+                drop = req.context_drop
+            seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
+            negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
+            plans.append(_Plan(i, req.prompt, negative, width, height, int(seed), steps, solver, schedule, guidance,
+                               channels, req.rope_scaling or cfg.rope, drop))
+        return plans
+
+    def _encode(self, texts: list[str], cache: dict) -> None:
+        """Encode each new text on its own (batch of one): its features never depend on the other prompts' lengths."""
+        for text in texts:
+            if text not in cache:
+                feats, mask = self.text_encoder.encode([text])
+                cache[text] = (feats[0].float(), mask[0])
+
+    def _captions(self, texts: list[str], cache: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = torch.stack([pad_captions(cache[t][0][None], cache[t][1][None], length)[0][0] for t in texts])
+        mask = torch.stack([pad_captions(cache[t][0][None], cache[t][1][None], length)[1][0] for t in texts])
+        return feats, mask
+
+    @torch.inference_mode()
+    def generate(self, requests: list[GenerationRequest],
+                 progress: Callable[[int], None] | None = None) -> list[GenerationResult]:
+        """Generate one image per request (results in request order). ``progress(n)`` is called after each solve with
+        the number of requests it finished."""
+        plans = self.resolve(requests)
+        if self.text_encoder is None:
+            raise ValueError("this sampler has no text encoder")
+        cache: dict = {}
+        self._encode([t for p in plans for t in (p.prompt, p.negative_prompt)], cache)
+        groups: dict[tuple, list[_Plan]] = {}
+        for plan in plans:
+            length = max(cache[plan.prompt][0].shape[0],
+                         cache[plan.negative_prompt][0].shape[0] if plan.guidance != 1.0 else 0)
+            groups.setdefault(plan.group_key(length), []).append(plan)
+
+        results: list[GenerationResult | None] = [None] * len(plans)
+        for key, members in groups.items():
+            slots = 1 if members[0].solver in ADAPTIVE_SOLVERS else self.config.batch_size
+            for start in range(0, len(members), slots):
+                chunk = members[start:start + slots]
+                for plan, result in zip(chunk, self._solve(chunk, slots, key[2], cache)):
+                    results[plan.index] = result
+                if progress is not None:
+                    progress(len(chunk))
+        return results  # type: ignore[return-value]
+
+    def _solve(self, chunk: list[_Plan], slots: int, caption_length: int, cache: dict) -> list[GenerationResult]:
+        began = time.perf_counter()
+        first = chunk[0]
+        cfg_model = self.model.config
+        device = self.device
+        shape = (cfg_model.in_channels, first.height // VAE_DOWNSAMPLE, first.width // VAE_DOWNSAMPLE)
+        # Each sample's noise from its own generator on the CPU, then moved: identical on every device and batch.
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
+                 for p in chunk]
+        prompts, negatives = [p.prompt for p in chunk], [p.negative_prompt for p in chunk]
+        if self.config.pad_batches and len(chunk) < slots:  # dummy slots: same shapes whatever the batch holds
+            extra = slots - len(chunk)
+            noise += [noise[-1]] * extra
+            prompts += [prompts[-1]] * extra
+            negatives += [negatives[-1]] * extra
+        x0 = torch.stack(noise).to(device)
+        feats, mask = self._captions(prompts, cache, caption_length)
+        uncond = (None, None)
+        if first.guidance != 1.0:  # g = 1 is the conditional velocity alone: no unconditional branch to run
+            uncond = tuple(a.to(device) for a in self._captions(negatives, cache, caption_length))
+        fn = velocity_fn(
+            self.model, feats.to(device), mask.to(device), *uncond, guidance=first.guidance,
+            cfg_channels=first.cfg_channels, rope_scaling=first.rope, context_drop=first.context_drop,
+        )
+        grid = make_schedule(first.schedule).grid(first.steps)
+        solved = solve(fn, x0, grid, first.solver, self.config.atol, self.config.rtol)
+        latents = solved.x[: len(chunk)].float()
+        images = [None] * len(chunk)
+        if self.vae is not None:  # one at a time: a conv's result must not depend on the batch either
+            images = [images_to_uint8(self.vae.decode(latents[i: i + 1]))[0] for i in range(len(chunk))]
+        seconds = time.perf_counter() - began
+        schedule = make_schedule(first.schedule)
+        out = []
+        for i, plan in enumerate(chunk):
+            meta = {
+                "prompt": plan.prompt, "negative_prompt": plan.negative_prompt, "seed": plan.seed,
+                "width": plan.width, "height": plan.height, "steps": plan.steps, "steps_meaning": STEPS_MEANING,
+                "solver": plan.solver, "schedule": {"name": schedule.name, **schedule.params()},
+                "guidance": plan.guidance,
+                "cfg_channels": "all" if plan.cfg_channels is None else plan.cfg_channels,
+                "rope_scaling": to_dict(plan.rope),
+                "context_drop": None if plan.context_drop is None else dataclasses.asdict(plan.context_drop),
+                "nfe": solved.nfe, "seconds": round(seconds, 4), "batch": len(chunk), "slots": x0.shape[0],
+            }
+            out.append(GenerationResult(images[i], latents[i].cpu(), meta))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _resolve_path(path: str | None, base: str) -> str | None:
+    """A relative path recorded in a model folder's metadata is relative to that folder (when it exists there)."""
+    if not path or os.path.isabs(path) or "://" in path:
+        return path
+    candidate = os.path.join(base, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def resolve_text_encoder_config(spec, model_path: str) -> TextEncoderConfig | None:
+    if spec is None or isinstance(spec, TextEncoder):
+        return None
+    if isinstance(spec, str):
+        spec = TextEncoderConfig(path=spec)
+    elif isinstance(spec, dict):
+        spec = from_dict(TextEncoderConfig, spec)
+    return dataclasses.replace(spec, path=_resolve_path(spec.path, str(model_path)))
+
+
+def resolve_vae_config(spec, model_path: str) -> VAEConfig | None:
+    if spec is None or isinstance(spec, ImageVAE):
+        return None
+    if isinstance(spec, str):
+        spec = VAEConfig(path=spec)
+    elif isinstance(spec, dict):
+        spec = from_dict(VAEConfig, spec)
+    return dataclasses.replace(spec, path=_resolve_path(spec.path, str(model_path)))

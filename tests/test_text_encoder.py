@@ -1,0 +1,98 @@
+"""Text encoders through transformers (lumina-reference §5, §13.7): tiny random Gemma and T5 built locally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.text_encoder import TextEncoder, TextEncoderConfig
+from tests.tiny_models import make_tiny_t5, make_tiny_text_encoder
+
+
+@pytest.fixture(scope="module")
+def gemma_path(tmp_path_factory):
+    return make_tiny_text_encoder(tmp_path_factory.mktemp("gemma"))
+
+
+@pytest.fixture(scope="module")
+def t5_path(tmp_path_factory):
+    return make_tiny_t5(tmp_path_factory.mktemp("t5"))
+
+
+def test_decoder_right_padding_multiple_of_8_and_bos_only_empty_prompt(gemma_path):
+    enc = TextEncoder.from_pretrained(gemma_path)  # the saved tokenizer pads LEFT: the wrapper must force right
+    prompts = ["", "a red cat", "a big blue house on a hill near the river at sunset"]
+    feats, mask = enc.encode(prompts)
+    assert feats.shape == (3, 16, 32) and mask.dtype == torch.bool
+    assert feats.shape[1] % 8 == 0
+    ids = enc.tokenize(prompts)["input_ids"]
+    assert mask.sum(1).tolist() == [1, 4, 13]
+    for row in mask:  # right padding: valid tokens first
+        n = int(row.sum())
+        assert bool(row[:n].all()) and not bool(row[n:].any())
+    assert ids[0, 0] == enc.tokenizer.bos_token_id  # "" is just [BOS]
+    assert torch.all(ids[:, 0] == enc.tokenizer.bos_token_id)
+
+
+def test_decoder_features_are_hidden_states_minus_two(gemma_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    enc = TextEncoder.from_pretrained(gemma_path)
+    feats, _ = enc.encode(["a small dog"])
+    tok = AutoTokenizer.from_pretrained(gemma_path)
+    model = AutoModel.from_pretrained(gemma_path).eval()
+    ids = tok(["a small dog"], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**ids, output_hidden_states=True).hidden_states
+    n = ids["input_ids"].shape[1]
+    assert torch.allclose(feats[0, :n], hidden[-2][0], atol=1e-5)  # second-to-last layer, before the final norm
+    assert not torch.allclose(hidden[-2][0], hidden[-1][0], atol=1e-3)
+    last = TextEncoder.from_pretrained(gemma_path, layer=-1).encode(["a small dog"])[0]
+    assert torch.allclose(last[0, :n], hidden[-1][0], atol=1e-5)
+
+
+def test_prompt_features_do_not_depend_on_the_batch(gemma_path):
+    enc = TextEncoder.from_pretrained(gemma_path)
+    alone, mask_alone = enc.encode(["a green tree"])
+    batch, _ = enc.encode(["a green tree", "an old house with a red car on the road near a forest"])
+    n = int(mask_alone[0].sum())
+    assert torch.allclose(alone[0, :n], batch[0, :n], atol=1e-5)  # right padding + causal attention
+
+
+def test_truncation_to_max_length(gemma_path):
+    enc = TextEncoder.from_pretrained(gemma_path, max_length=8)
+    feats, mask = enc.encode(["a " * 40])
+    assert feats.shape[1] == 8 and int(mask.sum()) == 8
+
+
+def test_t5_encoder_appends_eos_and_uses_last_hidden_state(t5_path):
+    from transformers import T5EncoderModel
+
+    enc = TextEncoder.from_pretrained(t5_path, kind="t5")
+    feats, mask = enc.encode(["a cat", ""])
+    assert feats.shape == (2, 8, 32) and mask.sum(1).tolist() == [3, 1]
+    ids = enc.tokenize(["a cat"])["input_ids"]
+    assert ids[0, 2] == enc.tokenizer.eos_token_id
+    model = T5EncoderModel.from_pretrained(t5_path).eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids[:, :3]).last_hidden_state
+    assert torch.allclose(feats[0, :3], ref[0], atol=1e-5)
+
+
+def test_tokenizer_without_bos_still_gives_the_empty_prompt_one_token(gemma_path):
+    from tokenizers import processors
+
+    enc = TextEncoder.from_pretrained(gemma_path)
+    enc.tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    feats, mask = enc.encode(["", "a cat"])  # like Qwen: no BOS, so "" would have no token at all
+    assert mask.sum(1).tolist() == [1, 2]
+    assert torch.isfinite(feats).all()
+
+
+def test_bad_inputs(gemma_path, tmp_path):
+    with pytest.raises(ValueError, match="unknown text-encoder kind"):
+        TextEncoderConfig(kind="bert")
+    with pytest.raises((FileNotFoundError, OSError)):
+        TextEncoder.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="at least one prompt"):
+        TextEncoder.from_pretrained(gemma_path).encode([])
