@@ -30,7 +30,7 @@ SOLIDS = ("sphere", "cube", "cylinder")
 
 @dataclass
 class DemoCounts:
-    images: int = 240
+    images: int = 480
     tones: int = 12
     solids: int = 12
 

@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", metavar="URI", help="output folder: local path or s3://bucket/prefix")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    config = resolve_config(PrepareConfig, args, {"inputs": args.input, "output": args.output}).validate()
+    # base: the full default tree, so that `--set encode.vae_resources.num_gpus=1` keeps that section's own defaults
+    # (actor pools: 0.5 CPU) instead of rebuilding it from the Resources class defaults
+    config = resolve_config(PrepareConfig, args, {"inputs": args.input, "output": args.output},
+                            base=PrepareConfig()).validate()
 
     from pipelines.io import resolve_storage
     from pipelines.plan import build_plan, run_prepare, summary_table

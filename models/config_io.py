@@ -107,6 +107,12 @@ def from_dict(cls: type[T], data: dict[str, Any], _where: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
+        if isinstance(value, dict):
+            # A partial section overrides the field's own default (its default_factory may differ from the nested
+            # class's defaults), never rebuilds the section from the class defaults.
+            default = _field_default(fields[name])
+            if dataclasses.is_dataclass(default):
+                value = merge(to_dict(default), value)
         kwargs[name] = _coerce(value, hints[name], f"{_where}.{name}" if _where else name)
     try:
         return cls(**kwargs)
@@ -114,6 +120,14 @@ def from_dict(cls: type[T], data: dict[str, Any], _where: str = "") -> T:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{_where or cls.__name__}: {exc}") from exc
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ Existing captions are kept unless ``caption.recaption``; every sample's json rec
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from models.config_io import from_dict
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
-from pipelines.ledger import Stage, batch_of, meta_of, reject_row, rows_of
+from pipelines.ledger import Stage, meta_of, reject_row
 
 
 def render_views(points: np.ndarray, views: int = 4, size: int = 128, elevation_deg: float = 20.0) -> np.ndarray:
@@ -54,8 +53,7 @@ class Captioner(Stage):
 
     stage = C.STAGE_CAPTION
 
-    def __init__(self, config: dict, modality: str, ledger: str | None = None, device: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict, modality: str, device: str | None = None):
         self.cfg = from_dict(PrepareConfig, config).caption
         self.modality = modality
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,8 +111,7 @@ class Captioner(Stage):
         out = self.model.generate(pixel_values=pixels, **gen)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
-    def process(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[dict]]:
-        rows = rows_of(batch)
+    def process_rows(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict]]:
         todo = [i for i, r in enumerate(rows) if self.needs_caption(r)]
         if todo:
             captions = self.generate([self.model_input(rows[i]) for i in todo])
@@ -126,9 +123,8 @@ class Captioner(Stage):
                 meta["caption_model"] = self.path
                 row[C.CAPTION] = " ".join(text.split())
                 row[C.CAPTION_SOURCE] = C.CAPTION_FROM_MODEL
-                row[C.META] = json.dumps(meta, sort_keys=True, default=str)
         if not self.cfg.require_caption:
-            return batch_of(rows), []
+            return rows, []
         kept = [r for r in rows if str(r[C.CAPTION]).strip()]
         rejects = [reject_row(r, C.Reason.NO_CAPTION, "empty caption") for r in rows if not str(r[C.CAPTION]).strip()]
-        return batch_of(kept), rejects
+        return kept, rejects

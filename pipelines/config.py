@@ -20,11 +20,15 @@ class Resources:
 
     ``concurrency``: actor-pool size for model stages; for CPU task stages 0 means "as many tasks as Ray schedules".
     Actor pools default to 0.5 CPU so that a 2-core machine never hands every CPU to actors (stack.md pitfall).
+    ``custom``: Ray custom resources (``resources=`` of the operator), e.g. ``{"encode_gpu": 1}`` so that the stage
+    runs only on — and makes the autoscaler start — nodes that advertise that resource. Set one with
+    ``--set encode.vae_resources.custom.encode_gpu=1``.
     """
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     accelerator_type: str | None = None
+    custom: dict[str, float] = field(default_factory=dict)
     concurrency: int = 0
     batch_size: int = 32
 
@@ -137,9 +141,11 @@ class EncodeConfig:
     vae_shift_factor: float | None = None
     latent_mode: str = "sample"  # "sample" (official training) or "mean" of the posterior
     latent_dtype: str = "float16"
-    text_encoder: str | None = None  # transformers model folder for precomputed caption features
+    # precomputed caption features with models.text_encoder.TextEncoder (what the trainer and sampler use online)
+    text_encoder: str | None = None  # transformers model folder
+    text_encoder_kind: str = "decoder"  # "decoder" (Gemma, Qwen, any AutoModel) or "t5"
     text_max_length: int = 256
-    text_hidden_layer: int = -2  # Lumina-Next uses Gemma's second-to-last hidden state
+    text_hidden_layer: int | None = None  # None: the kind's default (-2 for decoders: Lumina-Next's Gemma layer)
     text_dtype: str = "float16"
     vae_resources: Resources = field(default_factory=_actor_resources)
     text_resources: Resources = field(default_factory=_actor_resources)
@@ -150,6 +156,9 @@ class WriteConfig:
     samples_per_shard: int = 1000
     image_format: str = "jpg"  # when there is no VAE (or with keep_original): jpg / png / webp
     jpeg_quality: int = 95
+    # store a source file as it is when it already is an RGB image of its bucket's size in image_format (no decode →
+    # encode round trip that would only lose quality; img2dataset's --skip_reencode)
+    skip_reencode: bool = True
     keep_original: bool = False  # also store the original media bytes (jpg/png/flac...)
     num_writers: int = 2  # writer actors; a bucket always belongs to one of them
     rejects_flush_rows: int = 1000
@@ -190,6 +199,11 @@ class PrepareConfig:
         for name in ("latent_dtype", "text_dtype"):
             if getattr(self.encode, name) not in ("float16", "float32"):
                 raise ConfigError(f"encode.{name} must be float16 or float32 (.npy has no bfloat16)")
+        if self.encode.text_encoder:
+            from models.text_encoder import TEXT_ENCODER_KINDS  # torch: only when a text encoder is configured
+
+            if self.encode.text_encoder_kind not in TEXT_ENCODER_KINDS:
+                raise ConfigError(f"encode.text_encoder_kind must be one of {list(TEXT_ENCODER_KINDS)}")
         if self.bucket.image.max_patches < 1 or self.bucket.image.max_aspect < 1:
             raise ConfigError("bucket.image.max_patches must be >= 1 and bucket.image.max_aspect >= 1")
         if not self.bucket.audio_durations_s or not self.bucket.point_counts:

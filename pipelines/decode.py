@@ -1,8 +1,9 @@
 """Decode and validate (issue "Stages: decode and validate").
 
 - images: format, mode, decompression-bomb limit (checked on the header, before any pixel is decoded), truncation;
-  decoded straight to the working resolution of the sample's bucket (JPEG draft + box reduction), so a 6000-px photo
-  never travels through the pipeline at full size;
+  decoded straight to the sample's bucket (JPEG draft decoding at 1/2..1/8 scale, box reduction, one bicubic pass over
+  the centre crop only), so a 6000-px photo never travels through the pipeline at full size and every later stage —
+  models included — sees exactly the pixels that are trained on;
 - audio: any libsndfile format (wav/flac/mp3/ogg), NaN/inf, mixed to mono, resampled to 16 kHz, duration, silence;
 - 3D: ply/obj/off meshes through trimesh with area-weighted surface sampling of N points, npy/npz point clouds; empty and
   degenerate shapes rejected; normalised to the unit sphere.
@@ -24,7 +25,7 @@ from PIL import Image
 
 from models.config_io import from_dict
 from pipelines import constants as C
-from pipelines.buckets import best_image_bucket, cover_size, image_bucket_sizes
+from pipelines.buckets import best_image_bucket, cover_size, fit_to_bucket, image_bucket_sizes
 from pipelines.config import PrepareConfig
 from pipelines.io import open_fs, options_for, read_range
 from pipelines.ledger import Reject, Stage, meta_of
@@ -35,7 +36,13 @@ R = C.Reason
 
 # ---- images ------------------------------------------------------------------------------------------------------------
 def decode_image(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Encoded bytes → (HxWx3 uint8 at working resolution, info). Raises Reject."""
+    """Encoded bytes → (HxWx3 uint8 at the size of the image's bucket, info). Raises Reject."""
+    img, info = decode_to_bucket(data, cfg, bucket_sizes)
+    return np.asarray(img), info
+
+
+def decode_to_bucket(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]) -> tuple[Image.Image, dict[str, Any]]:
+    """Encoded bytes → (RGB PIL image at the size of its best-fit bucket, info). Raises Reject."""
     if not data:
         raise Reject(R.EMPTY_FILE, "zero bytes")
     with warnings.catch_warnings():
@@ -56,9 +63,10 @@ def decode_image(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]) ->
         raise Reject(R.BAD_MODE, f"mode {img.mode}")
     if width < 1 or height < 1:
         raise Reject(R.EMPTY_FILE, f"{width}x{height}")
-    # Working resolution: the cover size of the bucket the image will land in. JPEG draft decodes at 1/2..1/8 scale in
-    # the DCT domain (never below the requested size), which is most of the speed of a curation job.
-    cw, ch = cover_size(width, height, best_image_bucket(width, height, bucket_sizes))
+    # JPEG draft decodes at 1/2..1/8 scale in the DCT domain (never below the requested size, here the bucket's cover
+    # size): most of the speed of a curation job, since the full-size pixels are never produced.
+    bucket = best_image_bucket(width, height, bucket_sizes)
+    cw, ch = cover_size(width, height, bucket)
     if img.format == "JPEG":
         img.draft("RGB", (cw, ch))
     try:
@@ -70,7 +78,7 @@ def decode_image(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]) ->
     factor = min(img.size[0] // cw, img.size[1] // ch)
     if factor >= 2:
         img = img.reduce(factor)  # box filter, exact for integer factors
-    return np.asarray(img), info
+    return fit_to_bucket(img, bucket), info
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -90,11 +98,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def dhash(image: np.ndarray) -> int:
+def dhash(image: np.ndarray | Image.Image) -> int:
     """64-bit difference hash as a signed int64: neighbouring-pixel gradients of a 9x8 grayscale thumbnail."""
-    small = np.asarray(Image.fromarray(image).convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    small = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
     bits = (small[:, 1:] > small[:, :-1]).flatten()
-    value = int("".join("1" if b else "0" for b in bits), 2)
+    value = int(np.packbits(bits).view(">u8")[0])
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
@@ -230,18 +240,21 @@ class Decode(Stage):
     """Fetch, decode and validate one modality; reads sidecar captions; records hashes for dedup.
 
     In: item rows (sources.ITEM_SCHEMA). Out: key, source, modality, caption, caption_source, meta, payload, sha256,
-    phash (+ data when ``write.keep_original``).
+    phash, data (the original bytes when ``write.keep_original``, or when they can be stored as they are — see
+    ``write.skip_reencode``; else empty).
     """
 
     stage = C.STAGE_DECODE
 
-    def __init__(self, config: dict, modality: str, s3_options: dict, ledger: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict, modality: str, s3_options: dict):
         self.config = from_dict(PrepareConfig, config)
         self.modality = modality
         self.s3_options = s3_options
         b = self.config.bucket.image
         self.bucket_sizes = image_bucket_sizes(b.max_patches, b.max_aspect)
+        w, e = self.config.write, self.config.encode
+        # the image member's file format when one is written (no VAE) and sources may be stored as they are
+        self.passthrough = w.image_format if w.skip_reencode and not (e.enabled and e.vae) else None
 
     def fetch(self, url: str, offset: int, length: int) -> bytes:
         try:
@@ -278,10 +291,12 @@ class Decode(Stage):
             caption = caption or sidecar_caption
             caption_source = C.CAPTION_FROM_SIDECAR if caption else ""
         key = str(row[C.KEY])
-        phash = 0
+        phash, keep = 0, self.config.write.keep_original
         if self.modality == C.IMAGE:
-            payload, info = decode_image(data, self.config.decode.image, self.bucket_sizes)
-            phash = dhash(payload)
+            img, info = decode_to_bucket(data, self.config.decode.image, self.bucket_sizes)
+            phash = dhash(img)
+            payload = np.asarray(img)
+            keep = keep or (self.passthrough is not None and stored_as_is(info, payload.shape, self.passthrough))
         elif self.modality == C.AUDIO:
             payload, info = decode_audio(data, self.config.decode.audio)
         else:
@@ -290,8 +305,17 @@ class Decode(Stage):
         meta.update(info)
         meta["ext"] = extension(member or url)
         out = {C.KEY: key, C.SOURCE: str(row[C.SOURCE]), C.MODALITY: self.modality, C.CAPTION: caption,
-               C.CAPTION_SOURCE: caption_source, C.META: json.dumps(meta, sort_keys=True, default=str),
-               C.PAYLOAD: payload, C.SHA256: hashlib.sha256(data).hexdigest(), C.PHASH: np.int64(phash)}
-        if self.config.write.keep_original:
-            out[C.DATA] = data
+               C.CAPTION_SOURCE: caption_source, C.META: meta,
+               C.PAYLOAD: payload, C.SHA256: hashlib.sha256(data).hexdigest(), C.PHASH: np.int64(phash),
+               C.DATA: data if keep else b""}
         return out
+
+
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def stored_as_is(info: dict[str, Any], shape: tuple[int, ...], image_format: str) -> bool:
+    """True when the source file already is the image member to write: an RGB ``image_format`` file whose pixels are
+    exactly the bucket-sized payload (no draft, reduce, resize or crop happened)."""
+    return (info.get("format") == PIL_FORMATS.get(image_format) and info.get("mode") == "RGB"
+            and (info.get("height"), info.get("width")) == tuple(shape[:2]))

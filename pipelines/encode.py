@@ -6,7 +6,6 @@ VAE the image itself (bucket-sized uint8 HxWx3) is the tensor and is stored as a
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import numpy as np
@@ -14,7 +13,7 @@ import numpy as np
 from models.config_io import from_dict
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
-from pipelines.ledger import Stage, batch_of, meta_of, rows_of
+from pipelines.ledger import Stage, meta_of
 
 
 class VaeEncode(Stage):
@@ -25,8 +24,7 @@ class VaeEncode(Stage):
 
     stage = C.STAGE_ENCODE
 
-    def __init__(self, config: dict, ledger: str | None = None, device: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict, device: str | None = None):
         import torch
 
         from models.vae import ImageVAE
@@ -37,10 +35,9 @@ class VaeEncode(Stage):
         self.sample = cfg.latent_mode == "sample"
         self.dtype = np.dtype(cfg.latent_dtype)
 
-    def process(self, batch):
+    def process_rows(self, rows):
         import torch
 
-        rows = rows_of(batch)
         groups = defaultdict(list)
         for i, r in enumerate(rows):
             groups[r[C.PAYLOAD].shape].append(i)
@@ -51,11 +48,10 @@ class VaeEncode(Stage):
             z = self.vae.encode(x, sample=self.sample, generator=generator).cpu().numpy()  # (B, C, H/8, W/8)
             for j, i in enumerate(indices):
                 rows[i][C.TENSOR] = z[j].astype(self.dtype)
-                meta = meta_of(rows[i])
-                meta["latent"] = {"scaling_factor": self.vae.scaling_factor, "shift_factor": self.vae.shift_factor,
-                                  "mode": "sample" if self.sample else "mean"}
-                rows[i][C.META] = json.dumps(meta, sort_keys=True, default=str)
-        return batch_of(rows), []
+                meta_of(rows[i])["latent"] = {"scaling_factor": self.vae.scaling_factor,
+                                              "shift_factor": self.vae.shift_factor,
+                                              "mode": "sample" if self.sample else "mean"}
+        return rows, []
 
 
 def log_mel(waveform: np.ndarray) -> np.ndarray:
@@ -89,36 +85,30 @@ class TensorEncode(Stage):
 
 
 class TextEncode(Stage):
-    """Captions → precomputed text features (L, D), the chosen hidden layer, padding removed (``text.npy``)."""
+    """Captions → precomputed text features (L, D), padding removed (``text.npy``), computed by ``models.text_encoder``
+    — the same tokenizer settings, hidden layer and empty-prompt handling as the trainer and the sampler use online, so
+    precomputed and online features are equal. An empty caption gets the empty prompt's features (what the trainer
+    encodes for it)."""
 
     stage = "text_encode"
 
-    def __init__(self, config: dict, ledger: str | None = None, device: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict, device: str | None = None):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+
+        from models.text_encoder import TextEncoder
 
         self.cfg = from_dict(PrepareConfig, config).encode
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.text_encoder)
-        self.tokenizer.padding_side = "right"  # Lumina-Next pads captions on the right (lumina-reference §13.7)
-        self.model = AutoModel.from_pretrained(self.cfg.text_encoder).to(self.device).eval()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = TextEncoder.from_pretrained(self.cfg.text_encoder, kind=self.cfg.text_encoder_kind,
+                                                   layer=self.cfg.text_hidden_layer,
+                                                   max_length=self.cfg.text_max_length, device=device)
         self.dtype = np.dtype(self.cfg.text_dtype)
 
-    def process(self, batch):
-        import torch
-
-        rows = rows_of(batch)
+    def process_rows(self, rows):
         if not rows:
-            return batch, []
-        captions = [str(r[C.CAPTION]) for r in rows]
-        tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.cfg.text_max_length,
-                                return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                             output_hidden_states=True)
-        hidden = out.hidden_states[self.cfg.text_hidden_layer].float().cpu().numpy()  # (B, L, D)
-        lengths = tokens["attention_mask"].sum(-1).cpu().tolist()
-        for r, h, n in zip(rows, hidden, lengths):
-            r[C.TEXT_FEATURES] = h[: int(n) if str(r[C.CAPTION]).strip() else 0].astype(self.dtype)
-        return batch_of(rows), []
+            return rows, []
+        feats, mask = self.encoder.encode([str(r[C.CAPTION]) for r in rows])  # (B, L, D), (B, L) right-padded
+        feats, lengths = feats.float().cpu().numpy(), mask.sum(-1).cpu().tolist()
+        for r, f, n in zip(rows, feats, lengths):
+            r[C.TEXT_FEATURES] = f[: int(n)].astype(self.dtype)
+        return rows, []

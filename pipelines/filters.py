@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
-
 from models.config_io import from_dict
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
-from pipelines.ledger import Reject, Stage, batch_of, meta_of, reject_row, rows_of
+from pipelines.ledger import Reject, Stage, meta_of, reject_row
 
 R = C.Reason
 
@@ -26,8 +24,7 @@ class RuleFilter(Stage):
 
     stage = C.STAGE_FILTER
 
-    def __init__(self, config: dict, ledger: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict):
         self.cfg = from_dict(PrepareConfig, config).filter
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -132,19 +129,17 @@ class Dedup(Stage):
 
     stage = C.STAGE_DEDUP
 
-    def __init__(self, config: dict, index: str, ledger: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict, index: str):
         import ray
 
         self.cfg = from_dict(PrepareConfig, config).filter
         self.index = ray.get_actor(index)
 
-    def process(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    def process_rows(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict]]:
         import ray
 
-        rows = rows_of(batch)
         if not rows:
-            return batch, []
+            return rows, []
         records = [(str(r[C.KEY]), str(r[C.SHA256]), int(r[C.PHASH])) for r in rows]
         verdicts = ray.get(self.index.check.remote(records, self.cfg.dedup_exact, self.cfg.dedup_perceptual))
         kept, rejects = [], []
@@ -153,4 +148,4 @@ class Dedup(Stage):
                 kept.append(row)
             else:
                 rejects.append(reject_row(row, verdict[0], f"same as {verdict[1]}"))
-        return batch_of(kept), rejects
+        return kept, rejects

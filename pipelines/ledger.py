@@ -3,8 +3,9 @@ stage and reason; one bad file never fails the job").
 
 One named Ray actor per run holds the counters and buffers reject rows; it commits them as parquet parts under
 ``OUTPUT/_work/rejects/`` (written whole, then renamed), so a rerun knows which inputs were already judged and
-``rejects.parquet`` never lists an input twice. ``Stage`` is the base of every Ray Data stage callable: it times the batch,
-turns exceptions on single rows into rejects, and reports to the ledger.
+``rejects.parquet`` never lists an input twice. ``Stage`` is the base of every pipeline stage: it turns exceptions on
+single rows into rejects. ``StageChain`` runs consecutive stages in one Ray Data operator, times them and reports to
+the ledger.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class Ledger:
         if len(self.pending) >= self.flush_rows:
             self.flush()
 
+    def record_many(self, records: list[tuple[str, int, int, float, list[dict]]]) -> None:
+        for stage, rows_in, rows_out, seconds, rejects in records:
+            self.record(stage, rows_in, rows_out, seconds, rejects)
+
     def add(self, stage: str, **values: float) -> None:
         for k, v in values.items():
             self.counts[stage][k] += v
@@ -97,50 +102,70 @@ def new_run_id() -> str:
 
 
 class Stage:
-    """Base of the stage callables handed to ``Dataset.map_batches`` (numpy batch format).
+    """Base of the pipeline stages; a ``StageChain`` runs them inside ``Dataset.map_batches`` (numpy batch format).
 
-    Subclasses implement ``process_row(row) -> dict | None`` (a per-sample transform that may raise ``Reject``) or, for
-    batched models, ``process(batch) -> (batch, rejects)``. Rows that raise anything else are rejected with
-    ``Reason.ERROR`` and the exception text: one bad file never fails the job.
+    Subclasses implement ``process_row(row) -> dict`` (a per-sample transform that may raise ``Reject``) or, for batched
+    work (models, round trips to an actor), ``process_rows(rows) -> (rows, rejects)``. Rows that raise anything else are
+    rejected with ``Reason.ERROR`` and the exception text: one bad file never fails the job. Stages work on lists of row
+    dicts so that a chain of them (``StageChain``) converts a batch to rows and back once, not once per stage.
     """
 
     stage = "stage"
 
-    def __init__(self, ledger: str | None = None):
-        import ray
-
-        # looked up by name so that the handle need not be pickled into every task
-        self._ledger = ray.get_actor(ledger) if ledger else None
-
-    # -- per-row default --------------------------------------------------------------------------------------------
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         return row
 
-    def process(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[dict]]:
-        rows, rejects = [], []
-        for row in rows_of(batch):
+    def process_rows(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict]]:
+        kept, rejects = [], []
+        for row in rows:
             try:
-                rows.append(self.process_row(row))
+                kept.append(self.process_row(row))
             except Reject as r:
                 rejects.append(reject_row(row, r.reason, r.message))
             except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's reject
                 rejects.append(reject_row(row, C.Reason.ERROR, f"{type(exc).__name__}: {exc}"))
-        return batch_of(rows, like=batch), rejects
+        return kept, rejects
+
+    def process(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[dict]]:
+        rows, rejects = self.process_rows(rows_of(batch))
+        return batch_of(rows), rejects
+
+
+class StageChain:
+    """Consecutive stages with the same resources, run back to back on one batch in one process (a task for model-free
+    stages, an actor for model stages): the batch becomes row dicts once, every stage works on those dicts (metadata
+    stays parsed between stages), and the ledger gets one call per batch.
+
+    ``stages``: (stage class, constructor kwargs) pairs, built here so that a chain is itself a Ray Data callable class.
+    """
+
+    def __init__(self, stages: list[tuple[type, dict[str, Any]]], ledger: str | None = None):
+        import ray
+
+        self.stages = [cls(**kwargs) for cls, kwargs in stages]
+        # the run's ledger actor, looked up by name so that no handle has to be pickled into every task
+        self._ledger = ray.get_actor(ledger) if ledger else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        rows_in = len(batch[C.KEY])
-        out, rejects = self.process(batch)
-        rows_out = len(out[C.KEY]) if C.KEY in out else 0
-        self.report(rows_in, rows_out, time.perf_counter() - start, rejects)
-        return out
+        rows = rows_of(batch)
+        records = []
+        for stage in self.stages:
+            if not rows:
+                break
+            start, rows_in = time.perf_counter(), len(rows)
+            rows, rejects = stage.process_rows(rows)
+            records.append((stage.stage, rows_in, len(rows), time.perf_counter() - start, rejects))
+        report(self._ledger, records)
+        return batch_of(rows)
 
-    def report(self, rows_in: int, rows_out: int, seconds: float, rejects: list[dict]) -> None:
-        if self._ledger is not None:
-            import ray
 
-            # synchronous: a reject is counted before the batch moves on, so a finished dataset means complete counts
-            ray.get(self._ledger.record.remote(self.stage, rows_in, rows_out, seconds, rejects))
+def report(ledger, records: list[tuple[str, int, int, float, list[dict]]]) -> None:
+    """Counts of one batch, every stage of it in one round trip. Synchronous: a reject is counted before the batch moves
+    on, so a finished dataset means complete counts."""
+    if ledger is not None and records:
+        import ray
+
+        ray.get(ledger.record_many.remote(records))
 
 
 def reject_row(row: dict[str, Any], reason: str, message: str = "") -> dict[str, str]:
@@ -154,13 +179,16 @@ def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return [{k: batch[k][i] for k in names} for i in range(n)]
 
 
-def batch_of(rows: list[dict[str, Any]], like: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Rows → numpy batch. Ragged arrays become object arrays (Ray stores them as variable-shaped tensors)."""
+def batch_of(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows → numpy batch. Ragged arrays become object arrays (Ray stores them as variable-shaped tensors); parsed
+    metadata (``meta_of``) goes back to JSON text, the form it has between operators."""
     if not rows:
         return {}  # an empty block: Ray Data drops it without a schema clash
     out = {}
     for k in rows[0]:
         values = [r[k] for r in rows]
+        if k == C.META:
+            values = [json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict) else v for v in values]
         out[k] = column(values)
     return out
 
@@ -181,20 +209,27 @@ def column(values: list[Any]) -> np.ndarray:
 
 
 def meta_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's metadata as a dict, parsed once and kept in the row: stages update it in place, and ``batch_of``
+    serialises it when the batch leaves the operator."""
     raw = row.get(C.META)
-    return json.loads(raw) if raw else {}
+    if isinstance(raw, dict):
+        return raw
+    meta = json.loads(raw) if raw else {}
+    row[C.META] = meta
+    return meta
 
 
-_STAGE_CACHE: dict[tuple, Any] = {}
+_CHAIN_CACHE: dict[str, StageChain] = {}
 
 
-def run_task_stage(batch: dict[str, np.ndarray], cls: type, kwargs: dict[str, Any], cache_key: str):
-    """Task-side entry of a model-free stage: one stage object per worker process, reused across batches.
+def run_task_chain(batch: dict[str, np.ndarray], stages: list[tuple[type, dict[str, Any]]], ledger: str | None,
+                   cache_key: str) -> dict[str, np.ndarray]:
+    """Task-side entry of consecutive model-free stages: one chain object per worker process, reused across batches.
 
-    It lives in this light module on purpose: a task worker unpickles it by reference and imports only what the stage
-    needs (no torch for image decoding), which keeps worker start-up cheap.
+    It lives in this light module on purpose: a task worker unpickles it by reference and imports only what the stages
+    need (no torch for image decoding), which keeps worker start-up cheap.
     """
-    stage = _STAGE_CACHE.get((cls, cache_key))
-    if stage is None:
-        stage = _STAGE_CACHE[(cls, cache_key)] = cls(**kwargs)
-    return stage(batch)
+    chain = _CHAIN_CACHE.get(cache_key)
+    if chain is None:
+        chain = _CHAIN_CACHE[cache_key] = StageChain(stages, ledger)
+    return chain(batch)

@@ -1,9 +1,10 @@
 """Build and run the curation plan (issue "Ray Data curation"): sources → decode → rules → caption → scores → dedup →
 bucket → encode → write, one Ray Data pipeline per modality, each stage's resources from the config.
 
-Model-free stages run as Ray tasks (Ray fuses consecutive ones into one operator, so an image is decoded, filtered,
-bucketed and serialised in one process); model stages run as actor pools (model loaded once per actor). The ledger,
-the dedup index and the shard writers are named actors of this run.
+Consecutive stages of one kind with the same resources form one operator, a ``ledger.StageChain``: model-free stages
+run in Ray tasks (an image is decoded, filtered, bucketed and serialised in one process, its row converted to and from
+the batch format once), model stages in actor pools (models loaded once per actor; e.g. VAE and text encoder share one).
+The ledger, the dedup index and the shard writers are named actors of this run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipelines.encode import TensorEncode, TextEncode, VaeEncode
 from pipelines.filters import Dedup, DedupIndex, RuleFilter, dedup_name
 from pipelines.scores import ScoreFilter
 from pipelines.io import options_for, resolve_storage
-from pipelines.ledger import Ledger, ledger_name, new_run_id, run_task_stage
+from pipelines.ledger import Ledger, StageChain, ledger_name, new_run_id, run_task_chain
 from pipelines.manifest import OutputState
 from pipelines.sources import expand_tar, items_table, list_inputs
 from pipelines.writer import ShardWriter, WriteShards, writer_name
@@ -38,20 +39,13 @@ STAGE_ORDER = [C.STAGE_READ, C.STAGE_DECODE, C.STAGE_FILTER, C.STAGE_CAPTION, C.
 
 @dataclass
 class StageSpec:
-    """One operator of the plan: the stage class, its constructor arguments and its resources."""
+    """One stage of the plan: its class, its constructor arguments (the run's ledger is added when it runs) and its
+    resources."""
 
     cls: type
     kwargs: dict[str, Any]
     resources: Resources
     actor: bool  # model stages: an actor pool; the rest: tasks
-
-    def describe(self) -> str:
-        r = self.resources
-        kind = f"actors×{max(1, r.concurrency)}" if self.actor else "tasks"
-        extra = f", gpus={r.num_gpus}" if r.num_gpus else ""
-        extra += f", accelerator={r.accelerator_type}" if r.accelerator_type else ""
-        return f"{self.cls.__name__:<13} {kind:<9} cpus={r.num_cpus}{extra}, batch={r.batch_size}"
-
 
 @dataclass
 class Plan:
@@ -63,7 +57,7 @@ class Plan:
         lines = [f"run {self.run_id}: {', '.join(self.config.inputs)} → {self.config.output}"]
         for modality, specs in self.stages.items():
             lines.append(f"  {modality}:")
-            lines.extend(f"    {i + 1}. {s.describe()}" for i, s in enumerate(specs))
+            lines.extend(f"    {i + 1}. {describe(group)}" for i, group in enumerate(operators(specs)))
         table = bucket_table(self.config)
         for modality in self.stages:
             buckets = [b for b in table if b.modality == modality]
@@ -76,57 +70,89 @@ def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = Non
     """The stages of each modality, from the config alone (nothing is read, no model is loaded)."""
     run_id = run_id or new_run_id()
     cfg = to_dict(config)  # stages rebuild the dataclass inside the worker (style.md practice 4)
-    ledger = ledger_name(run_id)
     plan = Plan(config, run_id)
     dec_res = config.decode.resources
     for modality in config.read.modalities:
-        specs = [StageSpec(Decode, dict(config=cfg, modality=modality, s3_options=s3_options, ledger=ledger),
-                           dec_res, False)]
+        specs = [StageSpec(Decode, dict(config=cfg, modality=modality, s3_options=s3_options), dec_res, False)]
         f = config.filter
         if f.enabled:
-            specs.append(StageSpec(RuleFilter, dict(config=cfg, ledger=ledger), dec_res, False))
+            specs.append(StageSpec(RuleFilter, dict(config=cfg), dec_res, False))
         caption_model = config.caption.audio_model if modality == C.AUDIO else config.caption.model
         if config.caption.enabled and caption_model:
-            specs.append(StageSpec(Captioner, dict(config=cfg, modality=modality, ledger=ledger),
-                                   config.caption.resources, True))
+            specs.append(StageSpec(Captioner, dict(config=cfg, modality=modality), config.caption.resources, True))
         score_model = {C.IMAGE: f.clip_model, C.AUDIO: f.clap_model}.get(modality)
         if f.enabled and score_model:
-            specs.append(StageSpec(ScoreFilter, dict(config=cfg, modality=modality, ledger=ledger), f.resources, True))
+            specs.append(StageSpec(ScoreFilter, dict(config=cfg, modality=modality), f.resources, True))
         if f.enabled and (f.dedup_exact or f.dedup_perceptual):
-            specs.append(StageSpec(Dedup, dict(config=cfg, index=dedup_name(run_id), ledger=ledger), dec_res, False))
-        specs.append(StageSpec(Bucketize, dict(config=cfg, ledger=ledger), dec_res, False))
+            specs.append(StageSpec(Dedup, dict(config=cfg, index=dedup_name(run_id)), dec_res, False))
+        specs.append(StageSpec(Bucketize, dict(config=cfg), dec_res, False))
         e = config.encode
         if modality == C.IMAGE and e.enabled and e.vae:
-            specs.append(StageSpec(VaeEncode, dict(config=cfg, ledger=ledger), e.vae_resources, True))
+            specs.append(StageSpec(VaeEncode, dict(config=cfg), e.vae_resources, True))
         else:
-            specs.append(StageSpec(TensorEncode, dict(ledger=ledger), dec_res, False))
+            specs.append(StageSpec(TensorEncode, {}, dec_res, False))
         if e.enabled and e.text_encoder:
-            specs.append(StageSpec(TextEncode, dict(config=cfg, ledger=ledger), e.text_resources, True))
-        specs.append(StageSpec(WriteShards, dict(config=cfg, run_id=run_id, ledger=ledger), config.write.resources,
-                               False))
+            specs.append(StageSpec(TextEncode, dict(config=cfg), e.text_resources, True))
+        specs.append(StageSpec(WriteShards, dict(config=cfg, run_id=run_id), config.write.resources, False))
         plan.stages[modality] = specs
     return plan
 
 
+def describe(group: list[StageSpec]) -> str:
+    """One operator: its stages, how it runs and what it asks Ray for."""
+    r = group[0].resources
+    kind = f"actors×{max(1, r.concurrency)}" if group[0].actor else "tasks"
+    extra = f", gpus={r.num_gpus}" if r.num_gpus else ""
+    extra += f", accelerator={r.accelerator_type}" if r.accelerator_type else ""
+    extra += "".join(f", {name}={amount:g}" for name, amount in sorted(r.custom.items()))
+    stages = " → ".join(spec.cls.__name__ for spec in group)
+    return f"{stages}: {kind}, cpus={r.num_cpus}{extra}, batch={r.batch_size}"
+
+
+def operators(specs: list[StageSpec]) -> list[list[StageSpec]]:
+    """Group consecutive stages of one kind (tasks or actors) with the same resources into one Ray Data operator
+    (``StageChain``): model-free stages share a task, model stages share an actor — e.g. the VAE and the text encoder
+    on one GPU — which saves a worker process and a hand-over of every batch per stage."""
+    groups: list[list[StageSpec]] = []
+    for spec in specs:
+        last = groups[-1] if groups else None
+        if last and last[-1].actor == spec.actor and last[-1].resources == spec.resources:
+            last.append(spec)
+        else:
+            groups.append([spec])
+    return groups
+
+
 # ---- running ----------------------------------------------------------------------------------------------------------
-def apply_stage(ds, spec: StageSpec, run_id: str, modality: str):
+def remote_args(r: Resources) -> dict[str, Any]:
+    """The Ray resource request of one operator (``map_batches`` keyword arguments)."""
+    args: dict[str, Any] = {"num_cpus": r.num_cpus}
+    if r.num_gpus:
+        args["num_gpus"] = r.num_gpus
+    if r.accelerator_type:
+        args["accelerator_type"] = r.accelerator_type
+    if r.custom:
+        args["resources"] = dict(r.custom)  # Ray custom resources, e.g. {"encode_gpu": 1}: the autoscaler reads them
+    return args
+
+
+def apply_operator(ds, group: list[StageSpec], run_id: str, modality: str):
     import ray
 
-    r = spec.resources
-    remote_args: dict[str, Any] = {"num_cpus": r.num_cpus}
-    if r.num_gpus:
-        remote_args["num_gpus"] = r.num_gpus
-    if r.accelerator_type:
-        remote_args["accelerator_type"] = r.accelerator_type
-    if spec.actor:
-        return ds.map_batches(spec.cls, fn_constructor_kwargs=spec.kwargs, batch_size=r.batch_size,
-                              batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, r.concurrency)),
-                              **remote_args)
+    r = group[0].resources
+    ledger = ledger_name(run_id)
+    stages = [(spec.cls, spec.kwargs) for spec in group]
+    if group[0].actor:
+        return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": stages, "ledger": ledger},
+                              batch_size=r.batch_size, batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(size=max(1, r.concurrency)), **remote_args(r))
+    args = remote_args(r)
     if r.concurrency:
-        remote_args["compute"] = ray.data.TaskPoolStrategy(size=r.concurrency)
-    return ds.map_batches(run_task_stage, fn_kwargs={"cls": spec.cls, "kwargs": spec.kwargs,
-                                                     "cache_key": f"{run_id}-{modality}-{spec.cls.__name__}"},
-                          batch_size=r.batch_size, batch_format="numpy", **remote_args)
+        args["compute"] = ray.data.TaskPoolStrategy(size=r.concurrency)
+    names = "-".join(spec.cls.__name__ for spec in group)
+    return ds.map_batches(run_task_chain, fn_kwargs={"stages": stages, "ledger": ledger,
+                                                     "cache_key": f"{run_id}-{modality}-{names}"},
+                          batch_size=r.batch_size, batch_format="numpy", **args)
 
 
 def run_prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -182,8 +208,8 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
                 continue
             blocks = max(1, math.ceil(len(rows) / max(1, config.decode.resources.batch_size)))
             ds = ray.data.from_arrow(items_table(rows), override_num_blocks=min(blocks, 10_000))
-            for spec in specs:
-                ds = apply_stage(ds, spec, run_id, modality)
+            for group in operators(specs):
+                ds = apply_operator(ds, group, run_id, modality)
             for _ in ds.iter_batches(batch_size=None):
                 pass
         totals = ray.get([w.flush.remote() for w in writers])

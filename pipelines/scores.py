@@ -4,7 +4,6 @@ CLAP-style text–audio similarity. Scores are recorded in every sample's json; 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from models.config_io import from_dict
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
-from pipelines.ledger import Stage, batch_of, meta_of, reject_row, rows_of
+from pipelines.ledger import Stage, meta_of, reject_row
 
 R = C.Reason
 
@@ -61,8 +60,7 @@ class ScoreFilter(Stage):
 
     stage = C.STAGE_SCORE
 
-    def __init__(self, config: dict, modality: str, ledger: str | None = None, device: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict, modality: str, device: str | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = from_dict(PrepareConfig, config).filter
@@ -97,18 +95,24 @@ class ScoreFilter(Stage):
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         return _features(self.model.get_audio_features(**inputs))
 
+    def max_text_tokens(self) -> int:
+        """Tokens a caption may keep: the tokenizer's limit, which knows what the position table cannot hold (RoBERTa-
+        style towers like CLAP's start positions after the padding index: 512 tokens of 514 positions), capped by the
+        position table for tokenizers saved without a limit (transformers then reports a huge sentinel)."""
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        positions = int(getattr(text_config, "max_position_embeddings", 77))
+        return min(int(self.tokenizer.model_max_length), positions)
+
     @torch.no_grad()
     def embed_text(self, captions: list[str]) -> torch.Tensor:
-        max_len = getattr(self.model.config, "text_config", self.model.config)
-        max_len = int(getattr(max_len, "max_position_embeddings", 77))
-        tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_text_tokens(),
+                                return_tensors="pt")
         tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
         return _features(self.model.get_text_features(**tokens))
 
-    def process(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[dict]]:
-        rows = rows_of(batch)
+    def process_rows(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict]]:
         if not rows:
-            return batch, []
+            return rows, []
         media = torch.nn.functional.normalize(self.embed_media([r[C.PAYLOAD] for r in rows]).float(), dim=-1)
         scores: list[dict[str, float]] = [{} for _ in rows]
         with_caption = [i for i, r in enumerate(rows) if str(r[C.CAPTION]).strip()]
@@ -129,11 +133,9 @@ class ScoreFilter(Stage):
             if reason:
                 rejects.append(reject_row(row, reason[0], reason[1]))
                 continue
-            meta = meta_of(row)
-            meta.setdefault("scores", {}).update(score)
-            row[C.META] = json.dumps(meta, sort_keys=True, default=str)
+            meta_of(row).setdefault("scores", {}).update(score)
             kept.append(row)
-        return batch_of(kept), rejects
+        return kept, rejects
 
     def judge(self, score: dict[str, float]) -> tuple[str, str] | None:
         cfg = self.cfg

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 import time
 import uuid
 from typing import Any
@@ -23,8 +24,9 @@ from models.config_io import from_dict
 from pipelines import constants as C
 from pipelines.buckets import micro_batch_for
 from pipelines.config import PrepareConfig
+from pipelines.decode import stored_as_is
 from pipelines.io import is_local, open_fs, write_atomic
-from pipelines.ledger import Stage, rows_of
+from pipelines.ledger import Stage, meta_of
 
 TENSOR_MEMBERS = {C.AUDIO: C.MEL_MEMBER, C.POINTS: C.POINTS_MEMBER}
 FIXED_MTIME = 0  # identical inputs give byte-identical tars
@@ -77,6 +79,27 @@ class _HashingStream:
         self.f.flush()
 
 
+class SampleTar:
+    """Writes samples as WebDataset tar members (``KEY.MEMBER``, members in sorted order, USTAR, fixed mtime/owner/mode:
+    the layout ``webdataset.TarWriter`` writes). Plain ``tarfile`` on purpose: importing webdataset imports torch, which
+    costs every writer actor seconds of CPU for nothing."""
+
+    def __init__(self, stream):
+        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: dict[str, bytes]) -> None:
+        key = sample["__key__"]
+        for name in sorted(k for k in sample if not k.startswith("_")):
+            data = sample[name]
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o444
+            info.uname = info.gname = "bigdata"  # webdataset's default owner, so earlier shards and these look alike
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+
+
 class ShardWriter:
     """A Ray actor writing the shards of the buckets it owns (I/O only: samples arrive encoded)."""
 
@@ -92,8 +115,6 @@ class ShardWriter:
         self.samples = 0
 
     def _start(self, slot: str, info: dict[str, Any]) -> dict[str, Any]:
-        import webdataset as wds
-
         index = self.next_index.get(slot, 0)
         self.next_index[slot] = index + 1
         rel = f"{C.SHARDS_DIR}/{slot}/{index:0{C.SHARD_DIGITS}d}{C.SHARD_SUFFIX}"
@@ -105,7 +126,7 @@ class ShardWriter:
         f = self.fs.open(target, "wb")
         stream = _HashingStream(f)
         return {"rel": rel, "final": final, "target": target, "file": f, "stream": stream,
-                "tar": wds.TarWriter(stream, encoder=False, mtime=FIXED_MTIME), "records": [], "info": info}
+                "tar": SampleTar(stream), "records": [], "info": info}
 
     def add(self, slot: str, info: dict[str, Any], samples: list[dict[str, Any]]) -> int:
         """Append samples of one bucket (``slot`` = "modality/bucket"); commits every full shard. Returns commits."""
@@ -150,8 +171,7 @@ class WriteShards(Stage):
 
     stage = C.STAGE_WRITE
 
-    def __init__(self, config: dict, run_id: str, ledger: str | None = None):
-        super().__init__(ledger)
+    def __init__(self, config: dict, run_id: str):
         import ray
 
         self.config = from_dict(PrepareConfig, config)
@@ -166,34 +186,37 @@ class WriteShards(Stage):
     def sample_of(self, row: dict[str, Any]) -> dict[str, Any]:
         modality, tensor = row[C.MODALITY], row[C.TENSOR]
         member = self.member_of(modality)
-        meta = json.loads(row[C.META]) if row[C.META] else {}
+        meta = dict(meta_of(row))
         meta.update(key=str(row[C.KEY]), source=str(row[C.SOURCE]), modality=modality, bucket=str(row[C.BUCKET]),
                     caption_source=str(row[C.CAPTION_SOURCE]) or None, sha256=str(row[C.SHA256]),
                     phash=int(row[C.PHASH]), shape=list(tensor.shape), member=member)
         w = self.config.write
-        sample = {"__key__": str(row[C.KEY]),
-                  member: npy_bytes(tensor) if member.endswith(".npy") else image_bytes(tensor, member, w.jpeg_quality),
-                  C.CAPTION_MEMBER: str(row[C.CAPTION]).encode(),
+        original = bytes(row.get(C.DATA, b""))
+        if member.endswith(".npy"):
+            data = npy_bytes(tensor)
+        elif original and w.skip_reencode and stored_as_is(meta, tensor.shape, member):
+            data = original  # the source already is this member: storing it again as it is loses nothing
+        else:
+            data = image_bytes(tensor, member, w.jpeg_quality)
+        sample = {"__key__": str(row[C.KEY]), member: data, C.CAPTION_MEMBER: str(row[C.CAPTION]).encode(),
                   C.META_MEMBER: json.dumps(meta, sort_keys=True, default=str).encode()}
         if C.TEXT_FEATURES in row:
             sample[C.TEXT_FEATURES_MEMBER] = npy_bytes(row[C.TEXT_FEATURES])
-        if C.DATA in row and len(row[C.DATA]):
-            sample[f"orig.{meta.get('ext') or 'bin'}"] = bytes(row[C.DATA])
+        if w.keep_original and original:
+            sample[f"orig.{meta.get('ext') or 'bin'}"] = original
         sample["__record__"] = {"key": str(row[C.KEY]), "source": str(row[C.SOURCE]), "sha256": str(row[C.SHA256]),
                                 "phash": int(row[C.PHASH])}
         return sample
 
-    def process(self, batch):
+    def process_rows(self, rows):
         import ray
 
-        rows = rows_of(batch)
         slots: dict[str, list] = {}
         infos: dict[str, dict] = {}
         for row in rows:
             modality, bucket = str(row[C.MODALITY]), str(row[C.BUCKET])
             slot = f"{modality}/{bucket}"
-            sample = self.sample_of(row)
-            slots.setdefault(slot, []).append(sample)
+            slots.setdefault(slot, []).append(self.sample_of(row))
             tensor = row[C.TENSOR]
             infos[slot] = {"member": self.member_of(modality), "shape": list(tensor.shape), "dtype": str(tensor.dtype),
                            "micro_batch": micro_batch_for(modality, bucket, self.config)}
@@ -201,7 +224,8 @@ class WriteShards(Stage):
         pending = [self.writers[writer_of(*slot.split("/", 1), n)].add.remote(slot, infos[slot], samples)
                    for slot, samples in slots.items()]
         ray.get(pending)  # back-pressure: the next batch waits for the writers
-        return {C.KEY: np.array([str(r[C.KEY]) for r in rows], dtype=object)} if rows else {}, []
+        # only the keys leave the stage: the payloads are written, nothing downstream needs them
+        return [{C.KEY: str(r[C.KEY])} for r in rows], []
 
 
 def new_writer_id() -> str:

@@ -275,3 +275,53 @@ def make_text_encoder(path: Path) -> str:
                          intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def make_clap(path: Path) -> str:
+    """A tiny CLAP (HTS-AT audio tower + RoBERTa-style text tower), unfused like laion/clap-htsat-unfused, with its
+    48 kHz feature extractor (so the stage's resampling runs); the tokenizer's limit leaves RoBERTa's two position
+    offsets, like the real one (512 of 514)."""
+    import torch
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    tok.model_max_length = 30
+    cfg = ClapConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3, projection_dim=8),
+        audio_config=dict(num_mel_bins=16, spec_size=64, window_size=4, patch_size=2, patch_stride=2, hidden_size=32,
+                          patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2], num_hidden_layers=2,
+                          enable_fusion=False, projection_dim=8),
+        projection_dim=8,
+    )
+    ClapModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    ClapFeatureExtractor(feature_size=16, sampling_rate=48000, hop_length=480, fft_window_size=1024, max_length_s=1,
+                         truncation="rand_trunc").save_pretrained(path)
+    return str(path)
+
+
+def make_audio_captioner(path: Path) -> str:
+    """A tiny Whisper (speech-to-text encoder–decoder) with a 2-second window instead of 30 s."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = WhisperConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+                        max_source_positions=100, max_target_positions=64, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=3, decoder_start_token_id=2)
+    model = WhisperForConditionalGeneration(cfg)
+    model.generation_config.decoder_start_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 3
+    _no_special_words(model, tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    # 2 s windows: 200 frames of hop 160 = 2 × max_source_positions (Whisper's convolutions halve the frames)
+    WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=2,
+                            n_fft=400).save_pretrained(path)
+    return str(path)

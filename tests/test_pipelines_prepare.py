@@ -23,6 +23,7 @@ from pipelines import constants as C
 from pipelines.config import PrepareConfig
 from pipelines.plan import run_prepare
 from pipelines.shards import iter_samples, list_shards, read_rejects, shard_url
+from pipelines.sources import key_of
 from tests.pipelines_fixtures import (make_aesthetic_head, make_captioner, make_clip, make_text_encoder,
                                 make_vae, write_audio, write_bad_files, write_images, write_shapes)
 
@@ -42,10 +43,21 @@ def config(inputs, output, **sections) -> PrepareConfig:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    """Every image size and format of the fixtures (the 10th image is a 256x256 JPEG: exactly a bucket), audio at 3 rates
+    and 2 formats in the 2 s and 5 s buckets, every 3D kind, and the corrupted files."""
     root = tmp_path_factory.mktemp("corpus")
-    good = write_images(root / "img", 14) + write_audio(root / "snd", 6) + write_shapes(root / "3d", 5)
+    good = write_images(root / "img", 10) + write_audio(root / "snd", 4) + write_shapes(root / "3d", 5)
     bad = write_bad_files(root / "bad")
     return root, good, bad
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_cluster, corpus, tmp_path_factory):
+    """One job over the whole corrupted corpus (all modalities), shared by the tests that only read its output."""
+    root, _, _ = corpus
+    out = tmp_path_factory.mktemp("local") / "out"
+    cfg = config([root], out, write={"samples_per_shard": 4})
+    return cfg, run_prepare(cfg)
 
 
 def all_samples(output: str) -> list[dict]:
@@ -79,11 +91,10 @@ def check_shapes(output: str, cfg: PrepareConfig) -> None:
             assert row["shape"] == [int(row["bucket"].removesuffix("pts")), 3]
 
 
-def test_corrupted_corpus_local(ray_cluster, corpus, tmp_path):
+def test_corrupted_corpus_local(local_run, corpus):
     root, good, bad = corpus
-    out = tmp_path / "out"
-    cfg = config([root], out, write={"samples_per_shard": 4})
-    stats = run_prepare(cfg)
+    cfg, stats = local_run
+    out = Path(cfg.output)
 
     rejects = read_rejects(str(out)).to_pylist()
     by_name = {Path(r["source"]).name: r for r in rejects}
@@ -102,9 +113,17 @@ def test_corrupted_corpus_local(ray_cluster, corpus, tmp_path):
     assert by_source[str(root / "img" / "img_0_000.jpg")]["caption"] == "a photo number 0"
     assert by_source[str(root / "img" / "img_0_001.png")]["caption"] == "a drawing number 1"
     assert by_source[str(root / "img" / "img_0_001.png")]["meta"]["caption_source"] == C.CAPTION_FROM_SIDECAR
-    # points on the unit sphere
-    pts = next(s["tensor"] for s in samples if s["meta"]["modality"] == C.POINTS)
-    assert abs(np.linalg.norm(pts, axis=1).max() - 1) < 1e-3
+    # points normalised to the unit sphere (a subsample need not keep the farthest point, a full set does)
+    radii = [np.linalg.norm(s["tensor"], axis=1).max() for s in samples if s["meta"]["modality"] == C.POINTS]
+    assert max(radii) <= 1 + 1e-5 and min(abs(r - 1) for r in radii) < 1e-3
+    # a source that already is its bucket's image (a 256x256 RGB JPEG) is stored as it is, not decoded and re-encoded;
+    # one of the same size in another format is encoded to the output format
+    raw = {s["key"]: s for row in list_shards(str(out), modality=C.IMAGE)
+           for s in iter_samples(shard_url(str(out), row["path"]), decode=False)}
+    jpeg, webp = root / "img" / "img_0_009.jpg", root / "img" / "img_0_002.webp"
+    assert by_source[str(jpeg)]["meta"]["bucket"] == by_source[str(webp)]["meta"]["bucket"] == "256x256"
+    assert raw[key_of(str(jpeg))]["jpg"] == jpeg.read_bytes()
+    assert raw[key_of(str(webp))]["jpg"][:2] == b"\xff\xd8"  # a JPEG now
     # stats: counts per stage and reason, throughput
     assert stats["run"]["written_samples"] == len(good)
     assert stats["run"]["stages"]["decode"]["rejected"]["nan"] == 1
@@ -119,22 +138,22 @@ def test_corrupted_corpus_local(ray_cluster, corpus, tmp_path):
     assert read_rejects(str(out)).num_rows == len(bad)
 
 
-def test_shards_readable_by_webdataset_and_ray(ray_cluster, corpus, tmp_path):
+def test_shards_readable_by_webdataset_and_ray(local_run, corpus):
     import ray
     import webdataset as wds
 
-    root, good, _ = corpus
-    out = tmp_path / "out"
-    run_prepare(config([root / "img"], out, read={"modalities": ["image"]}, write={"samples_per_shard": 5}))
-    rows = list_shards(str(out))
+    _, good, _ = corpus
+    cfg, _ = local_run
+    out = Path(cfg.output)
+    images = sum(1 for p in good if p.parent.name == "img")
     n = 0
-    for row in rows:
+    for row in list_shards(str(out), modality=C.IMAGE):
         for sample in wds.WebDataset(str(out / row["path"]), shardshuffle=False).decode("rgb8"):
             assert sample["jpg"].shape == tuple(row["shape"])
             n += 1
-    assert n == 14
+    assert n == images
     ds = ray.data.read_webdataset(str(out / C.SHARDS_DIR / C.IMAGE), decoder=False, file_extensions=["tar"])
-    assert ds.count() == 14
+    assert ds.count() == images
 
 
 def test_s3_to_s3(ray_cluster, corpus, s3_bucket, s3_server):
@@ -147,7 +166,7 @@ def test_s3_to_s3(ray_cluster, corpus, s3_bucket, s3_server):
     root, _, _ = corpus
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     uploaded = 0
-    for path in sorted((root / "img").iterdir())[:12] + sorted((root / "snd").iterdir())[:4]:
+    for path in sorted((root / "img").iterdir())[:8] + sorted((root / "snd").iterdir())[:4]:
         s3.upload_file(str(path), s3_bucket, f"raw/{path.parent.name}/{path.name}")
         uploaded += path.suffix not in (".txt", ".json")
     out = f"s3://{s3_bucket}/prepared"
@@ -184,7 +203,7 @@ def test_kill_and_resume_exactly_once(ray_cluster, tmp_path):
     import ray
 
     root = tmp_path / "corpus"
-    good = write_images(root, 40, seed=3)
+    good = write_images(root, 24, seed=3)
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
     args = [sys.executable, "-m", "jobs.prepare", "--input", str(root), "--output", str(out),
@@ -252,6 +271,15 @@ def test_model_stages_with_list_and_tar_inputs(ray_cluster, corpus, tmp_path):
         assert s["text_features"].shape[1] == 16 and s["text_features"].shape[0] >= 1
     sources = {s["meta"]["caption_source"] for s in samples}
     assert sources == {C.CAPTION_FROM_LIST, C.CAPTION_FROM_TAR, C.CAPTION_FROM_MODEL}
+    # precomputed features are what the trainer's and the sampler's TextEncoder computes online (fp16 storage)
+    from models.text_encoder import TextEncoder
+
+    encoder = TextEncoder.from_pretrained(cfg.encode.text_encoder, kind="decoder", layer=-2)
+    for s in samples[:3]:
+        feats, mask = encoder.encode([s["caption"]])
+        online = feats[0][mask[0]].numpy()
+        assert s["text_features"].shape == online.shape
+        np.testing.assert_allclose(s["text_features"].astype(np.float32), online, atol=2e-3, rtol=2e-3)
     mesh = next(s for s in samples if s["meta"]["modality"] == C.POINTS)
     assert mesh["meta"]["caption_source"] == C.CAPTION_FROM_MODEL  # captioned from rendered views
     assert next(s for s in samples if s["meta"]["source"] == str(paths[0]))["meta"]["license"] == "cc0"

@@ -39,6 +39,27 @@ def test_best_bucket_is_deterministic_best_fit():
     assert out.shape == (h, w, 3)
 
 
+def test_fit_to_bucket_equals_resize_then_crop():
+    """The one-pass resize of the crop region gives the pixels of the official recipe (resize the whole image to cover
+    the bucket, then centre-crop) up to rounding."""
+    from PIL import Image
+
+    from pipelines.buckets import cover_size, fit_to_bucket
+
+    rng = np.random.default_rng(0)
+    sizes = image_bucket_sizes(256, 4.0)
+    for w, h in [(801, 403), (300, 700), (1200, 333), (64, 40), (257, 256)]:
+        img = Image.fromarray(make_image(rng, w, h))
+        h_b, w_b = best_image_bucket(w, h, sizes)
+        cw, ch = cover_size(w, h, (h_b, w_b))
+        left, top = (cw - w_b) // 2, (ch - h_b) // 2
+        reference = img.resize((cw, ch), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        reference = np.asarray(reference.crop((left, top, left + w_b, top + h_b)), np.int16)
+        ours = np.asarray(fit_to_bucket(img, (h_b, w_b)), np.int16)
+        assert ours.shape == reference.shape == (h_b, w_b, 3)
+        assert np.abs(ours - reference).max() <= 1
+
+
 def test_bucket_table_and_micro_batches():
     cfg = PrepareConfig()
     table = bucket_table(cfg)
@@ -143,3 +164,84 @@ def test_score_filter_thresholds(tmp_path):
     assert [r["reason"] for r in rejects] == [C.Reason.LOW_CLIP_SCORE]
     kept = json.loads(out[C.META][0])
     assert "aesthetic" in kept["scores"] and "clip" not in kept["scores"]  # no caption, no similarity
+
+
+def audio_rows(captions: list[str], seconds: list[float]) -> list[dict]:
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, (caption, length) in enumerate(zip(captions, seconds)):
+        t = np.arange(int(length * C.SAMPLE_RATE)) / C.SAMPLE_RATE
+        wave = 0.3 * np.sin(2 * np.pi * rng.uniform(110, 880) * t) + 0.02 * rng.normal(size=t.shape)
+        rows.append({C.KEY: f"{i:016x}", C.SOURCE: f"s{i}.wav", C.MODALITY: C.AUDIO, C.CAPTION: caption,
+                     C.CAPTION_SOURCE: "sidecar" if caption else "", C.META: "{}", C.PAYLOAD: wave.astype(np.float32)})
+    return rows
+
+
+def test_clap_score_filter_audio(tmp_path):
+    """CLAP text–audio similarity: 16 kHz clips resampled to the model's rate, clips longer and shorter than its window,
+    a caption longer than the tokenizer's limit; a threshold rejects with its reason, no caption means no score."""
+    from pipelines.scores import ScoreFilter
+    from tests.pipelines_fixtures import make_clap
+
+    cfg = PrepareConfig(inputs=["a"], output="b")
+    cfg.filter.clap_model = make_clap(tmp_path / "clap")
+    stage = ScoreFilter(to_dict(cfg), C.AUDIO)
+    long_caption = " ".join(["a loud music tone"] * 20)  # 80 words, more than the 30 tokens the tokenizer allows
+    rows = audio_rows(["a tone", long_caption, ""], [0.6, 3.0, 1.5])
+    kept, rejects = stage.process_rows([dict(r) for r in rows])
+    assert not rejects and len(kept) == 3  # no threshold: scores are only recorded
+    scores = [r[C.META]["scores"] for r in kept]
+    assert all(-1.0 <= s["clap"] <= 1.0 for s in scores[:2]) and "clap" not in scores[2]
+
+    stage.cfg.min_clap_score = 2.0  # cosine similarity never reaches 2: every captioned clip fails
+    kept, rejects = stage.process_rows([dict(r) for r in rows])
+    assert [r["reason"] for r in rejects] == [C.Reason.LOW_CLAP_SCORE] * 2
+    assert [r[C.KEY] for r in kept] == [rows[2][C.KEY]]
+
+
+def test_audio_captioner(tmp_path):
+    """A speech-to-text model (tiny Whisper) captions the clips without one; with recaption it replaces existing
+    captions and keeps the old one in the metadata; require_caption rejects what stays empty."""
+    from pipelines.caption import Captioner
+    from tests.pipelines_fixtures import make_audio_captioner
+
+    cfg = PrepareConfig(inputs=["a"], output="b")
+    cfg.caption.audio_model = make_audio_captioner(tmp_path / "whisper")
+    cfg.caption.max_new_tokens = 6
+    stage = Captioner(to_dict(cfg), C.AUDIO)
+    rows = audio_rows(["a tone number 3", ""], [3.0, 0.8])  # longer and shorter than the model's 2 s window
+    kept, rejects = stage.process_rows([dict(r) for r in rows])
+    assert not rejects
+    assert kept[0][C.CAPTION] == "a tone number 3" and kept[0][C.CAPTION_SOURCE] == "sidecar"
+    assert kept[1][C.CAPTION].strip() and kept[1][C.CAPTION_SOURCE] == C.CAPTION_FROM_MODEL
+    assert kept[1][C.META]["caption_model"] == cfg.caption.audio_model
+
+    stage.cfg.recaption = True
+    kept, _ = stage.process_rows([dict(r) for r in rows])
+    assert all(r[C.CAPTION_SOURCE] == C.CAPTION_FROM_MODEL for r in kept)
+    assert kept[0][C.META]["original_caption"] == "a tone number 3"
+
+    stage.cfg.recaption, stage.cfg.require_caption = False, True
+    stage.generate = lambda inputs: [""] * len(inputs)  # a model that says nothing
+    kept, rejects = stage.process_rows([dict(r) for r in rows])
+    assert [r[C.KEY] for r in kept] == [rows[0][C.KEY]]
+    assert [r["reason"] for r in rejects] == [C.Reason.NO_CAPTION]
+
+
+def test_rayjob_entrypoint_resolves_with_dry_run(capsys):
+    """The RayJob manifest's flags are real config keys: its entrypoint runs with --dry-run and the plan puts the VAE
+    stage on a GPU with the `encode_gpu` custom resource the encode-gpu node group advertises."""
+    import shlex
+
+    import yaml
+
+    from jobs.prepare import main
+    from tests.conftest import REPO_ROOT
+
+    manifest = yaml.safe_load((REPO_ROOT / "infra" / "kuberay" / "rayjob-prepare.yaml").read_text())
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.prepare"]
+    assert main(argv[3:] + ["--dry-run"]) == 0
+    vae_line = next(line for line in capsys.readouterr().out.splitlines() if "VaeEncode" in line)
+    assert "gpus=1.0" in vae_line and "encode_gpu=1" in vae_line
+    assert "cpus=0.5" in vae_line  # the section's other defaults survive the override

@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         if not rs:
             print(f"{name:<12} not run (pass --img2dataset PATH)")
             return
+        for i, r in enumerate(rs):  # every run, so the spread behind the median is visible
+            cpu = r["cpu"] - (r["startup_cpu"] if startup else 0)
+            print(f"  {name} run {i + 1}: {r['wall']:.2f} s wall, {r['cpu']:.2f} CPU-s"
+                  + (f" (start-up {r['startup_wall']:.2f} s wall, {r['startup_cpu']:.2f} CPU-s)" if startup else "")
+                  + f" → {r['written'] / cpu:.1f} images/CPU-s")
         wall = statistics.median(r["wall"] - (r["startup_wall"] if startup else 0) for r in rs)
         cpu = statistics.median(r["cpu"] - (r["startup_cpu"] if startup else 0) for r in rs)
         written = rs[0]["written"]
@@ -141,4 +146,5 @@ def main(argv: list[str] | None = None) -> int:
 
     report("jobs.prepare", runs["ours"], True)
     report("img2dataset", runs["img2dataset"], False)
+    print("(lines without 'run': medians)")
     return 0
