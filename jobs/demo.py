@@ -127,9 +127,9 @@ def request_images(model_dir: str, prompts: list[tuple[str, str]], cfg: DemoConf
     config = {"models": {"demo": {"path": model_dir}}, "api_tokens": ["demo-token"],
               "sampler": {"steps": cfg.sample_steps, "guidance": cfg.guidance},
               "batching": {"max_batch_size": 4}}
-    serve.run(build_app(config), name="demo", route_prefix="/")
     results = []
     try:
+        serve.run(build_app(config), name="demo", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300,
                           headers={"Authorization": "Bearer demo-token"}) as client:
             for prompt, colour in prompts:

@@ -168,10 +168,15 @@ class Sampler:
     def from_pretrained(cls, model_path: str, text_encoder: str | TextEncoderConfig | TextEncoder | None = None,
                         vae: str | VAEConfig | ImageVAE | None = None, config: SamplerConfig | dict | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        ema: bool = False) -> Sampler:
+                        ema: bool = False, adapter: str | None = None) -> Sampler:
         """Load a model folder (ours, official or diffusers). Text encoder / VAE / sampler defaults not given here come
-        from the folder's metadata (``text_encoder``, ``vae``, ``sampler`` entries of our config.json)."""
+        from the folder's metadata (``text_encoder``, ``vae``, ``sampler`` entries of our config.json). ``adapter``: a
+        LoRA adapter folder merged into the model's weights."""
         model = NextDiT.from_pretrained(model_path, ema=ema, device=device, dtype=dtype)
+        if adapter is not None:  # a LoRA fine-tune of this base model (jobs.export of a lora run)
+            from models.adapters import apply_adapter
+
+            model = apply_adapter(model, adapter)
         meta = getattr(model, "checkpoint_metadata", {}) or {}
         te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
                                              model_path)

@@ -50,3 +50,45 @@ def join(url: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{str(part).strip('/')}"
     return out
+
+
+def local_path(uri: str, cache_dir: str | None = None) -> str:
+    """A local path for a model folder or file given as a local path, a hub id or an ``s3://`` URL.
+
+    Remote folders are copied once into a content-addressed cache (``$LUMINA_CACHE`` or ``~/.cache/lumina-ray``) and
+    reused: every worker of a job that loads ``encode.vae=s3://…`` downloads it once per machine. A copy is complete
+    only when its marker file exists, so an interrupted download is redone, never half-used. Local paths and hub ids are
+    returned unchanged.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    if not is_remote(str(uri)):
+        return str(uri)
+    root = cache_dir or os.environ.get("LUMINA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lumina-ray")
+    target = os.path.join(root, "models", hashlib.sha256(str(uri).encode()).hexdigest()[:24])
+    marker = os.path.join(target, ".complete")
+    if os.path.exists(marker):
+        return target
+    fs, remote = filesystem(str(uri))
+    if not fs.exists(remote):
+        raise FileNotFoundError(f"no model at {uri}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="download-", dir=os.path.dirname(target))
+    try:
+        if fs.isdir(remote):
+            fs.get(remote.rstrip("/") + "/", staging + "/", recursive=True)
+        else:
+            fs.get(remote, os.path.join(staging, os.path.basename(remote)))
+        open(os.path.join(staging, ".complete"), "w").close()
+        try:
+            os.rename(staging, target)
+        except OSError:  # another worker finished first: use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    if fs.isdir(remote):
+        return target
+    return os.path.join(target, os.path.basename(remote))

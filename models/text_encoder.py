@@ -60,7 +60,10 @@ class TextEncoder(torch.nn.Module):
                         dtype: torch.dtype | None = None) -> TextEncoder:
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
+        from models.storage import local_path
+
         TextEncoderConfig(kind=kind, layer=layer, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
+        path = local_path(path)  # s3:// folders are fetched once into the local cache
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             loader = T5EncoderModel if kind == "t5" else AutoModel  # AutoModel strips a causal-LM head if present

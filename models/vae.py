@@ -48,8 +48,10 @@ class ImageVAE(torch.nn.Module):
         """Load an ``AutoencoderKL`` folder. Scale/shift: explicit arguments, else the folder's config, else SDXL's."""
         from diffusers import AutoencoderKL
 
+        from models.storage import local_path
+
         try:
-            autoencoder = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+            autoencoder = AutoencoderKL.from_pretrained(local_path(path), torch_dtype=dtype)
         except (OSError, ValueError) as exc:
             raise FileNotFoundError(f"cannot load an AutoencoderKL from {path!r}: {exc}") from exc
         default_scale, default_shift = VAE_LATENT_NORMALISATION[DEFAULT_VAE_KIND]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from models.config_io import from_dict
+from models.storage import local_path
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
 from pipelines.ledger import Stage, meta_of, reject_row
@@ -57,7 +58,7 @@ class Captioner(Stage):
         self.cfg = from_dict(PrepareConfig, config).caption
         self.modality = modality
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        path = self.cfg.audio_model if modality == C.AUDIO else self.cfg.model
+        path = local_path(self.cfg.audio_model if modality == C.AUDIO else self.cfg.model)  # s3:// → local cache
         self.path = path
         if modality == C.AUDIO:
             from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from models.config_io import from_dict
+from models.storage import local_path
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
 from pipelines.ledger import Stage, meta_of, reject_row
@@ -66,7 +67,7 @@ class ScoreFilter(Stage):
         self.cfg = from_dict(PrepareConfig, config).filter
         self.modality = modality
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        path = self.cfg.clip_model if modality == C.IMAGE else self.cfg.clap_model
+        path = local_path(self.cfg.clip_model if modality == C.IMAGE else self.cfg.clap_model)  # s3:// → local cache
         self.model = AutoModel.from_pretrained(path).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if modality == C.IMAGE:
@@ -79,7 +80,7 @@ class ScoreFilter(Stage):
             self.processor = AutoFeatureExtractor.from_pretrained(path)
         self.aesthetic = None
         if modality == C.IMAGE and self.cfg.aesthetic_model:
-            self.aesthetic = AestheticHead.load(self.cfg.aesthetic_model).to(self.device)
+            self.aesthetic = AestheticHead.load(local_path(self.cfg.aesthetic_model)).to(self.device)
 
     @torch.no_grad()
     def embed_media(self, payloads: list[np.ndarray]) -> torch.Tensor:

@@ -81,11 +81,11 @@ class SamplerReplica:
         # Every solve is padded to the batch size, so an image never depends on its batch-mates (models/sampler.py).
         overrides = dict(self.config.sampler, batch_size=self.config.batching.max_batch_size)
         sampler = Sampler.from_pretrained(spec.path, text_encoder=spec.text_encoder, vae=spec.vae, config=overrides,
-                                          device=self.device, dtype=self.dtype, ema=spec.ema)
+                                          device=self.device, dtype=self.dtype, ema=spec.ema, adapter=spec.adapter)
         log.info("loaded model %s from %s on %s", name, spec.path, self.device)
         return sampler
 
-    @serve.multiplexed(max_num_models_per_replica=2)
+    @serve.multiplexed(max_num_models_per_replica=4)  # model folders / LoRA variants kept loaded per replica
     async def get_sampler(self, model_id: str):
         if model_id in self._preloaded:
             return self._preloaded.pop(model_id)

@@ -19,6 +19,7 @@ class ModelSpec:
     text_encoder: str | None = None
     vae: str | None = None
     ema: bool = False
+    adapter: str | None = None  # a LoRA adapter folder (jobs.export of a LoRA run) merged onto `path` at load
 
 
 @dataclass
@@ -47,7 +48,6 @@ class ServeConfig:
     request_timeout_s: float = 300.0
     retry_after_s: int = 2  # Retry-After of 503 responses under overload
     device: str = "auto"  # auto: cuda when present
-    max_models_per_replica: int = 2  # multiplexing cache size
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     sampler: dict = field(default_factory=dict)  # SamplerConfig overrides (steps, solver, schedule, guidance, …)

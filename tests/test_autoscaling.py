@@ -133,7 +133,7 @@ DRIVER = textwrap.dedent("""
         if after == 0:
             break
         time.sleep(1)
-    print(json.dumps({{"before": before, "peak": peak, "after": after, "written": stats["run"]["written_samples"]}}))
+    print("RESULT " + json.dumps({{"before": before, "peak": peak, "after": after, "written": stats["run"]["written_samples"]}}))
 """).format(resource=RESOURCE, repo=REPO_ROOT)
 
 
@@ -147,7 +147,9 @@ def test_encode_stage_custom_resource_scales_node_type_up_and_down(autoscaling_h
     proc = subprocess.run([sys.executable, "-c", DRIVER, gcs, str(tmp_path / "corpus"), str(tmp_path / "out"), vae],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=540, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["before"] == 0  # the node type starts at zero
     assert result["peak"] == 1  # the encode stage's custom resource brought one up
     assert result["written"] == len(images)  # every sample was VAE-encoded (on that node: no other has the resource)

@@ -196,3 +196,26 @@ def test_load_and_save_on_s3(tiny, s3_bucket, tmp_path):
     loaded = NextDiT.from_pretrained(url)
     for key, value in tiny.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_vae_and_text_encoder_load_from_s3_through_the_local_cache(s3_bucket, tmp_path, monkeypatch):
+    from models.storage import filesystem
+    from models.text_encoder import TextEncoder
+    from models.vae import ImageVAE
+    from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
+
+    monkeypatch.setenv("LUMINA_CACHE", str(tmp_path / "cache"))
+    fs, _ = filesystem(f"s3://{s3_bucket}")
+    for name, build in (("vae", make_tiny_vae), ("te", make_tiny_text_encoder)):
+        local = build(tmp_path / name)
+        fs.put(local + "/", f"{s3_bucket}/models/{name}/", recursive=True)
+    vae = ImageVAE.from_pretrained(f"s3://{s3_bucket}/models/vae")
+    reference = ImageVAE.from_pretrained(str(tmp_path / "vae"))
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(vae.encode(images, sample=False), reference.encode(images, sample=False))
+    encoder = TextEncoder.from_pretrained(f"s3://{s3_bucket}/models/te")
+    feats, mask = encoder.encode(["a red cat"])
+    assert feats.shape[0] == 1 and mask.sum() > 1
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2  # each folder fetched once, then reused
+    with pytest.raises(FileNotFoundError):
+        ImageVAE.from_pretrained(f"s3://{s3_bucket}/models/missing")

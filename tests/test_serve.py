@@ -23,9 +23,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PATH = "/v1/images/generations"
 
 
-def serve_config(folders: dict[str, str], **overrides) -> dict:
+def serve_config(folders: dict[str, dict], **overrides) -> dict:
     config = {
-        "models": {name: {"path": path} for name, path in folders.items()},
+        "models": folders,
         "api_tokens": [TOKEN],
         "request_timeout_s": 60.0,
         "limits": {"max_n": 2, "max_side": 128, "max_pixels": 128 * 96, "max_steps": 4, "max_prompt_tokens": 24},
@@ -40,8 +40,27 @@ def serve_config(folders: dict[str, str], **overrides) -> dict:
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-models")
     te, vae = make_tiny_text_encoder(root / "te"), make_tiny_vae(root / "vae")
-    return {"tiny": make_tiny_model_folder(root / "m0", te, vae, seed=0),
-            "tiny-b": make_tiny_model_folder(root / "m1", te, vae, seed=1)}
+    base = make_tiny_model_folder(root / "m0", te, vae, seed=0)
+    return {"tiny": {"path": base},
+            "tiny-b": {"path": make_tiny_model_folder(root / "m1", te, vae, seed=1)},
+            "tiny-lora": {"path": base, "adapter": make_lora_adapter(base, root / "lora")}}
+
+
+def make_lora_adapter(base: str, path) -> str:
+    """A peft LoRA adapter on the base folder's model with non-zero weights (what a LoRA run's export writes)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from models import NextDiT
+
+    model = get_peft_model(NextDiT.from_pretrained(base), LoraConfig(r=4, lora_alpha=4, target_modules=["wq", "w2"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(str(path))
+    return str(path)
 
 
 def start_app(config: dict, name: str, route_prefix: str, sampler_options: dict | None = None):
@@ -101,15 +120,16 @@ def test_n_images_get_consecutive_seeds_and_batch_mates_do_not_change_an_image(s
 def test_models_health_and_openapi(server):
     assert server.get("/healthz").json() == {"status": "ok"}
     models = server.get("/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b"]
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora"]
     schema = server.get("/openapi.json").json()
     assert PATH in schema["paths"] and "requestBody" in schema["paths"][PATH]["post"]
 
 
-def test_multiplexed_models_are_chosen_by_the_model_field(server):
+def test_multiplexed_models_and_lora_adapters_are_chosen_by_the_model_field(server):
     a = generate(server, size="32x32", seed=3, model="tiny").json()["data"][0]["b64_json"]
     b = generate(server, size="32x32", seed=3, model="tiny-b").json()["data"][0]["b64_json"]
-    assert a != b
+    lora = generate(server, size="32x32", seed=3, model="tiny-lora").json()["data"][0]["b64_json"]
+    assert len({a, b, lora}) == 3
     assert generate(server, size="32x32", seed=3).json()["data"][0]["b64_json"] == a  # default model
 
 
