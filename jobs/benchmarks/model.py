@@ -22,18 +22,38 @@ VAE_FACTOR = 8
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
     """Median and min wall time (ms) of fn() after warm-up; CUDA is synchronised around each call."""
+    (a, b), = timed_pair([fn], device, warmup, repeats)
+    return a, b
+
+
+def timed_pair(fns, device: torch.device, warmup: int, repeats: int) -> list[tuple[float, float]]:
+    """Median and min wall time (ms) of each function, calls interleaved (A B A B …) so drifts of the machine's speed
+    (frequency, other load) hit every contender alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), min(times)
+        for fn, bucket in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            bucket.append((time.perf_counter() - start) * 1000)
+    return [(statistics.median(t), min(t)) for t in times]
+
+
+def peak_memory(fn, device: torch.device) -> float:
+    """Peak GiB allocated during one call (CUDA only; NaN elsewhere)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def build_pair(preset_name: str, device, dtype, seed: int = 0):
@@ -103,14 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             a, b = run_ours().float(), run_peer()[:, : cfg.in_channels].float()
         rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ours_ms, ours_min = timed(run_ours, device, args.warmup, args.repeats)
-        ours_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        peer_ms, peer_min = timed(run_peer, device, args.warmup, args.repeats)
-        peer_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        (ours_ms, ours_min), (peer_ms, peer_min) = timed_pair([run_ours, run_peer], device, args.warmup, args.repeats)
+        ours_mem, peer_mem = peak_memory(run_ours, device), peak_memory(run_peer, device)
         row = dict(size=size, tokens=(latent // cfg.patch_size) ** 2, ours_ms=ours_ms, peer_ms=peer_ms,
                    ratio=ours_ms / peer_ms, rel_err=rel, ours_gib=ours_mem, peer_gib=peer_mem, device=name,
                    preset=args.preset, dtype=str(dtype), batch=args.batch, compiled=False)
@@ -120,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         if args.compile:
             compiled_ours, compiled_peer = torch.compile(ours), torch.compile(peer)
-            c_ours, _ = timed(lambda: run_ours(compiled_ours), device, max(args.warmup, 2), args.repeats)
-            c_peer, _ = timed(lambda: run_peer(compiled_peer), device, max(args.warmup, 2), args.repeats)
+            (c_ours, _), (c_peer, _) = timed_pair([lambda: run_ours(compiled_ours), lambda: run_peer(compiled_peer)],
+                                                  device, max(args.warmup, 2), args.repeats)
             row_c = dict(row, ours_ms=c_ours, peer_ms=c_peer, ratio=c_ours / c_peer, compiled=True)
             print(f"{size}² compiled: ours {c_ours:8.1f} ms | diffusers {c_peer:8.1f} ms | ratio {row_c['ratio']:.3f} | "
                   f"ours compiled vs peer eager {c_ours / peer_ms:.3f}")
