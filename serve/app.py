@@ -60,8 +60,10 @@ class SamplerReplica:
         import torch
 
         self.config = from_dict(ServeConfig, config)
-        self.device = "cuda" if self.config.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if self.config.device == "auto" else self.config.device)
+        if self.config.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = self.config.device
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self._preloaded = {self.config.default_model: self._load(self.config.default_model)}
         self.fatal_error: str | None = None

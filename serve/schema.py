@@ -43,7 +43,6 @@ class ImageData(BaseModel):
     latency_s: float
     width: int
     height: int
-    revised_prompt: str | None = None
 
 
 class ImagesResponse(BaseModel):
