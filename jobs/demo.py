@@ -84,8 +84,9 @@ def prepare(cfg: DemoConfig, data: Path, curated: Path, text_encoder: str, vae: 
 
     config = from_dict(PrepareConfig, {
         "inputs": [str(data)], "output": str(curated),
-        # 16-px units: 128×128 = 64 patches, 160×128 = 80; aspect ≤ 2 keeps the demo's three shapes of image
-        "bucket": {"image": {"max_patches": 80, "max_aspect": 2.0, "batch_tokens": cfg.batch_tokens},
+        # 64 patches of 16 px = the tiny preset's training grid (8×8 tokens); buckets are the largest sizes of that
+        # budget per width (128×128, 112×144, 144×112, …), so the 128×128 images the demo requests are a trained size
+        "bucket": {"image": {"max_patches": 64, "max_aspect": 2.0, "batch_tokens": cfg.batch_tokens},
                    "audio_durations_s": [1.0, 2.0, 4.0], "point_counts": [1024, 2048]},
         # the synthetic shapes repeat by construction (same colour, shape, near-same place): perceptual dedup would
         # drop a fifth of them as near-duplicates; exact dedup stays on
