@@ -31,3 +31,23 @@ def caption_batch(batch: int, length: int, dim: int, valid: list[int] | None = N
     for b, n in enumerate(valid or []):
         mask[b, n:] = False
     return feats, mask
+
+
+def stop_processes_matching(*patterns: str) -> None:
+    """Stop a test's own Ray cluster: SIGTERM then SIGKILL to every process whose command line matches a pattern
+    (its temp dir, its GCS address). `ray stop` would stop every Ray on the machine."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pattern in patterns:
+            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+            for pid in found.stdout.split():
+                if int(pid) != os.getpid():
+                    try:
+                        os.kill(int(pid), sig)
+                    except ProcessLookupError:
+                        pass
+        time.sleep(2)

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT, free_port
+from tests.helpers import stop_processes_matching
 from tests.pipelines_fixtures import make_vae, write_images
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -78,18 +77,8 @@ def autoscaling_head():
         )
         yield gcs, temp_dir
     finally:
-        # `ray stop` would stop every Ray on the machine; stop only this cluster's processes (head and the nodes the
-        # autoscaler started), found by the temp dir or the GCS address in their command lines.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pattern in (temp_dir, gcs.replace(".", r"\.") + "([^0-9]|$)"):
-                found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
-                for pid in found.stdout.split():
-                    if int(pid) != os.getpid():
-                        try:
-                            os.kill(int(pid), sig)
-                        except ProcessLookupError:
-                            pass
-            time.sleep(2)
+        # only this cluster's processes: the head and the nodes the autoscaler started (temp dir or GCS address)
+        stop_processes_matching(temp_dir, gcs.replace(".", r"\.") + "([^0-9]|$)")
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

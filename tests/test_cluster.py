@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, free_port
-from tests.helpers import random_nextdit
+from tests.helpers import random_nextdit, stop_processes_matching
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -40,19 +39,13 @@ def head_node(tmp_path):
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        # `ray stop` would stop every Ray on the machine; stop only this head's processes, found by its temp dir.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split():
-                try:
-                    os.kill(int(pid), sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
+        stop_processes_matching(temp_dir)  # only this head's processes
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submitted_with_working_dir_runs_and_writes_its_output(head_node, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
+
     from models import NextDiT, preset
 
     model = random_nextdit(preset("tiny"))
