@@ -7,6 +7,10 @@
 default to the references in the model folder's metadata. ``--prompt-file FILE`` (one prompt per line, or JSON lines with
 prompt / negative_prompt / seed / width / height) runs as a Ray Data job: an actor pool of samplers (one GPU each when CUDA
 is present, half a CPU otherwise) writing to any fsspec URL. Everything else: ``--config FILE`` / ``--set key=value``.
+
+A class-conditional model (``conditioning: class``) needs no text encoder: each ``--prompt`` is a class index
+(``--prompt 3``) or a class name from the folder's ``class_names`` metadata (``--prompt "tabby cat"``), guided against the
+null class; ``--negative-prompt`` and ``--text-encoder`` are errors there. The JSON sidecar records ``class_label``.
 """
 
 from __future__ import annotations
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model folder / official or diffusers checkpoint")
     parser.add_argument("--text-encoder", help="text-encoder folder or hub id (default: the model's metadata)")
     parser.add_argument("--vae", help="AutoencoderKL folder (default: the model's metadata)")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompt", action="append",
+                        help="a prompt (repeatable); for a class-conditional model a class index or name")
     parser.add_argument("--prompt-file", help="prompt file (lines or JSON lines): runs as a Ray Data job")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16")

@@ -176,27 +176,43 @@ def apply_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float, cha
     return torch.cat([guided.narrow(channel_dim, 0, channels), v_cond.narrow(channel_dim, channels, rest)], channel_dim)
 
 
-def velocity_fn(model: Callable, cap_feats: torch.Tensor, cap_mask: torch.Tensor,
+def velocity_fn(model: Callable, cap_feats: torch.Tensor | None = None, cap_mask: torch.Tensor | None = None,
                 uncond_feats: torch.Tensor | None = None, uncond_mask: torch.Tensor | None = None,
-                guidance: float = 1.0, cfg_channels: int | None = None, dtype: torch.dtype | None = None,
+                guidance: float = 1.0, cfg_channels: int | None = None, dtype: torch.dtype | None = None, *,
+                labels: torch.Tensor | None = None, uncond_labels: torch.Tensor | None = None,
                 **forward_kwargs) -> Callable[[Latents, float], Latents]:
-    """The ODE right-hand side v(x, t) of a text-conditioned Next-DiT, with CFG.
+    """The ODE right-hand side v(x, t) of a text- or class-conditioned Next-DiT, with CFG (paper §3).
+
+    The conditioning is either caption features (``cap_feats`` (B, L, D), ``cap_mask`` (B, L); the unconditional branch
+    ``uncond_feats`` / ``uncond_mask``, usually the negative prompt's) or class labels (``labels`` (B,) LongTensor; the
+    unconditional branch ``uncond_labels`` (B,), usually the null class ``num_classes``), never both.
 
     With guidance ≠ 1 the conditional and unconditional branches run as ONE forward on the batch [cond; uncond] (the
     same latents twice; both captions padded to one length). The solver state stays in fp32; the model runs in
     ``dtype`` (default: the model's). ``forward_kwargs`` (rope_scaling, context_drop) go to every forward, so
     time-dependent RoPE modes and Context Drop see each evaluation's own t.
     """
-    guided = guidance != 1.0 and uncond_feats is not None
-    if guided:
-        length = max(cap_feats.shape[1], uncond_feats.shape[1])
-        cond = pad_captions(cap_feats, cap_mask, length)
-        uncond = pad_captions(uncond_feats, uncond_mask, length)
-        feats, mask = torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]])
-    else:
-        feats, mask = cap_feats, cap_mask.bool()
+    if (labels is None) == (cap_feats is None):
+        raise ValueError("velocity_fn needs exactly one conditioning: caption features (cap_feats, cap_mask) or labels")
     model_dtype = dtype or getattr(model, "dtype", torch.float32)
-    feats = feats.to(model_dtype)
+    # The conditioning of the [cond; uncond] batch, as the model takes it: positional captions or the labels keyword.
+    if labels is not None:
+        guided = guidance != 1.0 and uncond_labels is not None
+        cond_args, cond_kwargs = (), {"labels": torch.cat([labels, uncond_labels]) if guided else labels}
+        device = labels.device
+    else:
+        if cap_mask is None:
+            raise ValueError("velocity_fn: cap_feats given without cap_mask")
+        guided = guidance != 1.0 and uncond_feats is not None
+        if guided:
+            length = max(cap_feats.shape[1], uncond_feats.shape[1])
+            cond = pad_captions(cap_feats, cap_mask, length)
+            uncond = pad_captions(uncond_feats, uncond_mask, length)
+            feats, mask = torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]])
+        else:
+            feats, mask = cap_feats, cap_mask.bool()
+        cond_args, cond_kwargs = (feats.to(model_dtype), mask), {}
+        device = feats.device
 
     def fn(x: Latents, t: float) -> Latents:
         is_list = not isinstance(x, torch.Tensor)
@@ -205,8 +221,8 @@ def velocity_fn(model: Callable, cap_feats: torch.Tensor, cap_mask: torch.Tensor
         if guided:
             x_in = x_in + x_in if is_list else torch.cat([x_in, x_in])
         n = 2 * batch if guided else batch
-        t_in = torch.full((n,), float(t), dtype=torch.float32, device=feats.device)
-        out = model(x_in, t_in, feats, mask, **forward_kwargs)
+        t_in = torch.full((n,), float(t), dtype=torch.float32, device=device)
+        out = model(x_in, t_in, *cond_args, **cond_kwargs, **forward_kwargs)
         outs = [o.float() for o in out] if is_list else out.float()
         if not guided:
             return outs

@@ -8,19 +8,28 @@ Pipeline per request (paper §"Optimized Time Schedule with Higher-Order Solvers
    [cond; uncond] forward with CFG, RoPE scaling and Context Drop recomputed from that evaluation's t;
 4. the VAE decodes the latent to an image.
 
-Batching and determinism: compatible requests (same size, caption length, solver, schedule, steps, guidance, RoPE and
-Context Drop settings) share one batched ODE solve of ``batch_size`` slots. Row results of a matmul depend on the number of
-rows on every BLAS we have seen (small-M kernels differ), so with ``pad_batches`` (default) every solve is padded to exactly
-``batch_size`` slots, prompts are encoded one at a time and images decoded one at a time: a request's image then depends
-only on the request and the sampler config, never on what else was in the batch. Adaptive solvers (dopri5) choose their
-steps from the whole state's error, so they always solve one request at a time.
+Class-conditional models (``conditioning == "class"``, e.g. the ImageNet presets) need no text encoder: step 1 becomes
+choosing a class label — ``GenerationRequest.class_label``, else the prompt read as a class index ("207"), else the prompt
+looked up (case-insensitively) in the ``class_names`` list of the model folder's metadata — and the unconditional branch
+of CFG is the null class (index ``num_classes``, trained by label dropout like captions), so such models take no negative
+prompt.
+
+Batching and determinism: compatible requests (same size, caption length — class requests have none, so they never
+share a solve with text requests —, solver, schedule, steps, guidance, RoPE and Context Drop settings) share one batched
+ODE solve of ``batch_size`` slots. Row results of a matmul depend on the number of rows on every BLAS we have seen
+(small-M kernels differ), so with ``pad_batches`` (default) every solve is padded to exactly ``batch_size`` slots, prompts
+are encoded one at a time and images decoded one at a time: a request's image then depends only on the request and the
+sampler config, never on what else was in the batch. Adaptive solvers (dopri5) choose their steps from the whole state's
+error, so they always solve one request at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +103,7 @@ class GenerationRequest:
     rope_scaling: RopeScaling | None = None
     context_drop: ContextDrop | bool | None = None  # None: config threshold; False: off; True: on from 0 tokens
     cfg_channels: int | None = None  # None: config (pass the latent channel count to force every channel)
+    class_label: int | None = None  # class-conditional models only; None: the prompt names the class (index or name)
 
 
 @dataclass
@@ -120,8 +130,11 @@ class _Plan:
     cfg_channels: int | None
     rope: RopeScaling
     context_drop: ContextDrop | None
+    class_label: int | None  # set exactly when the model is class-conditional
 
-    def group_key(self, caption_length: int) -> tuple:
+    def group_key(self, caption_length: int | None) -> tuple:
+        """Requests with equal keys share a solve. ``caption_length`` is None for class requests (they have no caption),
+        so text and class requests never share one."""
         return (self.height, self.width, caption_length, self.steps, self.solver, repr(self.schedule),
                 self.guidance, self.cfg_channels, repr(self.rope), repr(self.context_drop))
 
@@ -150,18 +163,31 @@ def parse_size(text: str) -> tuple[int, int]:
 
 class Sampler:
     """Text encoder + Next-DiT + VAE; ``generate(requests) -> results``. Holds no global state; safe to share between
-    threads as long as they don't mutate the modules (every call runs under ``torch.inference_mode``)."""
+    threads as long as they don't mutate the modules (every call runs under ``torch.inference_mode``).
+
+    A class-conditional model has no text encoder (passing one is an error: it would be silently unused) and may have
+    ``class_names`` (one per class, index order) so that prompts can name classes."""
 
     def __init__(self, model: NextDiT, text_encoder: TextEncoder | None, vae: ImageVAE | None,
-                 config: SamplerConfig | None = None):
+                 config: SamplerConfig | None = None, class_names: list[str] | None = None):
         self.model = model.eval()
         self.text_encoder = text_encoder
         self.vae = vae
         self.config = config or SamplerConfig()
-        if text_encoder is not None and model.config.conditioning == "text":
-            if text_encoder.hidden_size != model.config.cap_feat_dim:
-                raise ValueError(f"text encoder width {text_encoder.hidden_size} ≠ the model's cap_feat_dim "
-                                 f"{model.config.cap_feat_dim}")
+        if model.config.conditioning == "class":
+            if text_encoder is not None:
+                raise ValueError("a class-conditional model takes no text encoder (its prompts are class indices or "
+                                 "names; the unconditional branch is the null class)")
+        elif class_names is not None:
+            raise ValueError("class_names given, but the model is text-conditioned")
+        elif text_encoder is not None and text_encoder.hidden_size != model.config.cap_feat_dim:
+            raise ValueError(f"text encoder width {text_encoder.hidden_size} ≠ the model's cap_feat_dim "
+                             f"{model.config.cap_feat_dim}")
+        self.class_names = check_class_names(class_names, model.config) if class_names is not None else None
+        # case-folded name → index; the first of duplicate names wins (ImageNet has two "crane"s)
+        self._class_index: dict[str, int] = {}
+        for index, name in enumerate(self.class_names or []):
+            self._class_index.setdefault(name.strip().casefold(), index)
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -171,7 +197,10 @@ class Sampler:
                         ema: bool = False, adapter: str | None = None) -> Sampler:
         """Load a model folder (ours, official or diffusers). Text encoder / VAE / sampler defaults not given here come
         from the folder's metadata (``text_encoder``, ``vae``, ``sampler`` entries of our config.json). ``adapter``: a
-        LoRA adapter folder merged into the model's weights."""
+        LoRA adapter folder merged into the model's weights.
+
+        A class-conditional model loads no text encoder (a ``text_encoder`` argument is an error; one recorded in the
+        metadata is ignored) and reads its optional ``class_names`` from the metadata."""
         model = NextDiT.from_pretrained(model_path, ema=ema, device=device, dtype=dtype)
         if adapter is not None:  # a LoRA fine-tune of this base model (jobs.export of a lora run)
             from models.adapters import apply_adapter
@@ -181,7 +210,12 @@ class Sampler:
         te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
                                              model_path)
         vae_cfg = resolve_vae_config(vae if vae is not None else meta.get("vae"), model_path)
-        if isinstance(text_encoder, TextEncoder):
+        class_names = None
+        if model.config.conditioning == "class":
+            if text_encoder is not None:
+                raise ValueError(f"{model_path} is a class-conditional model: it takes no text encoder")
+            encoder, class_names = None, meta.get("class_names")
+        elif isinstance(text_encoder, TextEncoder):
             encoder = text_encoder
         elif te_cfg is not None and te_cfg.path:
             encoder = TextEncoder.from_config(te_cfg, device=device, dtype=dtype)
@@ -196,7 +230,7 @@ class Sampler:
             raise ValueError(f"no VAE given and none recorded in {model_path}'s metadata")
         if not isinstance(config, SamplerConfig):
             config = from_dict(SamplerConfig, merge(meta.get("sampler") or {}, config or {}))
-        return cls(model, encoder, autoencoder, config)
+        return cls(model, encoder, autoencoder, config, class_names)
 
     @property
     def device(self) -> torch.device:
@@ -247,9 +281,43 @@ class Sampler:
                 drop = req.context_drop
             seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
             negative = cfg.negative_prompt if req.negative_prompt is None else req.negative_prompt
+            label = self._class_label(i, req)
+            if label is not None:
+                if req.negative_prompt:
+                    raise ValueError(f"request {i}: a class-conditional model takes no negative prompt (its "
+                                     "unconditional branch is the null class)")
+                negative = ""
             plans.append(_Plan(i, req.prompt, negative, width, height, int(seed), steps, solver, schedule, guidance,
-                               channels, req.rope_scaling or cfg.rope, drop))
+                               channels, req.rope_scaling or cfg.rope, drop, label))
         return plans
+
+    def _class_label(self, i: int, req: GenerationRequest) -> int | None:
+        """The class of request ``i`` (None for a text model): ``class_label``, else the prompt as an index, else the
+        prompt as one of the metadata's class names."""
+        num_classes = self.model.config.num_classes
+        if self.model.config.conditioning != "class":
+            if req.class_label is not None:
+                raise ValueError(f"request {i}: class_label {req.class_label!r} given, but the model is text-conditioned")
+            return None
+        if req.class_label is not None:
+            try:
+                label = operator.index(req.class_label)
+            except TypeError:
+                raise ValueError(f"request {i}: class_label must be an integer, got "
+                                 f"{type(req.class_label).__name__}") from None
+        elif re.fullmatch(r"-?[0-9]+", req.prompt.strip()):
+            label = int(req.prompt)
+        elif req.prompt.strip().casefold() in self._class_index:
+            label = self._class_index[req.prompt.strip().casefold()]
+        else:
+            names = (f"one of its {len(self.class_names)} class names" if self.class_names
+                     else "a class name (the model folder records no class_names)")
+            raise ValueError(f"request {i}: prompt {req.prompt!r} is neither a class index in [0, {num_classes}) nor "
+                             f"{names}; the model has {num_classes} classes")
+        if not 0 <= label < num_classes:
+            raise ValueError(f"request {i}: class label {label} is outside [0, {num_classes}) (the model has "
+                             f"{num_classes} classes; {num_classes} is the null class, used only for CFG)")
+        return label
 
     def _encode(self, texts: list[str], cache: dict) -> None:
         """Encode each new text on its own (batch of one): its features never depend on the other prompts' lengths."""
@@ -269,14 +337,18 @@ class Sampler:
         """Generate one image per request (results in request order). ``progress(n)`` is called after each solve with
         the number of requests it finished."""
         plans = self.resolve(requests)
-        if self.text_encoder is None:
-            raise ValueError("this sampler has no text encoder")
         cache: dict = {}
-        self._encode([t for p in plans for t in (p.prompt, p.negative_prompt)], cache)
+        text = self.model.config.conditioning == "text"
+        if text:
+            if self.text_encoder is None:
+                raise ValueError("this sampler has no text encoder")
+            self._encode([t for p in plans for t in (p.prompt, p.negative_prompt)], cache)
         groups: dict[tuple, list[_Plan]] = {}
         for plan in plans:
-            length = max(cache[plan.prompt][0].shape[0],
-                         cache[plan.negative_prompt][0].shape[0] if plan.guidance != 1.0 else 0)
+            length = None  # class requests: no caption
+            if text:
+                length = max(cache[plan.prompt][0].shape[0],
+                             cache[plan.negative_prompt][0].shape[0] if plan.guidance != 1.0 else 0)
             groups.setdefault(plan.group_key(length), []).append(plan)
 
         results: list[GenerationResult | None] = [None] * len(plans)
@@ -290,28 +362,38 @@ class Sampler:
                     progress(len(chunk))
         return results  # type: ignore[return-value]
 
-    def _solve(self, chunk: list[_Plan], slots: int, caption_length: int, cache: dict) -> list[GenerationResult]:
+    def _conditioning(self, padded: list[_Plan], caption_length: int | None, cache: dict) -> dict:
+        """The ``velocity_fn`` conditioning keywords of one solve's slots (captions or class labels, on the device)."""
+        device = self.device
+        guided = padded[0].guidance != 1.0  # g = 1 is the conditional velocity alone: no unconditional branch to run
+        if padded[0].class_label is not None:
+            labels = torch.tensor([p.class_label for p in padded], dtype=torch.long, device=device)
+            null = torch.full_like(labels, self.model.config.num_classes)
+            return {"labels": labels, "uncond_labels": null if guided else None}
+        feats, mask = self._captions([p.prompt for p in padded], cache, caption_length)
+        uncond_feats = uncond_mask = None
+        if guided:
+            negatives = [p.negative_prompt for p in padded]
+            uncond_feats, uncond_mask = (a.to(device) for a in self._captions(negatives, cache, caption_length))
+        return {"cap_feats": feats.to(device), "cap_mask": mask.to(device), "uncond_feats": uncond_feats,
+                "uncond_mask": uncond_mask}
+
+    def _solve(self, chunk: list[_Plan], slots: int, caption_length: int | None,
+               cache: dict) -> list[GenerationResult]:
         began = time.perf_counter()
         first = chunk[0]
         cfg_model = self.model.config
         device = self.device
         shape = (cfg_model.in_channels, first.height // VAE_DOWNSAMPLE, first.width // VAE_DOWNSAMPLE)
+        padded = list(chunk)
+        if self.config.pad_batches and len(chunk) < slots:  # dummy slots: same shapes whatever the batch holds
+            padded += [chunk[-1]] * (slots - len(chunk))
         # Each sample's noise from its own generator on the CPU, then moved: identical on every device and batch.
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
-                 for p in chunk]
-        prompts, negatives = [p.prompt for p in chunk], [p.negative_prompt for p in chunk]
-        if self.config.pad_batches and len(chunk) < slots:  # dummy slots: same shapes whatever the batch holds
-            extra = slots - len(chunk)
-            noise += [noise[-1]] * extra
-            prompts += [prompts[-1]] * extra
-            negatives += [negatives[-1]] * extra
+                 for p in padded]
         x0 = torch.stack(noise).to(device)
-        feats, mask = self._captions(prompts, cache, caption_length)
-        uncond = (None, None)
-        if first.guidance != 1.0:  # g = 1 is the conditional velocity alone: no unconditional branch to run
-            uncond = tuple(a.to(device) for a in self._captions(negatives, cache, caption_length))
         fn = velocity_fn(
-            self.model, feats.to(device), mask.to(device), *uncond, guidance=first.guidance,
+            self.model, **self._conditioning(padded, caption_length, cache), guidance=first.guidance,
             cfg_channels=first.cfg_channels, rope_scaling=first.rope, context_drop=first.context_drop,
         )
         grid = make_schedule(first.schedule).grid(first.steps)
@@ -334,11 +416,23 @@ class Sampler:
                 "context_drop": None if plan.context_drop is None else dataclasses.asdict(plan.context_drop),
                 "nfe": solved.nfe, "seconds": round(seconds, 4), "batch": len(chunk), "slots": x0.shape[0],
             }
+            if plan.class_label is not None:  # the null class is the unconditional branch: no negative prompt
+                meta.update(negative_prompt=None, class_label=plan.class_label,
+                            class_name=self.class_names[plan.class_label] if self.class_names else None)
             out.append(GenerationResult(images[i], latents[i].cpu(), meta))
         return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def check_class_names(names, config) -> list[str]:
+    """The ``class_names`` metadata of a class-conditional model: one string per class, in index order."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"class_names must be a list of strings, got {type(names).__name__}")
+    if len(names) != config.num_classes:
+        raise ValueError(f"class_names has {len(names)} entries but the model has {config.num_classes} classes")
+    return names
+
+
 def _resolve_path(path: str | None, base: str) -> str | None:
     """A relative path recorded in a model folder's metadata is relative to that folder (when it exists there)."""
     if not path or os.path.isabs(path) or "://" in path:

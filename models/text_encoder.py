@@ -96,11 +96,16 @@ class TextEncoder(torch.nn.Module):
         )
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         # A tokenizer without BOS (Qwen, T5 without EOS) gives the empty prompt no token at all; attention and the
-        # masked mean-pool need one, so an empty row gets a single BOS/EOS/PAD token.
+        # masked mean-pool need one, so an empty row gets a single BOS/EOS/PAD token (in a batch of empty prompts only,
+        # the batch first gets the one padded column it lacks).
         empty = ~mask.any(1)
         if bool(empty.any()):
             tok = self.tokenizer
             filler = next(i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, 0) if i is not None)
+            if ids.shape[1] == 0:
+                width = self.pad_to_multiple_of or 1
+                ids = torch.full((ids.shape[0], width), filler, dtype=ids.dtype)
+                mask = torch.zeros(ids.shape[0], width, dtype=torch.bool)
             ids[empty, 0] = filler
             mask[empty, 0] = True
         return {"input_ids": ids, "attention_mask": mask}

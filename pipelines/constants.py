@@ -26,6 +26,8 @@ SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.parquet"
 REJECTS_FILE = "rejects.parquet"
 STATS_FILE = "stats.json"
+# features of the empty prompt "" (L, D) from the text encoder that wrote text.npy: caption dropout swaps them in
+NULL_TEXT_FILE = "null_text.npy"
 WORK_DIR = "_work"  # committed reject parts of every run; rebuilt into rejects.parquet at the end of a run
 SHARD_DIGITS = 6  # 000000.tar
 SHARD_SUFFIX = ".tar"

@@ -88,27 +88,47 @@ class TextEncode(Stage):
     """Captions → precomputed text features (L, D), padding removed (``text.npy``), computed by ``models.text_encoder``
     — the same tokenizer settings, hidden layer and empty-prompt handling as the trainer and the sampler use online, so
     precomputed and online features are equal. An empty caption gets the empty prompt's features (what the trainer
-    encodes for it)."""
+    encodes for it).
+
+    The empty prompt's features are also written once to ``OUTPUT/null_text.npy``: caption dropout (official: the
+    caption becomes "") swaps them in, so a trainer that reads precomputed features needs no text encoder of its own.
+    Every actor writes the same bytes atomically, so concurrent actors and reruns are harmless."""
 
     stage = "text_encode"
 
-    def __init__(self, config: dict, device: str | None = None):
+    def __init__(self, config: dict, device: str | None = None, output_options: dict | None = None):
         import torch
 
         from models.text_encoder import TextEncoder
 
-        self.cfg = from_dict(PrepareConfig, config).encode
+        prepare = from_dict(PrepareConfig, config)
+        self.cfg = prepare.encode
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder = TextEncoder.from_pretrained(self.cfg.text_encoder, kind=self.cfg.text_encoder_kind,
                                                    layer=self.cfg.text_hidden_layer,
                                                    max_length=self.cfg.text_max_length, device=device)
         self.dtype = np.dtype(self.cfg.text_dtype)
+        if prepare.output:
+            self.write_null_features(prepare.output, output_options)
+
+    def features(self, captions: list[str]) -> list[np.ndarray]:
+        feats, mask = self.encoder.encode(captions)  # (B, L, D), (B, L) right-padded
+        feats, lengths = feats.float().cpu().numpy(), mask.sum(-1).cpu().tolist()
+        return [f[: int(n)].astype(self.dtype) for f, n in zip(feats, lengths)]
+
+    def write_null_features(self, output: str, options: dict | None) -> None:
+        import io
+
+        from pipelines.io import open_fs, write_atomic
+
+        buffer = io.BytesIO()
+        np.save(buffer, self.features([""])[0])
+        fs, root = open_fs(output, options)
+        write_atomic(fs, f"{root}/{C.NULL_TEXT_FILE}", buffer.getvalue())
 
     def process_rows(self, rows):
         if not rows:
             return rows, []
-        feats, mask = self.encoder.encode([str(r[C.CAPTION]) for r in rows])  # (B, L, D), (B, L) right-padded
-        feats, lengths = feats.float().cpu().numpy(), mask.sum(-1).cpu().tolist()
-        for r, f, n in zip(rows, feats, lengths):
-            r[C.TEXT_FEATURES] = f[: int(n)].astype(self.dtype)
+        for r, f in zip(rows, self.features([str(r[C.CAPTION]) for r in rows])):
+            r[C.TEXT_FEATURES] = f
         return rows, []

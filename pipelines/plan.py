@@ -92,7 +92,8 @@ def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = Non
         else:
             specs.append(StageSpec(TensorEncode, {}, dec_res, False))
         if e.enabled and e.text_encoder:
-            specs.append(StageSpec(TextEncode, dict(config=cfg), e.text_resources, True))
+            specs.append(StageSpec(TextEncode, dict(config=cfg, output_options=options_for(config.output, s3_options)),
+                                   e.text_resources, True))
         specs.append(StageSpec(WriteShards, dict(config=cfg, run_id=run_id), config.write.resources, False))
         plan.stages[modality] = specs
     return plan

@@ -31,6 +31,13 @@ def read_manifest(output: str, storage_options: dict | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{C.MANIFEST_FILE}")))
 
 
+def read_null_text(output: str, storage_options: dict | None = None) -> np.ndarray | None:
+    """The empty prompt's features (L, D) written beside shards that carry text.npy; None when there are none."""
+    fs, root = open_fs(output, storage_options if storage_options is not None else _options(output))
+    path = f"{root}/{C.NULL_TEXT_FILE}"
+    return np.load(io.BytesIO(fs.cat_file(path))) if fs.exists(path) else None
+
+
 def read_rejects(output: str, storage_options: dict | None = None) -> pa.Table:
     fs, root = open_fs(output, storage_options if storage_options is not None else _options(output))
     return pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{C.REJECTS_FILE}")))

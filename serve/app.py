@@ -138,10 +138,11 @@ class SamplerReplica:
     def _validate(self, sampler, request: dict) -> str | None:
         from models.sampler import GenerationRequest
 
-        tokens = len(sampler.text_encoder.tokenizer(request["prompt"])["input_ids"])
-        limit = self.config.limits.max_prompt_tokens
-        if tokens > limit:
-            return f"prompt is {tokens} tokens long; the limit is {limit}"
+        if sampler.text_encoder is not None:  # a class-conditional model has none: its prompt is a class index or name
+            tokens = len(sampler.text_encoder.tokenizer(request["prompt"])["input_ids"])
+            limit = self.config.limits.max_prompt_tokens
+            if tokens > limit:
+                return f"prompt is {tokens} tokens long; the limit is {limit}"
         try:
             sampler.resolve([GenerationRequest(**request)])
         except ValueError as exc:

@@ -20,7 +20,8 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=100_000, description="text prompt")
+    prompt: str = Field(min_length=1, max_length=100_000,
+                        description="text prompt; for a class-conditional model a class index or class name")
     model: str | None = Field(default=None, max_length=256, description="served model name; default model when absent")
     n: int = Field(default=1, ge=1, le=1024, description="number of images (bounded by the server's limit)")
     size: str | None = Field(default=None, max_length=16, description='"WxH" in pixels, multiples of 16')

@@ -280,6 +280,12 @@ def test_model_stages_with_list_and_tar_inputs(ray_cluster, corpus, tmp_path):
         online = feats[0][mask[0]].numpy()
         assert s["text_features"].shape == online.shape
         np.testing.assert_allclose(s["text_features"].astype(np.float32), online, atol=2e-3, rtol=2e-3)
+    # … and beside the shards, the empty prompt's features for caption dropout (the trainer needs no text encoder)
+    from pipelines.shards import read_null_text
+
+    feats, mask = encoder.encode([""])
+    np.testing.assert_allclose(read_null_text(cfg.output).astype(np.float32), feats[0][mask[0]].numpy(),
+                               atol=2e-3, rtol=2e-3)
     mesh = next(s for s in samples if s["meta"]["modality"] == C.POINTS)
     assert mesh["meta"]["caption_source"] == C.CAPTION_FROM_MODEL  # captioned from rendered views
     assert next(s for s in samples if s["meta"]["source"] == str(paths[0]))["meta"]["license"] == "cc0"

@@ -75,7 +75,7 @@ def test_adaptive_solver_reports_nfe(sampler):
     (dict(width=50), "multiple of 16"), (dict(height=8), "multiple of 16"), (dict(width=4096), "exceeds the maximum"),
     (dict(steps=0), "steps must be"), (dict(solver="leapfrog"), "unknown solver"),
     (dict(schedule="cosine"), "unknown schedule"), (dict(cfg_channels=9), "cfg_channels"),
-    (dict(guidance=-1.0), "guidance"),
+    (dict(guidance=-1.0), "guidance"), (dict(class_label=1), "class_label 1 given, but the model is text-conditioned"),
 ])
 def test_bad_requests_fail_clearly_before_work(sampler, bad, match):
     with pytest.raises(ValueError, match=match):

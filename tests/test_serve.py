@@ -43,7 +43,9 @@ def folders(tmp_path_factory):
     base = make_tiny_model_folder(root / "m0", te, vae, seed=0)
     return {"tiny": {"path": base},
             "tiny-b": {"path": make_tiny_model_folder(root / "m1", te, vae, seed=1)},
-            "tiny-lora": {"path": base, "adapter": make_lora_adapter(base, root / "lora")}}
+            "tiny-lora": {"path": base, "adapter": make_lora_adapter(base, root / "lora")},
+            "tiny-class": {"path": make_tiny_model_folder(root / "class", vae=vae, preset_name="tiny-class",
+                                                          class_names=[f"shape {i}" for i in range(10)])}}
 
 
 def make_lora_adapter(base: str, path) -> str:
@@ -120,7 +122,7 @@ def test_n_images_get_consecutive_seeds_and_batch_mates_do_not_change_an_image(s
 def test_models_health_and_openapi(server):
     assert server.get("/healthz").json() == {"status": "ok"}
     models = server.get("/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora"]
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-class"]
     schema = server.get("/openapi.json").json()
     assert PATH in schema["paths"] and "requestBody" in schema["paths"][PATH]["post"]
 
@@ -131,6 +133,16 @@ def test_multiplexed_models_and_lora_adapters_are_chosen_by_the_model_field(serv
     lora = generate(server, size="32x32", seed=3, model="tiny-lora").json()["data"][0]["b64_json"]
     assert len({a, b, lora}) == 3
     assert generate(server, size="32x32", seed=3).json()["data"][0]["b64_json"] == a  # default model
+
+
+def test_class_conditional_model_takes_a_class_index_or_name_as_prompt(server):
+    by_index = generate(server, prompt="3", size="32x32", seed=3, model="tiny-class")
+    assert by_index.status_code == 200, by_index.text
+    by_name = generate(server, prompt="Shape 3", size="32x32", seed=3, model="tiny-class")
+    assert by_name.json()["data"][0]["b64_json"] == by_index.json()["data"][0]["b64_json"]
+    for prompt, match in (("a red circle", "neither a class index"), ("10", "outside [0, 10)")):
+        bad = generate(server, prompt=prompt, size="32x32", model="tiny-class")
+        assert bad.status_code == 400 and match in bad.json()["error"]["message"], bad.text
 
 
 def test_requests_without_a_valid_token_get_401(server):

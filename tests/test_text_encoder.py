@@ -87,6 +87,9 @@ def test_tokenizer_without_bos_still_gives_the_empty_prompt_one_token(gemma_path
     feats, mask = enc.encode(["", "a cat"])  # like Qwen: no BOS, so "" would have no token at all
     assert mask.sum(1).tolist() == [1, 2]
     assert torch.isfinite(feats).all()
+    alone, alone_mask = enc.encode([""])  # a batch of empty prompts only (the null features of caption dropout)
+    assert alone_mask.tolist() == [[True] + [False] * 7]
+    torch.testing.assert_close(alone[0, :1], feats[0, :1])
 
 
 def test_bad_inputs(gemma_path, tmp_path):

@@ -5,7 +5,8 @@
 - ``make_tiny_t5(path)``: a 2-layer T5 encoder + a tokenizer that appends </s> like T5's;
 - ``make_tiny_vae(path)``: an AutoencoderKL with block_out_channels (8, 8, 16, 16) → /8 downsampling, 4 latent channels;
 - ``make_tiny_model_folder(path, text_encoder=..., vae=...)``: a tiny Next-DiT saved in our format with metadata that
-  references the text encoder and VAE (and optional sampler defaults).
+  references the text encoder and VAE (and optional sampler defaults); ``preset_name="tiny-class"`` with
+  ``class_names=[...]`` gives a class-conditional one.
 """
 
 from __future__ import annotations
@@ -46,15 +47,19 @@ def make_tiny_vae(path, seed: int = 0, scaling_factor: float = 0.13025) -> str:
 
 
 def make_tiny_model_folder(path, text_encoder: str | None = None, vae: str | None = None, model=None,
-                           sampler: dict | None = None, seed: int = 0) -> str:
-    """A tiny Next-DiT (random non-zero weights unless ``model`` is given) saved in our format, with metadata
-    ``text_encoder`` / ``vae`` (dicts with a ``path``) and optional ``sampler`` defaults; returns the path."""
+                           sampler: dict | None = None, seed: int = 0, preset_name: str = "tiny",
+                           class_names: list[str] | None = None) -> str:
+    """A tiny Next-DiT (random non-zero weights of ``preset_name``, e.g. "tiny-class", unless ``model`` is given) saved
+    in our format, with metadata ``text_encoder`` / ``vae`` (dicts with a ``path``), optional ``sampler`` defaults and
+    optional ``class_names`` (class-conditional models); returns the path."""
     from models import preset
     from tests.helpers import random_nextdit
 
     if model is None:
-        model = random_nextdit(preset("tiny"), seed=seed)
+        model = random_nextdit(preset(preset_name), seed=seed)
     metadata = {}
+    if class_names is not None:
+        metadata["class_names"] = list(class_names)
     if text_encoder is not None:
         metadata["text_encoder"] = {"path": str(text_encoder), "kind": "decoder", "layer": -2}
     if vae is not None:

@@ -56,10 +56,11 @@ def peak_memory(fn, device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def build_pair(preset_name: str, device, dtype, seed: int = 0):
+def build_pair(preset_name: str, device, dtype, seed: int = 0, **overrides):
+    """Our Next-DiT of a preset (with field overrides) and diffusers' LuminaNextDiT2DModel holding the same weights."""
     from diffusers import LuminaNextDiT2DModel
 
-    cfg = preset(preset_name)
+    cfg = preset(preset_name, **overrides)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise where it runs: fast even for the 2B config
         ours = NextDiT(cfg)

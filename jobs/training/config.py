@@ -83,6 +83,9 @@ class DeepSpeedSection:
     param_persistence_threshold: int = 100_000
     offload_optimizer: bool = False  # ZeRO-Offload of the optimizer state to CPU memory
     overlap_comm: bool = True
+    # torch's AdamW instead of DeepSpeed's FusedAdam on GPU: no JIT build of the CUDA op at start-up (images without
+    # nvcc), a slightly slower optimizer step. CPU runs always use torch's AdamW.
+    torch_adam: bool = False
 
 
 @dataclass
@@ -93,6 +96,9 @@ class LoopConfig:
     seed: int = 0  # model init and per-sample noise / t / dropout draws
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
+    # Selective checkpointing: recompute every n-th block only (1 = every block; 2 = half the recomputation for more
+    # activation memory) — the torchtitan knob.
+    activation_checkpointing_every: int = 1
     log_every: int = 10
     ckpt_every: int = 1000
     # Testing hooks: raise once after this step (a marker in storage keeps it from firing again after the restart) and
@@ -158,7 +164,7 @@ class TrainConfig:
             raise ConfigError(f"data.text_features must be one of {list(TEXT_SOURCES)}")
         if self.data.text_features == "online" and not self.data.text_encoder:
             raise ConfigError("data.text_features=online needs --text-encoder")
-        for name in ("steps", "grad_accum", "log_every", "ckpt_every"):
+        for name in ("steps", "grad_accum", "log_every", "ckpt_every", "activation_checkpointing_every"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.scaling.workers < 1:

@@ -31,7 +31,7 @@ import numpy as np
 
 from models.config_io import ConfigError
 from pipelines import constants as C
-from pipelines.shards import iter_samples, read_manifest, shard_url
+from pipelines.shards import iter_samples, read_manifest, read_null_text, shard_url
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ class DataPlan:
             mb = overrides.get(name) or int(rows[members[0].index]["micro_batch"] or 1)
             buckets[name] = BucketInfo(name, members[0].shape, mb, members[0].member, tuple(s.index for s in members))
         return cls(root, shards, buckets)
+
+    def null_text_features(self) -> np.ndarray | None:
+        """The empty prompt's features (L, D) that jobs.prepare wrote beside the shards with text.npy, if any."""
+        return read_null_text(self.root)
 
     def bucket_samples(self, name: str) -> int:
         return sum(self.shards[i].samples for i in self.buckets[name].shards)

@@ -70,7 +70,7 @@ class Task:
             return torch.from_numpy(np.asarray(tensor, dtype=np.float32))
         if self.vae is None:  # the driver checks this before any worker starts
             raise RuntimeError("shards carry images, not latents: set data.vae for online VAE encoding")
-        image = torch.from_numpy(np.asarray(tensor)).permute(2, 0, 1).float()[None] / 127.5 - 1  # (1, 3, H, W)
+        image = torch.tensor(np.asarray(tensor)).permute(2, 0, 1).float()[None] / 127.5 - 1  # (1, 3, H, W), a copy
         return self.vae.encode(image.to(self.device), sample=True, generator=gen)[0].float().cpu()
 
     def build(self, samples: list[dict], epoch: int) -> Batch:
@@ -89,7 +89,7 @@ class Task:
 class TextToImage(Task):
     """Caption features from the shards (text.npy) or from a frozen text encoder; caption dropout from models.flow."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, online: bool):
+    def __init__(self, cfg: TrainConfig, device: torch.device, online: bool, plan: DataPlan | None = None):
         super().__init__(cfg, device)
         self.online = online
         self.encoder = None
@@ -99,14 +99,21 @@ class TextToImage(Task):
             self.encoder = TextEncoder.from_pretrained(cfg.data.text_encoder, device=device)
         if online and self.encoder is None:
             raise RuntimeError("shards carry no text features: --text-encoder is required")
-        # The empty prompt's features replace dropped captions. Without an encoder (precomputed features only) one
-        # zero token stands in for it — the shards carry no features of "" (documented in docs/training.md).
+        self.null = self.null_features(cfg, plan)
+
+    def null_features(self, cfg: TrainConfig, plan: DataPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, L, D) features and mask of the empty prompt, which replace dropped captions: from the text encoder when
+        there is one, else the null_text.npy that jobs.prepare wrote with the shards' text features, else (outputs of
+        older versions) one zero token — which the sampler's "" never produces, so the trainer says so (validate)."""
         if self.encoder is not None:
             feats, mask = self.encoder.encode([""])
-            self.null = (feats.float().cpu(), mask.cpu())
-        else:
-            dim = model_config(cfg).cap_feat_dim
-            self.null = (torch.zeros(1, 1, dim), torch.ones(1, 1, dtype=torch.bool))
+            return feats.float().cpu(), mask.cpu()
+        stored = plan.null_text_features() if plan is not None else None
+        if stored is not None:
+            feats = torch.from_numpy(np.asarray(stored, dtype=np.float32))[None]
+            return feats, torch.ones(1, feats.shape[1], dtype=torch.bool)
+        dim = model_config(cfg).cap_feat_dim
+        return torch.zeros(1, 1, dim), torch.ones(1, 1, dtype=torch.bool)
 
     def conditioning(self, samples, gens):
         prob = self.cfg.flow.caption_dropout
@@ -158,7 +165,7 @@ def make_task(cfg: TrainConfig, plan: DataPlan, device: torch.device) -> Task:
         return ClassConditional(cfg, device)
     source = cfg.data.text_features
     online = source == "online" or (source == "auto" and not shards_have_text(plan))
-    return TextToImage(cfg, device, online)
+    return TextToImage(cfg, device, online, plan)
 
 
 TASKS = {"t2i": TextToImage, "class": ClassConditional}

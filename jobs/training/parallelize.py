@@ -70,7 +70,7 @@ def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False)
             "type": "AdamW",
             # torch's AdamW on CPU (DeepSpeed's fused Adam needs CUDA); decoupled weight decay = AdamW.
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       "torch_adam": not cfg.scaling.gpu, "adam_w_mode": True},
+                       "torch_adam": cfg.deepspeed.torch_adam or not cfg.scaling.gpu, "adam_w_mode": True},
         },
         "bf16": {"enabled": use_bf16(cfg)},
         "steps_per_print": 10**9,  # our metrics module reports; keep DeepSpeed quiet
@@ -93,7 +93,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, load_unive
         model = apply_lora(model, cfg.lora)
     if cfg.train.activation_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.set_activation_checkpointing(True)
+        base.set_activation_checkpointing(True, every=cfg.train.activation_checkpointing_every)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params,

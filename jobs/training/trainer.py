@@ -17,6 +17,7 @@ from jobs.training.config import TrainConfig
 from jobs.training.data import DataPlan
 from models.config_io import ConfigError, to_dict
 from models.storage import filesystem, is_remote, join
+from pipelines import constants as C
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ def validate(cfg: TrainConfig, write_probe: bool = True) -> DataPlan:
             if dim != mcfg.cap_feat_dim:
                 raise ConfigError(f"text features in the shards have {dim} channels; model {cfg.model.preset} "
                                   f"expects cap_feat_dim {mcfg.cap_feat_dim}")
+            if not cfg.data.text_encoder and plan.null_text_features() is None:
+                log.warning("%s has text features but no %s (an older jobs.prepare) and no --text-encoder was given: "
+                            "caption dropout substitutes one zero token for the empty prompt, which the sampler's \"\" "
+                            "will not match; pass --text-encoder to encode it", cfg.data.uri, C.NULL_TEXT_FILE)
     latent_channels = first.shape[0] if first.member == "latent.npy" else None
     if latent_channels is not None and latent_channels != mcfg.in_channels:
         raise ConfigError(f"latents have {latent_channels} channels; the model expects {mcfg.in_channels}")

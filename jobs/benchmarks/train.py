@@ -1,0 +1,250 @@
+"""``python -m jobs.bench train``: one optimizer step of Next-DiT exactly as ``jobs.train`` takes it — the DeepSpeed
+engine of ``jobs.training.parallelize`` (ZeRO-3, bf16 on CUDA, activation checkpointing as configured), the
+flow-matching loss, backward, clipped AdamW step and the sharded EMA update — on one device, beside the anchors.md peer
+row measured in the same run: diffusers' ``LuminaNextDiT2DModel`` forward + backward with fp32 parameters under bf16
+autocast (no optimizer step), same config, weights, batch and inputs.
+
+Per bucket (``SIZE:MICRO_BATCH``) it prints samples/s, tokens/s, model TFLOP/s and MFU. Model FLOPs are those of
+``jobs.training.metrics.train_flops`` (forward + backward = 3 × forward; recomputation not counted) and MFU is taken
+against the bf16 matmul ceiling measured in the same run (anchors.md convention) and against the datasheet peak.
+``--max-batch N`` also reports the largest micro-batch that fits each bucket (CUDA): peak memory is measured at the
+given micro-batch and at twice it, extrapolated linearly to the card's memory, and the prediction is run to confirm it
+and to time the step at that micro-batch.
+
+GPU (anchors.md): ``python -m jobs.bench train --device cuda --preset 2B-GQA --sizes 512:4,1024:1 --max-batch 64``.
+The peer and our engine never share the card: the peer is timed first, then freed (both together overflow 80 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+
+import torch
+
+from jobs.benchmarks.model import VAE_FACTOR, build_pair, timed
+from jobs.training.config import TrainConfig
+from jobs.training.metrics import PEAK_TFLOPS, train_flops
+from models.config_io import from_dict
+from models.flow import flow_matching_loss
+
+
+def parse_buckets(text: str) -> list[tuple[int, int]]:
+    """'512:4,1024:1' → [(512, 4), (1024, 1)] (square image side in pixels, micro-batch)."""
+    out = []
+    for part in text.split(","):
+        size, _, batch = part.partition(":")
+        out.append((int(size), int(batch or 1)))
+    return out
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured FLOP/s of one large matmul on random data (bf16 8192³ on CUDA; fp32 1024³ on CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, _ = timed(lambda: a @ b, device, warmup=3, repeats=10)
+    return 2 * n**3 / (ms / 1000)
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A world of one for DeepSpeed (what Ray Train sets up on each worker)."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def make_inputs(cfg, size: int, batch: int, caption_len: int, device: torch.device):
+    """Latents, t, noise and captions (the second half of the batch has half-padded captions), seeded by the size."""
+    latent = size // VAE_FACTOR
+    gen = torch.Generator().manual_seed(size * 1000 + batch)
+    x1 = torch.randn(batch, cfg.in_channels, latent, latent, generator=gen)
+    noise = torch.randn(batch, cfg.in_channels, latent, latent, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    feats = torch.randn(batch, caption_len, cfg.cap_feat_dim, generator=gen)
+    mask = torch.ones(batch, caption_len, dtype=torch.bool)
+    mask[batch // 2:, caption_len // 2:] = False
+    return [v.to(device) for v in (x1, t, noise, feats, mask)]
+
+
+def caption_tokens(batch: int, caption_len: int) -> float:
+    """Mean unpadded caption length of ``make_inputs``' batch (its second half keeps half the tokens)."""
+    padded = batch - batch // 2
+    return caption_len - (caption_len - caption_len // 2) * padded / batch
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="small", help="model size preset (small on CPU, 2B-GQA on GPU)")
+    parser.add_argument("--sizes", default="256:2", help="buckets SIZE:MICRO_BATCH, comma-separated (square, pixels)")
+    parser.add_argument("--caption-len", type=int, default=128)
+    parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                        help="the anchors.md target is with activation checkpointing (the default here)")
+    parser.add_argument("--ac-every", type=int, default=1, help="checkpoint every n-th block only (selective)")
+    parser.add_argument("--zero-stage", type=int, default=3)
+    parser.add_argument("--torch-adam", action="store_true",
+                        help="torch AdamW instead of DeepSpeed's FusedAdam on CUDA (skips its JIT build)")
+    parser.add_argument("--max-batch", type=int, default=0, help="CUDA: find the largest micro-batch ≤ N per bucket")
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers fwd+bwd row")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="append results as JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    compute_dtype = torch.bfloat16 if cuda else torch.float32
+    buckets = parse_buckets(args.sizes)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    ceiling = matmul_ceiling(device, compute_dtype)
+    datasheet = next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    ours, peer, mcfg = build_pair(args.preset, device, torch.float32)
+    params = sum(p.numel() for p in ours.parameters())
+    checkpointing = f"every {args.ac_every} block(s)" if args.activation_checkpointing else "off"
+    print(f"device: {name} | torch {torch.__version__} | preset {args.preset} ({params / 1e9:.3f} B params) | "
+          f"{str(compute_dtype).removeprefix('torch.')} | ZeRO-{args.zero_stage} | activation checkpointing "
+          f"{checkpointing} | matmul ceiling {ceiling / 1e12:.1f} TFLOP/s"
+          + (f" (datasheet {datasheet / 1e12:.0f})" if datasheet else ""))
+
+    def report(label: str, size: int, batch: int, ms: float, gib: float, extra: dict | None = None) -> dict:
+        tokens = (size // VAE_FACTOR // mcfg.patch_size) ** 2
+        flops = train_flops(mcfg, tokens, caption_tokens(batch, args.caption_len)) * batch
+        row = dict(bench="train", who=label, size=size, batch=batch, ms=ms, samples_per_s=batch / (ms / 1000),
+                   tokens_per_s=batch * tokens / (ms / 1000), tflops=flops / (ms / 1000) / 1e12,
+                   mfu_measured=flops / (ms / 1000) / ceiling,
+                   mfu_datasheet=flops / (ms / 1000) / datasheet if datasheet else None, peak_gib=gib,
+                   device=name, preset=args.preset, ceiling_tflops=ceiling / 1e12, **(extra or {}))
+        print(f"{label:>28} {size}² × {batch:<3} {ms:9.1f} ms | {row['samples_per_s']:8.2f} samples/s | "
+              f"{row['tokens_per_s']:10.0f} tokens/s | {row['tflops']:7.3g} TFLOP/s | MFU {row['mfu_measured']:.1%} "
+              f"of measured ceiling | peak {gib:.1f} GiB")
+        return row
+
+    rows = time_peer(peer, mcfg, buckets, args, device, report) if args.peer else []
+    del peer  # the peer and our engine never share the card
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # --- ours: the jobs.train step on a DeepSpeed engine -----------------------------------------------------------
+    from jobs.training.parallelize import ShardedEMA, parallelize
+
+    init_single_process_group(device)
+    cfg = from_dict(TrainConfig, {
+        "model": {"preset": args.preset}, "scaling": {"gpu": cuda},
+        "train": {"activation_checkpointing": args.activation_checkpointing,
+                  "activation_checkpointing_every": args.ac_every},
+        "deepspeed": {"zero_stage": args.zero_stage, "torch_adam": args.torch_adam}})
+    engine = parallelize(ours.train(), cfg, world=1)
+    ema = ShardedEMA(engine.module, cfg.ema.decay)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+    def model_fn(x, t, feats, mask):  # as loop.loss_step: solver tensors fp32, the model in the engine's dtype
+        return engine(x.to(dtype), t, feats.to(dtype), mask)
+
+    def our_step_fn(size: int, batch: int):
+        x1, t, noise, feats, mask = make_inputs(mcfg, size, batch, args.caption_len, device)
+
+        def step():
+            loss, _ = flow_matching_loss(model_fn, x1, feats, mask, t=t, noise=noise)
+            engine.backward(loss)
+            engine.step()
+            ema.update()
+            return loss
+
+        return step
+
+    label = f"ours ZeRO-{args.zero_stage} step"
+    for size, batch in buckets:
+        step = our_step_fn(size, batch)
+        reset_peak(device)
+        loss = float(step())
+        if not torch.isfinite(torch.tensor(loss)):
+            raise RuntimeError(f"non-finite training loss {loss} at {size}² × {batch}")
+        ms, _ = timed(step, device, args.warmup, args.repeats)
+        gib = peak_gib(device)
+        rows.append(report(label, size, batch, ms, gib, {"loss": loss}))
+        if args.max_batch and cuda:
+            rows.extend(find_max_batch(our_step_fn, report, label, size, batch, gib, args, device))
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def time_peer(peer, mcfg, buckets, args, device, report) -> list[dict]:
+    """anchors.md's peer rows: diffusers forward + backward, fp32 parameters under bf16 autocast, no optimizer step."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    peer.train()
+    rope_table = get_2d_rotary_pos_embed_lumina(mcfg.head_dim, 384, 384)
+    kwargs = {"base_sequence_length": mcfg.base_tokens}
+    rows = []
+    for size, batch in buckets:
+        x1, t, noise, feats, mask = make_inputs(mcfg, size, batch, args.caption_len, device)
+        x_t = x1 * t[:, None, None, None] + noise * (1 - t[:, None, None, None])  # the flow convention (t=1: data)
+
+        def step(x_t=x_t, t=t, feats=feats, mask=mask, target=x1 - noise):
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                pred = peer(x_t, t, feats, mask, rope_table, cross_attention_kwargs=kwargs, return_dict=False)[0]
+                loss = ((pred[:, : mcfg.in_channels].float() - target) ** 2).mean()
+            loss.backward()
+            peer.zero_grad(set_to_none=True)
+
+        reset_peak(device)
+        ms, _ = timed(step, device, args.warmup, args.repeats)
+        rows.append(report("diffusers fwd+bwd (peer)", size, batch, ms, peak_gib(device)))
+    return rows
+
+
+def find_max_batch(step_fn, report, label, size, batch, gib, args, device) -> list[dict]:
+    """Largest micro-batch ≤ args.max_batch that fits: peak memory at ``batch`` and ``2·batch`` → a line → the card's
+    memory (less 5% for the allocator's fragmentation), then that micro-batch is run and timed to confirm it."""
+    rows = []
+    double = min(2 * batch, args.max_batch)
+    if double <= batch:
+        return rows
+    try:
+        step = step_fn(size, double)
+        reset_peak(device)
+        ms, _ = timed(step, device, 1, args.repeats)
+        gib2 = peak_gib(device)
+        rows.append(report(label, size, double, ms, gib2))
+        per_sample = max((gib2 - gib) / (double - batch), 1e-3)
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30 * 0.95
+        predicted = min(args.max_batch, batch + int((total - gib) / per_sample))
+        print(f"{'':>28} {size}²: {per_sample:.2f} GiB per sample over a fixed {gib - per_sample * batch:.1f} GiB → "
+              f"largest micro-batch predicted {predicted}")
+        if predicted > double:
+            step = step_fn(size, predicted)
+            reset_peak(device)
+            ms, _ = timed(step, device, 1, args.repeats)
+            rows.append(report(label, size, predicted, ms, peak_gib(device), {"largest_fitting": True}))
+        else:
+            rows[-1]["largest_fitting"] = True
+    except torch.cuda.OutOfMemoryError as exc:
+        print(f"{'':>28} {size}²: out of memory while searching ({str(exc).splitlines()[0]}); "
+              "the last row printed is the largest micro-batch that fit")
+        torch.cuda.empty_cache()
+    return rows

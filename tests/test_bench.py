@@ -1,0 +1,58 @@
+"""The benchmarks run end to end on CPU with tiny configs and report what docs/benchmarks.md records (their speed is
+never asserted here: figures come from `python -m jobs.bench …` runs, DEVELOPERS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def run_bench(args: list[str], tmp_path) -> tuple[str, list[dict]]:
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "jobs.bench", *args, "--json", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_model_bench_compares_against_diffusers_in_one_run(tmp_path):
+    stdout, rows = run_bench(["model", "--device", "cpu", "--preset", "tiny", "--sizes", "64,128",
+                              "--caption-len", "8", "--warmup", "0", "--repeats", "1"], tmp_path)
+    assert stdout.startswith("device: CPU")
+    assert [r["size"] for r in rows] == [64, 128]
+    for row in rows:
+        assert row["rel_err"] < 1e-5  # both models hold the same weights and see the same inputs
+        assert row["ratio"] == pytest.approx(row["ours_ms"] / row["peer_ms"])
+
+
+def test_train_bench_times_the_zero3_step_beside_the_peer(tmp_path):
+    stdout, rows = run_bench(["train", "--device", "cpu", "--preset", "tiny", "--sizes", "64:2,128:1",
+                              "--caption-len", "8", "--warmup", "0", "--repeats", "1"], tmp_path)
+    assert "ZeRO-3 | activation checkpointing every 1 block(s)" in stdout
+    assert [(r["who"].split()[0], r["size"], r["batch"]) for r in rows] == [
+        ("diffusers", 64, 2), ("diffusers", 128, 1), ("ours", 64, 2), ("ours", 128, 1)]
+    from jobs.benchmarks.train import make_inputs
+    from jobs.training.metrics import train_flops
+    from models import preset
+
+    cfg = preset("tiny")
+    for row in rows:
+        tokens = (row["size"] // 16) ** 2
+        assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * tokens)
+        mask = make_inputs(cfg, row["size"], row["batch"], 8, "cpu")[-1]
+        flops = train_flops(cfg, tokens, float(mask.sum(1).float().mean())) * row["batch"]
+        assert row["tflops"] == pytest.approx(flops / (row["ms"] / 1000) / 1e12)
+        assert row["mfu_measured"] == pytest.approx(row["tflops"] / row["ceiling_tflops"])
+    assert all(0 < r["loss"] < 10 for r in rows if r["who"].startswith("ours"))
+
+
+def test_image_bench_generates_through_our_sampler_and_diffusers_pipeline(tmp_path):
+    stdout, (row,) = run_bench(["image", "--device", "cpu", "--preset", "tiny", "--size", "64", "--steps", "2",
+                                "--warmup", "0", "--repeats", "1"], tmp_path)
+    assert "whole image: ours" in stdout
+    assert row["nfe"] == 4 and row["size"] == 64 and row["ratio"] == pytest.approx(row["ours_ms"] / row["peer_ms"])
