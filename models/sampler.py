@@ -66,6 +66,9 @@ class SamplerConfig:
     width: int | None = None  # default size in pixels; None: the model's training size
     height: int | None = None
     max_side: int = MAX_SIDE
+    # FP8 (e4m3) block projections for inference (models/fp8.py): CUDA compute capability ≥ 8.9; outputs move by
+    # ~1e-2 relative, the projections' matmul rate doubles on Hopper
+    fp8: bool = False
     batch_size: int = 1  # requests per batched ODE solve
     pad_batches: bool = True  # pad every solve to batch_size slots so batch composition never changes an image
     atol: float = 1e-6  # dopri5 only
@@ -171,9 +174,13 @@ class Sampler:
     def __init__(self, model: NextDiT, text_encoder: TextEncoder | None, vae: ImageVAE | None,
                  config: SamplerConfig | None = None, class_names: list[str] | None = None):
         self.model = model.eval()
+        self.config = config or SamplerConfig()
+        if self.config.fp8:
+            from models.fp8 import quantize_fp8
+
+            quantize_fp8(self.model)
         self.text_encoder = text_encoder
         self.vae = vae
-        self.config = config or SamplerConfig()
         if model.config.conditioning == "class":
             if text_encoder is not None:
                 raise ValueError("a class-conditional model takes no text encoder (its prompts are class indices or "
@@ -416,6 +423,8 @@ class Sampler:
                 "context_drop": None if plan.context_drop is None else dataclasses.asdict(plan.context_drop),
                 "nfe": solved.nfe, "seconds": round(seconds, 4), "batch": len(chunk), "slots": x0.shape[0],
             }
+            if self.config.fp8:
+                meta["fp8"] = True
             if plan.class_label is not None:  # the null class is the unconditional branch: no negative prompt
                 meta.update(negative_prompt=None, class_label=plan.class_label,
                             class_name=self.class_names[plan.class_label] if self.class_names else None)

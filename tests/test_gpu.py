@@ -19,7 +19,7 @@ CFG = NextDiTConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 @pytest.fixture(autouse=True)

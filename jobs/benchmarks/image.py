@@ -14,6 +14,8 @@ GPU: ``python -m jobs.bench image --device cuda --preset 2B-GQA --size 1024``; C
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 
 import torch
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fp8", action="store_true", help="also time our Sampler with FP8 block projections")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args = parser.parse_args(argv)
 
@@ -94,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ours, peer, cfg = build_pair(args.preset, device, dtype, cap_feat_dim=gemma.config.hidden_size)
 
     encoder = TextEncoder(tokenizer, gemma)
-    sampler = Sampler(ours, encoder, ImageVAE(autoencoder, VAES[vae_size]["scaling_factor"]), SamplerConfig(
-        steps=args.steps, solver="midpoint", schedule=ScheduleConfig(name="sigmoid"), guidance=args.guidance))
+    image_vae = ImageVAE(autoencoder, VAES[vae_size]["scaling_factor"])
+    sampler_config = SamplerConfig(steps=args.steps, solver="midpoint", schedule=ScheduleConfig(name="sigmoid"),
+                                   guidance=args.guidance)
+    sampler = Sampler(ours, encoder, image_vae, sampler_config)
+    fp8_sampler = None
+    if args.fp8:  # its own copy of the transformer, quantized; the text encoder and VAE are shared
+        fp8_sampler = Sampler(copy.deepcopy(ours), encoder, image_vae, dataclasses.replace(sampler_config, fp8=True))
     pipeline = LuminaPipeline(transformer=peer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=autoencoder,
                               text_encoder=gemma, tokenizer=tokenizer)
     pipeline.set_progress_bar_config(disable=True)
@@ -104,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name} | torch {torch.__version__} | Next-DiT {args.preset}, text encoder {te_size}, "
           f"VAE {vae_size} | {args.size}² | {2 * args.steps} NFE with CFG {args.guidance}")
 
-    def run_ours():
-        return sampler.generate([GenerationRequest(prompt, width=args.size, height=args.size, seed=0)])[0].image
+    def run_ours(which=sampler):
+        return which.generate([GenerationRequest(prompt, width=args.size, height=args.size, seed=0)])[0].image
 
     def run_peer():
         return pipeline(prompt, width=args.size, height=args.size, num_inference_steps=2 * args.steps,
@@ -115,12 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     a, b = run_ours(), run_peer()
     if a.shape != (args.size, args.size, 3) or b.shape[:2] != (args.size, args.size):
         raise RuntimeError(f"unexpected image shapes: ours {a.shape}, peer {b.shape}")
-    (ours_ms, ours_min), (peer_ms, peer_min) = timed_pair([run_ours, run_peer], device, args.warmup, args.repeats)
+    contenders = [run_ours, run_peer] + ([lambda: run_ours(fp8_sampler)] if fp8_sampler else [])
+    timings = timed_pair(contenders, device, args.warmup, args.repeats)
+    (ours_ms, ours_min), (peer_ms, peer_min) = timings[:2]
     row = dict(bench="image", device=name, preset=args.preset, text_encoder=te_size, vae=vae_size, size=args.size,
                nfe=2 * args.steps, ours_ms=ours_ms, peer_ms=peer_ms, ratio=ours_ms / peer_ms)
     print(f"whole image: ours {ours_ms:9.1f} ms (min {ours_min:.1f}) | diffusers LuminaPipeline {peer_ms:9.1f} ms "
           f"(min {peer_min:.1f}) | ratio ours/peer {row['ratio']:.3f}"
           + (" | target < 1500 ms (anchors.md, 1024² on an H100)" if cuda else ""))
+    if fp8_sampler:
+        row["ours_fp8_ms"] = timings[2][0]
+        print(f"whole image: ours FP8 {row['ours_fp8_ms']:9.1f} ms | ratio ours FP8 / peer "
+              f"{row['ours_fp8_ms'] / peer_ms:.3f}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")

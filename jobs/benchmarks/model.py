@@ -8,6 +8,7 @@ GPU example (anchors.md): ``python -m jobs.bench model --device cuda --preset 2B
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-len", type=int, default=128, help="caption tokens; the second sample has half")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA")
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time ours with FP8 block projections (models/fp8.py; CUDA capability ≥ 8.9)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="append results as JSON lines to this file")
@@ -103,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{str(dtype).removeprefix('torch.')} | batch {args.batch}")
     rope_table = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
     peer_kwargs = {"base_sequence_length": cfg.base_tokens}
+    ours_fp8 = None
+    if args.fp8:
+        from models.fp8 import quantize_fp8
+
+        ours_fp8 = copy.deepcopy(ours)
+        quantize_fp8(ours_fp8)
     results = []
     for size in [int(s) for s in args.sizes.split(",")]:
         latent = size // VAE_FACTOR
@@ -133,14 +142,30 @@ def main(argv: list[str] | None = None) -> int:
               f"diffusers {peer_ms:8.1f} ms (min {peer_min:.1f}) | ratio ours/peer {row['ratio']:.3f} | "
               f"rel. diff {rel:.1e} | peak GiB ours {ours_mem:.1f} peer {peer_mem:.1f}")
         results.append(row)
+        if ours_fp8 is not None:
+            (f_ms, _), (p_ms, _) = timed_pair([lambda: run_ours(ours_fp8), run_peer], device, args.warmup, args.repeats)
+            fp8_rel = float((run_ours(ours_fp8).float() - a).norm() / a.norm())
+            results.append(dict(row, ours_ms=f_ms, peer_ms=p_ms, ratio=f_ms / p_ms, fp8=True,
+                                rel_err_vs_ours=fp8_rel))
+            print(f"{size}² ours FP8: {f_ms:8.1f} ms | diffusers {p_ms:8.1f} ms | ratio {f_ms / p_ms:.3f} | "
+                  f"rel. diff vs ours {fp8_rel:.1e}")
         if args.compile:
             compiled_ours, compiled_peer = torch.compile(ours), torch.compile(peer)
-            (c_ours, _), (c_peer, _) = timed_pair([lambda: run_ours(compiled_ours), lambda: run_peer(compiled_peer)],
-                                                  device, max(args.warmup, 2), args.repeats)
+            contenders = [lambda: run_ours(compiled_ours), lambda: run_peer(compiled_peer)]
+            if ours_fp8 is not None:
+                compiled_fp8 = torch.compile(ours_fp8)
+                contenders.append(lambda: run_ours(compiled_fp8))
+            timings = timed_pair(contenders, device, max(args.warmup, 2), args.repeats)
+            (c_ours, _), (c_peer, _) = timings[:2]
             row_c = dict(row, ours_ms=c_ours, peer_ms=c_peer, ratio=c_ours / c_peer, compiled=True)
-            print(f"{size}² compiled: ours {c_ours:8.1f} ms | diffusers {c_peer:8.1f} ms | ratio {row_c['ratio']:.3f} | "
-                  f"ours compiled vs peer eager {c_ours / peer_ms:.3f}")
+            print(f"{size}² compiled: ours {c_ours:8.1f} ms | diffusers {c_peer:8.1f} ms | "
+                  f"ratio {row_c['ratio']:.3f} | ours compiled vs peer eager {c_ours / peer_ms:.3f}")
             results.append(row_c)
+            if ours_fp8 is not None:
+                c_fp8 = timings[2][0]
+                results.append(dict(row_c, ours_ms=c_fp8, ratio=c_fp8 / c_peer, fp8=True))
+                print(f"{size}² compiled: ours FP8 {c_fp8:8.1f} ms | ratio vs compiled peer {c_fp8 / c_peer:.3f} | "
+                      f"vs peer eager {c_fp8 / peer_ms:.3f}")
     if args.json:
         with open(args.json, "a") as f:
             for row in results:

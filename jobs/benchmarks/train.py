@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the anchors.md target is with activation checkpointing (the default here)")
     parser.add_argument("--ac-every", type=int, default=1, help="checkpoint every n-th block only (selective)")
     parser.add_argument("--zero-stage", type=int, default=3)
+    parser.add_argument("--per-module-gathers", dest="whole_blocks", action="store_false",
+                        help="ZeRO-3 gathers per linear/norm (DeepSpeed's default) instead of per transformer block")
     parser.add_argument("--torch-adam", action="store_true",
                         help="torch AdamW instead of DeepSpeed's FusedAdam on CUDA (skips its JIT build)")
     parser.add_argument("--max-batch", type=int, default=0, help="CUDA: find the largest micro-batch ≤ N per bucket")
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"preset": args.preset}, "scaling": {"gpu": cuda},
         "train": {"activation_checkpointing": args.activation_checkpointing,
                   "activation_checkpointing_every": args.ac_every},
-        "deepspeed": {"zero_stage": args.zero_stage, "torch_adam": args.torch_adam}})
+        "deepspeed": {"zero_stage": args.zero_stage, "torch_adam": args.torch_adam,
+                      "gather_whole_blocks": args.whole_blocks}})
     engine = parallelize(ours.train(), cfg, world=1)
     ema = ShardedEMA(engine.module, cfg.ema.decay)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32

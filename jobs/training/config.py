@@ -86,6 +86,10 @@ class DeepSpeedSection:
     # torch's AdamW instead of DeepSpeed's FusedAdam on GPU: no JIT build of the CUDA op at start-up (images without
     # nvcc), a slightly slower optimizer step. CPU runs always use torch's AdamW.
     torch_adam: bool = False
+    # ZeRO-3 gathers each transformer block's partitions at once (one fetch hook per block rather than one per linear
+    # and norm: far less Python overhead per step, fewer and larger all-gathers); the block's parameters are resident
+    # while it runs. false: DeepSpeed's per-submodule default (always used for LoRA runs, parallelize.py says why).
+    gather_whole_blocks: bool = True
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Everything applied to the model from outside it, in one documented order (style.md practices 4–5):
 
     build (seeded init or ``model.init_from``) → LoRA (peft; freezes the base) → activation checkpointing
-    → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32) → EMA over the engine's parameter partitions.
+    → ZeRO-3 leaf blocks → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32) → EMA over the engine's
+    parameter partitions.
 
 The model never branches on any of these. The EMA lives here too because under ZeRO-3 it must follow the engine's
 partitioning: every rank keeps the fp32 EMA of its own partition of every parameter (no gather per step), and the full
@@ -94,6 +95,14 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, load_unive
     if cfg.train.activation_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.set_activation_checkpointing(True, every=cfg.train.activation_checkpointing_every)
+    # Not under LoRA: DeepSpeed's leaf-module backward then misses the frozen base weights (seen with peft: "size of
+    # tensor a (0) must match …"); per-submodule gathers handle them.
+    if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.gather_whole_blocks and not cfg.lora.enabled:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from models.nextdit import TransformerBlock
+
+        set_z3_leaf_modules(model, [TransformerBlock])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
