@@ -51,8 +51,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
-    if key_mask is not None and bool(key_mask.all()):
-        key_mask = None  # nothing padded: let the kernels run unmasked
+    if key_mask is not None and not torch.compiler.is_compiling() and bool(key_mask.all()):
+        # Nothing padded: let the kernels run unmasked (eager only — under torch.compile this host-side check would
+        # split the graph at every block; NextDiT.forward drops an all-true caption mask once per call instead).
+        key_mask = None
     if backend == "auto":
         backend = "flash" if _flash_usable(q) else "sdpa"
     if backend == "flash":

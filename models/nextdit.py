@@ -341,7 +341,8 @@ class NextDiT(nn.Module):
                 )
             cap_mask = cap_mask.bool()
             c = c + self.cap_embedder(masked_mean(cap_feats, cap_mask))
-            y, y_mask = cap_feats, cap_mask
+            # One host-side check per call, so that unpadded captions reach every block's attention without a mask.
+            y, y_mask = cap_feats, (None if bool(cap_mask.all()) else cap_mask)
         else:
             if labels is None:
                 raise ValueError("a class-conditioned Next-DiT needs labels (use num_classes for the null class)")

@@ -69,6 +69,9 @@ class SamplerConfig:
     # FP8 (e4m3) block projections for inference (models/fp8.py): CUDA compute capability ≥ 8.9; outputs move by
     # ~1e-2 relative, the projections' matmul rate doubles on Hopper
     fp8: bool = False
+    # torch.compile the transformer (default mode): the first solve of each new shape compiles (about a minute for the
+    # 2B model on a GPU), later ones run the compiled graph — for long-running services and batch jobs
+    compile: bool = False
     batch_size: int = 1  # requests per batched ODE solve
     pad_batches: bool = True  # pad every solve to batch_size slots so batch composition never changes an image
     atol: float = 1e-6  # dopri5 only
@@ -179,6 +182,7 @@ class Sampler:
             from models.fp8 import quantize_fp8
 
             quantize_fp8(self.model)
+        self.forward = torch.compile(self.model) if self.config.compile else self.model  # what every solve calls
         self.text_encoder = text_encoder
         self.vae = vae
         if model.config.conditioning == "class":
@@ -400,7 +404,7 @@ class Sampler:
                  for p in padded]
         x0 = torch.stack(noise).to(device)
         fn = velocity_fn(
-            self.model, **self._conditioning(padded, caption_length, cache), guidance=first.guidance,
+            self.forward, **self._conditioning(padded, caption_length, cache), guidance=first.guidance,
             cfg_channels=first.cfg_channels, rope_scaling=first.rope, context_drop=first.context_drop,
         )
         grid = make_schedule(first.schedule).grid(first.steps)

@@ -8,7 +8,8 @@
 # Budget: 15 device-minutes a session (the machine's start included), 10 a command. Estimated: `model` (CUDA tests,
 # 2B forward eager ± FP8 at 1024²/2048², compiled at 1024², issue 2) ≈ 6 min; `train` (2B ZeRO-3 steps at 512²/1024² and the
 # largest micro-batch, issue 5) ≈ 3 min; `sampler` (one sampler step, one whole 1024² image) ≈ 2 min. Run `model` in
-# one call and `train sampler` in the next, on the same warm machine.
+# one call and `train sampler` in the next, on the same warm machine. (`jobs.bench image --compile` adds three
+# compiles of the 2B model, ~3 min: for a later session.)
 # With .whl/ present the image's own python3 (its PyTorch) is used; elsewhere (a GPU box with network) our .venv.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import ContextDrop, NextDiT, RopeScaling, preset
+from models import ContextDrop, NextDiT, NextDiTConfig, RopeScaling, preset
 from models.attention import attention, pool_tokens
 from models.checkpoint import CheckpointError
 from models.config_io import ConfigError
@@ -219,3 +219,17 @@ def test_vae_and_text_encoder_load_from_s3_through_the_local_cache(s3_bucket, tm
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 2  # each folder fetched once, then reused
     with pytest.raises(FileNotFoundError):
         ImageVAE.from_pretrained(f"s3://{s3_bucket}/models/missing")
+
+
+def test_torch_compile_graph_breaks_do_not_grow_with_depth():
+    """Host-side checks (RoPE tables, the all-true caption mask) happen once per call, never per block: the blocks of
+    a compiled forward form one graph however deep the model and whether or not captions are padded."""
+    def breaks(n_layers: int, valid: list[int]) -> int:
+        cfg = NextDiTConfig(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, multiple_of=16, cap_feat_dim=32,
+                            train_grid=(1, 8, 8))
+        feats, mask = caption_batch(2, 9, 32, valid=valid)
+        torch._dynamo.reset()
+        return torch._dynamo.explain(random_nextdit(cfg))(torch.randn(2, 4, 16, 16), torch.rand(2), feats,
+                                                          mask).graph_break_count
+
+    assert breaks(2, [9, 4]) == breaks(5, [9, 4]) == breaks(5, [9, 9])

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fp8", action="store_true", help="also time our Sampler with FP8 block projections")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both transformers (ours through SamplerConfig.compile)")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args = parser.parse_args(argv)
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = TextEncoder(tokenizer, gemma)
     image_vae = ImageVAE(autoencoder, VAES[vae_size]["scaling_factor"])
     sampler_config = SamplerConfig(steps=args.steps, solver="midpoint", schedule=ScheduleConfig(name="sigmoid"),
-                                   guidance=args.guidance)
+                                   guidance=args.guidance, compile=args.compile)
     sampler = Sampler(ours, encoder, image_vae, sampler_config)
     fp8_sampler = None
     if args.fp8:  # its own copy of the transformer, quantized; the text encoder and VAE are shared
@@ -107,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = LuminaPipeline(transformer=peer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=autoencoder,
                               text_encoder=gemma, tokenizer=tokenizer)
     pipeline.set_progress_bar_config(disable=True)
+    if args.compile:
+        pipeline.transformer = torch.compile(peer)
     prompt = "a photo of a red cat on a house under the sky at sunset"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name} | torch {torch.__version__} | Next-DiT {args.preset}, text encoder {te_size}, "
-          f"VAE {vae_size} | {args.size}² | {2 * args.steps} NFE with CFG {args.guidance}")
+          f"VAE {vae_size} | {args.size}² | {2 * args.steps} NFE with CFG {args.guidance}"
+          + (" | both transformers compiled" if args.compile else ""))
 
     def run_ours(which=sampler):
         return which.generate([GenerationRequest(prompt, width=args.size, height=args.size, seed=0)])[0].image
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = timed_pair(contenders, device, args.warmup, args.repeats)
     (ours_ms, ours_min), (peer_ms, peer_min) = timings[:2]
     row = dict(bench="image", device=name, preset=args.preset, text_encoder=te_size, vae=vae_size, size=args.size,
-               nfe=2 * args.steps, ours_ms=ours_ms, peer_ms=peer_ms, ratio=ours_ms / peer_ms)
+               nfe=2 * args.steps, ours_ms=ours_ms, peer_ms=peer_ms, ratio=ours_ms / peer_ms, compiled=args.compile)
     print(f"whole image: ours {ours_ms:9.1f} ms (min {ours_min:.1f}) | diffusers LuminaPipeline {peer_ms:9.1f} ms "
           f"(min {peer_min:.1f}) | ratio ours/peer {row['ratio']:.3f}"
           + (" | target < 1500 ms (anchors.md, 1024² on an H100)" if cuda else ""))
