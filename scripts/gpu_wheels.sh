@@ -11,7 +11,8 @@ version() { $PY -m pip show "$1" 2>/dev/null | awk '/^Version:/ {print $2}'; }
 rm -rf .whl && mkdir -p .whl
 DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$(version deepspeed)"
 pins=()
-for name in diffusers hjson pydantic pydantic-core annotated-types typing-inspection importlib-metadata lazy-importer; do
+for name in diffusers hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+        importlib-metadata lazy-importer; do
     pins+=("$name==$(version "$name")")
 done
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

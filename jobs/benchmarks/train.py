@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return step
 
     label = f"ours ZeRO-{args.zero_stage} step"
+    peaks = {}
     for size, batch in buckets:
         step = our_step_fn(size, batch)
         reset_peak(device)
@@ -185,10 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.isfinite(torch.tensor(loss)):
             raise RuntimeError(f"non-finite training loss {loss} at {size}² × {batch}")
         ms, _ = timed(step, device, args.warmup, args.repeats)
-        gib = peak_gib(device)
-        rows.append(report(label, size, batch, ms, gib, {"loss": loss}))
-        if args.max_batch and cuda:
-            rows.extend(find_max_batch(our_step_fn, report, label, size, batch, gib, args, device))
+        peaks[size] = peak_gib(device)
+        rows.append(report(label, size, batch, ms, peaks[size], {"loss": loss}))
+    # The searches come after every plain row: an out-of-memory error inside a ZeRO-3 step may leave the engine's
+    # partitions half gathered, so nothing is measured after the first one.
+    if args.max_batch and cuda:
+        for size, batch in buckets:
+            found, complete = find_max_batch(our_step_fn, report, label, size, batch, peaks[size], args, device)
+            rows.extend(found)
+            if not complete:
+                break
     if args.json:
         with open(args.json, "a") as f:
             for row in rows:
@@ -216,18 +223,25 @@ def time_peer(peer, mcfg, buckets, args, device, report) -> list[dict]:
             peer.zero_grad(set_to_none=True)
 
         reset_peak(device)
-        ms, _ = timed(step, device, args.warmup, args.repeats)
+        try:
+            ms, _ = timed(step, device, args.warmup, args.repeats)
+        except torch.cuda.OutOfMemoryError:  # the peer keeps every activation: report it, keep measuring ours
+            peer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"{'diffusers fwd+bwd (peer)':>28} {size}² × {batch:<3} out of memory")
+            continue
         rows.append(report("diffusers fwd+bwd (peer)", size, batch, ms, peak_gib(device)))
     return rows
 
 
-def find_max_batch(step_fn, report, label, size, batch, gib, args, device) -> list[dict]:
+def find_max_batch(step_fn, report, label, size, batch, gib, args, device) -> tuple[list[dict], bool]:
     """Largest micro-batch ≤ args.max_batch that fits: peak memory at ``batch`` and ``2·batch`` → a line → the card's
-    memory (less 5% for the allocator's fragmentation), then that micro-batch is run and timed to confirm it."""
+    memory (less 5% for the allocator's fragmentation), then that micro-batch is run and timed to confirm it.
+    Returns the rows and whether the search ended without running out of memory."""
     rows = []
     double = min(2 * batch, args.max_batch)
     if double <= batch:
-        return rows
+        return rows, True
     try:
         step = step_fn(size, double)
         reset_peak(device)
@@ -248,6 +262,7 @@ def find_max_batch(step_fn, report, label, size, batch, gib, args, device) -> li
             rows[-1]["largest_fitting"] = True
     except torch.cuda.OutOfMemoryError as exc:
         print(f"{'':>28} {size}²: out of memory while searching ({str(exc).splitlines()[0]}); "
-              "the last row printed is the largest micro-batch that fit")
+              "the last row printed is the largest micro-batch that fit; no further searches")
         torch.cuda.empty_cache()
-    return rows
+        return rows, False
+    return rows, True
