@@ -18,7 +18,8 @@ log = logging.getLogger("jobs.export")
 
 
 def references(train_config: dict) -> dict:
-    """The text-encoder / VAE metadata of the model folder, from the run's config (model.* first, then data.*)."""
+    """The text-encoder / VAE references (model.* first, then data.*) and class names of the model folder's metadata,
+    from the run's config."""
     model, data = train_config.get("model", {}), train_config.get("data", {})
     meta = {}
     text_encoder = model.get("text_encoder") or data.get("text_encoder")
@@ -27,6 +28,8 @@ def references(train_config: dict) -> dict:
         meta["text_encoder"] = {"path": text_encoder}
     if vae:
         meta["vae"] = {"path": vae}
+    if model.get("class_names"):
+        meta["class_names"] = list(model["class_names"])
     return meta
 
 

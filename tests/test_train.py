@@ -193,6 +193,11 @@ def test_bad_configs_fail_before_workers(tmp_path, capsys):
         run_train(["--data", str(no_text), *base[2:]])
     with pytest.raises(ConfigError, match="no bucket holds one global batch"):
         run_train(base + ["--workers", "3"])
+    with pytest.raises(ConfigError, match="class-conditional task"):
+        run_train(base + ["--set", "model.class_names=[a, b]"])
+    with pytest.raises(ConfigError, match="2 names; the model has 10 classes"):
+        run_train([*base[:4], "--preset", "tiny-class", "--steps", "2", "--set", "train.task=class",
+                   "--set", "model.class_names=[a, b]"])
     assert run_train(base + ["--workers", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "bucket 128x128" in out and "global batch 4" in out and '"stage": 3' in out

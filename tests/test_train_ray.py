@@ -315,7 +315,8 @@ def test_class_conditional_online_vae_with_activation_checkpointing(prepared_ima
 
     steps = 6
     cfg = make_config(prepared_images, tmp_path, "class", steps=steps,
-                      model={"preset": "tiny-class", "text_encoder": None},
+                      model={"preset": "tiny-class", "text_encoder": None,
+                             "class_names": [f"shape {i}" for i in range(10)]},
                       data={"vae": prepared_images["vae"]},
                       train={"task": "class", "activation_checkpointing": True, "ckpt_every": steps})
     assert {s.member for s in DataPlan.from_manifest(cfg.data.uri).shards} == {"jpg"}  # images, not latents
@@ -328,5 +329,5 @@ def test_class_conditional_online_vae_with_activation_checkpointing(prepared_ima
 
     assert export_main([str(run_dir), str(tmp_path / "model")]) == 0
     sampler = Sampler.from_pretrained(str(tmp_path / "model"), ema=True)
-    out = sampler.generate([GenerationRequest("3", width=128, height=128, seed=0, steps=2)])
-    assert out[0].image.shape == (128, 128, 3) and out[0].metadata["class_label"] == 3
+    out = sampler.generate([GenerationRequest("shape 3", width=128, height=128, seed=0, steps=2)])
+    assert out[0].image.shape == (128, 128, 3) and out[0].metadata["class_label"] == 3  # named via model.class_names

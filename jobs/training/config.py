@@ -12,7 +12,7 @@ from typing import Any
 
 from models.config_io import ConfigError
 from models.flow import FlowConfig
-from models.presets import PRESETS
+from models.presets import PRESETS, preset
 
 TASKS = ("t2i", "class")  # text-to-image (default) and class-conditional; audio / points plug in later (loop.TASKS)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -46,6 +46,8 @@ class ModelSection:
     # References written into the exported model folder for the Sampler (default: data.text_encoder / data.vae).
     text_encoder: str | None = None
     vae: str | None = None
+    # class-conditional task: one name per class (index order), written to the export so prompts can name classes
+    class_names: list[str] | None = None
 
 
 @dataclass
@@ -181,6 +183,13 @@ class TrainConfig:
             raise ConfigError("ema.decay must lie in [0, 1)")
         if self.lora.enabled and not self.model.init_from:
             raise ConfigError("LoRA fine-tunes a pretrained model: set model.init_from")
+        if self.model.class_names is not None:
+            if self.train.task != "class":
+                raise ConfigError("model.class_names is for the class-conditional task (train.task=class)")
+            classes = preset(self.model.preset, **self.model.overrides).num_classes if not self.model.init_from else None
+            if classes is not None and len(self.model.class_names) != classes:
+                raise ConfigError(f"model.class_names has {len(self.model.class_names)} names; the model has "
+                                  f"{classes} classes")
         if self.lora.enabled and self.lora.rank < 1:
             raise ConfigError("lora.rank must be >= 1")
         for bucket, mb in self.data.micro_batch.items():
