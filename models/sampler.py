@@ -454,21 +454,21 @@ def _resolve_path(path: str | None, base: str) -> str | None:
     return candidate if os.path.exists(candidate) else path
 
 
-def resolve_text_encoder_config(spec, model_path: str) -> TextEncoderConfig | None:
-    if spec is None or isinstance(spec, TextEncoder):
+def _component_config(spec, config_cls, instance_cls, model_path: str):
+    """A component reference (a path, a dict of its config, or its config) as ``config_cls`` with the path resolved
+    against the model folder; None for nothing or an already loaded ``instance_cls``."""
+    if spec is None or isinstance(spec, instance_cls):
         return None
     if isinstance(spec, str):
-        spec = TextEncoderConfig(path=spec)
+        spec = config_cls(path=spec)
     elif isinstance(spec, dict):
-        spec = from_dict(TextEncoderConfig, spec)
+        spec = from_dict(config_cls, spec)
     return dataclasses.replace(spec, path=_resolve_path(spec.path, str(model_path)))
+
+
+def resolve_text_encoder_config(spec, model_path: str) -> TextEncoderConfig | None:
+    return _component_config(spec, TextEncoderConfig, TextEncoder, model_path)
 
 
 def resolve_vae_config(spec, model_path: str) -> VAEConfig | None:
-    if spec is None or isinstance(spec, ImageVAE):
-        return None
-    if isinstance(spec, str):
-        spec = VAEConfig(path=spec)
-    elif isinstance(spec, dict):
-        spec = from_dict(VAEConfig, spec)
-    return dataclasses.replace(spec, path=_resolve_path(spec.path, str(model_path)))
+    return _component_config(spec, VAEConfig, ImageVAE, model_path)

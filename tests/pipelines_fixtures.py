@@ -190,6 +190,16 @@ def tiny_tokenizer():
                                    eos_token="[EOS]", model_max_length=64)
 
 
+def _save_captioner(model, tok, path) -> None:
+    """The special token ids both tiny captioners generate with, then model and tokenizer saved in ``path``."""
+    model.generation_config.decoder_start_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 3
+    _no_special_words(model, tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 def _no_special_words(model, tokenizer) -> None:
     """Random weights may emit EOS at once; forbid special tokens for a few steps so captions are never empty."""
     model.generation_config.min_new_tokens = 3
@@ -211,12 +221,7 @@ def make_captioner(path: Path) -> str:
     cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 2, 0, 3
     model = VisionEncoderDecoderModel(cfg)
-    model.generation_config.decoder_start_token_id = 2
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = 3
-    _no_special_words(model, tok)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    _save_captioner(model, tok, path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return str(path)
 
@@ -315,12 +320,7 @@ def make_audio_captioner(path: Path) -> str:
                         max_source_positions=100, max_target_positions=64, pad_token_id=0, bos_token_id=2,
                         eos_token_id=3, decoder_start_token_id=2)
     model = WhisperForConditionalGeneration(cfg)
-    model.generation_config.decoder_start_token_id = 2
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = 3
-    _no_special_words(model, tok)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    _save_captioner(model, tok, path)
     # 2 s windows: 200 frames of hop 160 = 2 × max_source_positions (Whisper's convolutions halve the frames)
     WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=2,
                             n_fft=400).save_pretrained(path)

@@ -70,15 +70,19 @@ def make_inputs(cfg, size: int, batch: int, caption_len: int, device: torch.devi
     noise = torch.randn(batch, cfg.in_channels, latent, latent, generator=gen)
     t = torch.rand(batch, generator=gen)
     feats = torch.randn(batch, caption_len, cfg.cap_feat_dim, generator=gen)
+    return [v.to(device) for v in (x1, t, noise, feats, caption_mask(batch, caption_len))]
+
+
+def caption_mask(batch: int, caption_len: int) -> torch.Tensor:
+    """The captions' mask: the second half of the batch keeps only the first half of its tokens."""
     mask = torch.ones(batch, caption_len, dtype=torch.bool)
     mask[batch // 2:, caption_len // 2:] = False
-    return [v.to(device) for v in (x1, t, noise, feats, mask)]
+    return mask
 
 
 def caption_tokens(batch: int, caption_len: int) -> float:
-    """Mean unpadded caption length of ``make_inputs``' batch (its second half keeps half the tokens)."""
-    padded = batch - batch // 2
-    return caption_len - (caption_len - caption_len // 2) * padded / batch
+    """Mean unpadded caption length of ``make_inputs``' batch (what the FLOP count sees)."""
+    return float(caption_mask(batch, caption_len).sum(1).float().mean())
 
 
 def peak_gib(device: torch.device) -> float:
