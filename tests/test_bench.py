@@ -56,3 +56,21 @@ def test_image_bench_generates_through_our_sampler_and_diffusers_pipeline(tmp_pa
                                 "--warmup", "0", "--repeats", "1"], tmp_path)
     assert "whole image: ours" in stdout
     assert row["nfe"] == 4 and row["size"] == 64 and row["ratio"] == pytest.approx(row["ours_ms"] / row["peer_ms"])
+
+
+def test_a_failing_optional_contender_is_reported_and_the_other_rows_still_come_out(tmp_path, monkeypatch, capsys):
+    """A device session is too short to lose the eager rows to an FP8 path that fails on an untried GPU or torch."""
+    from jobs.benchmarks import model as model_bench
+    from models import fp8
+
+    def broken(self, x):
+        raise RuntimeError("_scaled_mm: scaling mode unsupported here")
+
+    monkeypatch.setattr(fp8.Float8Linear, "forward", broken)
+    out = tmp_path / "rows.jsonl"
+    assert model_bench.main(["--device", "cpu", "--preset", "tiny", "--sizes", "64,128", "--caption-len", "8",
+                             "--fp8", "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "64² ours FP8: failed, left out (RuntimeError: _scaled_mm: scaling mode unsupported here)" in stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["size"], r.get("fp8", False)) for r in rows] == [(64, False), (128, False)]

@@ -90,3 +90,25 @@ def test_training_step_under_bf16_autocast_gives_finite_gradients():
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if name != "pad_token"}  # no list batch: unused
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_fp8_projections_on_cuda_are_the_dequantised_product_and_keep_the_model_close():
+    from models.fp8 import Float8Linear, fp8_supported, quantize_fp8, quantize_rowwise
+
+    if not fp8_supported("cuda"):
+        pytest.skip("FP8 matmuls need compute capability ≥ 8.9")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384, bias=False).cuda()
+    x = torch.randn(3, 37, 256, device="cuda", dtype=torch.bfloat16)  # 111 rows: not a multiple of 16
+    fp8 = Float8Linear.from_linear(linear)
+    qx, sx = quantize_rowwise(x.reshape(-1, 256))
+    dequantised = (qx.float() * sx) @ (fp8.weight.float() * fp8.weight_scale.reshape(-1, 1)).t()
+    out = fp8(x)
+    assert out.shape == (3, 37, 384) and out.dtype == torch.bfloat16
+    assert rel_err(out.reshape(-1, 384), dequantised) < 5e-3
+    model = random_nextdit(CFG).cuda().to(torch.bfloat16).eval()
+    x, t, feats, mask = inputs()
+    with torch.no_grad():
+        want = model(x.bfloat16(), t, feats.bfloat16(), mask)
+        assert quantize_fp8(model) == 9 * CFG.n_layers
+        assert rel_err(model(x.bfloat16(), t, feats.bfloat16(), mask), want) < 0.08

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ZeRO-3 gathers per linear/norm (DeepSpeed's default) instead of per transformer block")
     parser.add_argument("--torch-adam", action="store_true",
                         help="torch AdamW instead of DeepSpeed's FusedAdam on CUDA (skips its JIT build)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train.compile: torch.compile every block's forward (compile time is not timed)")
     parser.add_argument("--max-batch", type=int, default=0, help="CUDA: find the largest micro-batch ≤ N per bucket")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers fwd+bwd row")
     parser.add_argument("--warmup", type=int, default=2)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = from_dict(TrainConfig, {
         "model": {"preset": args.preset}, "scaling": {"gpu": cuda},
         "train": {"activation_checkpointing": args.activation_checkpointing,
-                  "activation_checkpointing_every": args.ac_every},
+                  "activation_checkpointing_every": args.ac_every, "compile": args.compile},
         "deepspeed": {"zero_stage": args.zero_stage, "torch_adam": args.torch_adam,
                       "gather_whole_blocks": args.whole_blocks}})
     engine = parallelize(ours.train(), cfg, world=1)
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return step
 
-    label = f"ours ZeRO-{args.zero_stage} step"
+    label = f"ours ZeRO-{args.zero_stage} step" + (" compiled" if args.compile else "")
     peaks = {}
     for size, batch in buckets:
         step = our_step_fn(size, batch)

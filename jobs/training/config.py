@@ -105,6 +105,9 @@ class LoopConfig:
     # Selective checkpointing: recompute every n-th block only (1 = every block; 2 = half the recomputation for more
     # activation memory) — the torchtitan knob.
     activation_checkpointing_every: int = 1
+    # torch.compile each transformer block's forward (torchtitan's per-block recipe): one compile per bucket shape
+    # serves every block; the first step of each new bucket pays it (docs/training.md).
+    compile: bool = False
     log_every: int = 10
     ckpt_every: int = 1000
     # Testing hooks: raise once after this step (a marker in storage keeps it from firing again after the restart) and

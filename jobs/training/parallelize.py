@@ -1,7 +1,7 @@
 """Everything applied to the model from outside it, in one documented order (style.md practices 4–5):
 
     build (seeded init or ``model.init_from``) → LoRA (peft; freezes the base) → activation checkpointing
-    → ZeRO-3 leaf blocks → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32) → EMA over the engine's
+    → ZeRO-3 leaf blocks → compiled block forwards → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32) → EMA over the engine's
     parameter partitions.
 
 The model never branches on any of these. The EMA lives here too because under ZeRO-3 it must follow the engine's
@@ -103,11 +103,29 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, load_unive
         from models.nextdit import TransformerBlock
 
         set_z3_leaf_modules(model, [TransformerBlock])
+    if cfg.train.compile:
+        compile_blocks(model.get_base_model() if hasattr(model, "get_base_model") else model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                       config=deepspeed_config(cfg, world, load_universal))
     return engine
+
+
+# A compile per bucket shape (the proportional-attention scale is a Python float, so dynamo specialises on it): room for
+# the bucket ladders of jobs.prepare before dynamo would give up and run the blocks eagerly.
+BUCKET_RECOMPILES = 64
+
+
+def compile_blocks(model: NextDiT) -> None:
+    """torch.compile the ``forward`` of every transformer block, not the module call: DeepSpeed's ZeRO-3 hooks (gather
+    before, release after, re-gather for backward) stay outside the graph, in eager, and activation checkpointing
+    recomputes through the compiled forward. Identical blocks share one compiled graph per input shape."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BUCKET_RECOMPILES)
+    for block in model.layers:
+        block.forward = torch.compile(block.forward)
 
 
 def is_zero3(param: torch.nn.Parameter) -> bool:
