@@ -15,7 +15,8 @@
 # the 2B model, ~3 min: for a later session.)
 # With .whl/ present the image's own python3 (its PyTorch) is used; elsewhere (a GPU box with network) our .venv.
 #
-# Rehearsal, here, before device minutes are spent: `REHEARSE=1 PYTHON=/path/to/python3.12 bash scripts/gpu_bench.sh`
+# Rehearsal, here, before device minutes are spent:
+#   REHEARSE=1 PYTHON=$(bash scripts/gpu_rehearsal_env.sh) OUT=/tmp/rehearsal bash scripts/gpu_bench.sh
 # runs every command on the CPU with the tiny preset and small sizes under an interpreter set up like the image's
 # (Python 3.12, its torch, no Ray, the .whl/ wheels): it catches a missing package or an API the older torch lacks.
 set -uo pipefail
