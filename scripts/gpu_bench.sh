@@ -56,7 +56,7 @@ if want model; then
     # Anchor: diffusers LuminaNextDiT2DModel, 2B config, bf16, CFG pair, caption 128 (half padded) — anchors.md;
     # eager at 1024² and 2048², compiled at 1024² (as anchors.md; a compile costs about a minute per model and size)
     $PY -m jobs.bench model --device $DEVICE --preset $PRESET --dtype bf16 --sizes $SIZE,$LARGE --caption-len 128 \
-        --repeats $REPEATS --fp8 --json "$OUT/model.jsonl" 2>&1 | grep -v Warning | tee "$OUT/model.txt"
+        --repeats $REPEATS --fp8 --profile --json "$OUT/model.jsonl" 2>&1 | grep -v Warning | tee "$OUT/model.txt"
     $PY -m jobs.bench model --device $DEVICE --preset $PRESET --dtype bf16 --sizes $SIZE --caption-len 128 \
         --repeats $REPEATS --fp8 --compile --json "$OUT/model.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/model.txt"
 fi

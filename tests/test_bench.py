@@ -22,8 +22,9 @@ def run_bench(args: list[str], tmp_path) -> tuple[str, list[dict]]:
 
 def test_model_bench_compares_against_diffusers_in_one_run(tmp_path):
     stdout, rows = run_bench(["model", "--device", "cpu", "--preset", "tiny", "--sizes", "64,128",
-                              "--caption-len", "8", "--warmup", "0", "--repeats", "1"], tmp_path)
+                              "--caption-len", "8", "--warmup", "0", "--repeats", "1", "--profile"], tmp_path)
     assert stdout.startswith("device: CPU")
+    assert stdout.count("Self CPU time total") == 1  # --profile: where our forward's time goes, at the first size
     assert [r["size"] for r in rows] == [64, 128]
     for row in rows:
         assert row["rel_err"] < 1e-5  # both models hold the same weights and see the same inputs
@@ -48,7 +49,12 @@ def test_train_bench_times_the_zero3_step_beside_the_peer(tmp_path):
         flops = train_flops(cfg, tokens, float(mask.sum(1).float().mean())) * row["batch"]
         assert row["tflops"] == pytest.approx(flops / (row["ms"] / 1000) / 1e12)
         assert row["mfu_measured"] == pytest.approx(row["tflops"] / row["ceiling_tflops"])
-    assert all(0 < r["loss"] < 10 for r in rows if r["who"].startswith("ours"))
+    ours = [r for r in rows if r["who"].startswith("ours")]
+    assert all(0 < r["loss"] < 10 for r in ours)
+    for row in ours:  # where the step's time goes: every phase measured, together about one step
+        assert list(row["phases_ms"]) == ["forward", "backward", "optimizer", "ema"]
+        assert all(v > 0 for v in row["phases_ms"].values())
+    assert "phases: forward" in stdout
 
 
 def test_image_bench_generates_through_our_sampler_and_diffusers_pipeline(tmp_path):

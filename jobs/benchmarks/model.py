@@ -57,6 +57,21 @@ def works(label: str, fn) -> bool:
         return False
 
 
+def print_profile(fn, device: torch.device, rows: int = 15) -> None:
+    """The operators that take one call's time, by self time on the device (where a GPU's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    for _ in range(2):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def peak_memory(fn, device: torch.device) -> float:
     """Peak GiB allocated during one call (CUDA only; NaN elsewhere)."""
     if device.type != "cuda":
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     parser.add_argument("--fp8", action="store_true",
                         help="also time ours with FP8 block projections (models/fp8.py; CUDA capability ≥ 8.9)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the operators that take our forward's time at the first size (torch.profiler)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="append results as JSON lines to this file")
@@ -157,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
               f"diffusers {peer_ms:8.1f} ms (min {peer_min:.1f}) | ratio ours/peer {row['ratio']:.3f} | "
               f"rel. diff {rel:.1e} | peak GiB ours {ours_mem:.1f} peer {peer_mem:.1f}")
         results.append(row)
+        if args.profile and size == results[0]["size"]:
+            works("profile", lambda: print_profile(run_ours, device))
         if ours_fp8 is not None:
             f_ms = timings[2][0]
             fp8_rel = float((run_ours(ours_fp8).float() - a).norm() / a.norm())

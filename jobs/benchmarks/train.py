@@ -4,8 +4,10 @@ flow-matching loss, backward, clipped AdamW step and the sharded EMA update — 
 row measured in the same run: diffusers' ``LuminaNextDiT2DModel`` forward + backward with fp32 parameters under bf16
 autocast (no optimizer step), same config, weights, batch and inputs.
 
-Per bucket (``SIZE:MICRO_BATCH``) it prints samples/s, tokens/s, model TFLOP/s and MFU. Model FLOPs are those of
-``jobs.training.metrics.train_flops`` (forward + backward = 3 × forward; recomputation not counted) and MFU is taken
+Per bucket (``SIZE:MICRO_BATCH``) it prints samples/s, tokens/s, model TFLOP/s and MFU, and where our step's time
+goes: the median of each phase (forward with the loss; backward with the recomputation and ZeRO-3's gradient
+reduce-scatter; optimizer step; EMA) over a second set of steps whose phases are synchronised one by one. Model FLOPs
+are those of ``jobs.training.metrics.train_flops`` (forward + backward = 3 × forward; recomputation not counted) and MFU is taken
 against the bf16 matmul ceiling measured in the same run (anchors.md convention) and against the datasheet peak.
 ``--max-batch N`` also reports the largest micro-batch that fits each bucket (CUDA): peak memory is measured at the
 given micro-batch and at twice it, extrapolated linearly to the card's memory, and the prediction is run to confirm it
@@ -21,6 +23,8 @@ import argparse
 import json
 import os
 import socket
+import statistics
+import time
 
 import torch
 
@@ -83,6 +87,27 @@ def caption_mask(batch: int, caption_len: int) -> torch.Tensor:
 def caption_tokens(batch: int, caption_len: int) -> float:
     """Mean unpadded caption length of ``make_inputs``' batch (what the FLOP count sees)."""
     return float(caption_mask(batch, caption_len).sum(1).float().mean())
+
+
+class PhaseClock:
+    """Wall time between ``lap`` calls, the device synchronised at each, appended to ``phases[name]`` (no-op when
+    ``phases`` is None, so the timed step itself never synchronises mid-step)."""
+
+    def __init__(self, device: torch.device, phases: dict[str, list[float]] | None):
+        self.device, self.phases = device, phases
+        self.last = self._now() if phases is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.phases is None:
+            return
+        now = self._now()
+        self.phases.setdefault(name, []).append((now - self.last) * 1000)
+        self.last = now
 
 
 def peak_gib(device: torch.device) -> float:
@@ -171,14 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     def model_fn(x, t, feats, mask):  # as loop.loss_step: solver tensors fp32, the model in the engine's dtype
         return engine(x.to(dtype), t, feats.to(dtype), mask)
 
-    def our_step_fn(size: int, batch: int):
+    def our_step_fn(size: int, batch: int, phases: dict[str, list[float]] | None = None):
+        """One training step; with ``phases``, the wall time of each phase is appended there (synchronised)."""
         x1, t, noise, feats, mask = make_inputs(mcfg, size, batch, args.caption_len, device)
 
         def step():
+            clock = PhaseClock(device, phases)
             loss, _ = flow_matching_loss(model_fn, x1, feats, mask, t=t, noise=noise)
+            clock.lap("forward")
             engine.backward(loss)
+            clock.lap("backward")
             engine.step()
+            clock.lap("optimizer")
             ema.update()
+            clock.lap("ema")
             return loss
 
         return step
@@ -193,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"non-finite training loss {loss} at {size}² × {batch}")
         ms, _ = timed(step, device, args.warmup, args.repeats)
         peaks[size] = peak_gib(device)
-        rows.append(report(label, size, batch, ms, peaks[size], {"loss": loss}))
+        phases: dict[str, list[float]] = {}
+        timed(our_step_fn(size, batch, phases), device, 0, args.repeats)  # separately: the laps synchronise
+        breakdown = {name: statistics.median(times) for name, times in phases.items()}
+        rows.append(report(label, size, batch, ms, peaks[size], {"loss": loss, "phases_ms": breakdown}))
+        print(f"{'':>28} {size}² × {batch:<3} phases: "
+              + " | ".join(f"{name} {value:.1f} ms" for name, value in breakdown.items()))
     # The searches come after every plain row: an out-of-memory error inside a ZeRO-3 step may leave the engine's
     # partitions half gathered, so nothing is measured after the first one.
     if args.max_batch and cuda:
