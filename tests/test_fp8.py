@@ -18,9 +18,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
-def test_rowwise_quantization_uses_the_full_range_per_row():
-    x = torch.randn(6, 32) * torch.logspace(-3, 3, 6)[:, None]  # rows of very different magnitudes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the activations of a bf16 model
+def test_rowwise_quantization_uses_the_full_range_per_row(dtype):
+    x = (torch.randn(6, 32) * torch.logspace(-3, 3, 6)[:, None]).to(dtype)  # rows of very different magnitudes
     q, scale = quantize_rowwise(x)
+    assert scale.dtype == torch.float32
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
     assert torch.allclose(q.float().abs().amax(-1), torch.full((6,), E4M3_MAX))
     assert rel_err(q.float() * scale, x) < 0.05  # 3 mantissa bits: a few per cent per element at most
