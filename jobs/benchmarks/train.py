@@ -7,8 +7,9 @@ autocast (no optimizer step), same config, weights, batch and inputs.
 Per bucket (``SIZE:MICRO_BATCH``) it prints samples/s, tokens/s, model TFLOP/s and MFU, and where our step's time
 goes: the median of each phase (forward with the loss; backward with the recomputation and ZeRO-3's gradient
 reduce-scatter; optimizer step; EMA) over a second set of steps whose phases are synchronised one by one. Model FLOPs
-are those of ``jobs.training.metrics.train_flops`` (forward + backward = 3 × forward; recomputation not counted) and MFU is taken
-against the bf16 matmul ceiling measured in the same run (anchors.md convention) and against the datasheet peak.
+are those of ``jobs.training.metrics.train_flops`` (forward + backward = 3 × forward; recomputation not counted) and
+MFU is taken against the bf16 matmul ceiling measured in the same run (anchors.md convention) and against the
+datasheet peak.
 ``--max-batch N`` also reports the largest micro-batch that fits each bucket (CUDA): peak memory is measured at the
 given micro-batch and at twice it, extrapolated linearly to the card's memory, and the prediction is run to confirm it
 and to time the step at that micro-batch.

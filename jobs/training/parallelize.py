@@ -1,8 +1,8 @@
 """Everything applied to the model from outside it, in one documented order (style.md practices 4–5):
 
     build (seeded init or ``model.init_from``) → LoRA (peft; freezes the base) → activation checkpointing
-    → ZeRO-3 leaf blocks → compiled block forwards → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32) → EMA over the engine's
-    parameter partitions.
+    → ZeRO-3 leaf blocks → compiled block forwards → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32)
+    → EMA over the engine's parameter partitions.
 
 The model never branches on any of these. The EMA lives here too because under ZeRO-3 it must follow the engine's
 partitioning: every rank keeps the fp32 EMA of its own partition of every parameter (no gather per step), and the full
