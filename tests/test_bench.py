@@ -51,7 +51,7 @@ def test_train_bench_times_the_zero3_step_beside_the_peer(tmp_path):
         assert row["mfu_measured"] == pytest.approx(row["tflops"] / row["ceiling_tflops"])
     ours = [r for r in rows if r["who"].startswith("ours")]
     assert all(0 < r["loss"] < 10 for r in ours)
-    for row in ours:  # where the step's time goes: every phase measured, together about one step
+    for row in ours:  # where the step's time goes: each phase measured
         assert list(row["phases_ms"]) == ["forward", "backward", "optimizer", "ema"]
         assert all(v > 0 for v in row["phases_ms"].values())
     assert "phases: forward" in stdout
