@@ -224,10 +224,13 @@ def test_class_conditional_task_builds_a_loss():
 
 
 @pytest.fixture
-def world_of_one():
-    """A gloo process group of one in this process (what Ray Train sets up on each worker), torn down afterwards."""
+def world_of_one(monkeypatch):
+    """A gloo process group of one in this process (what Ray Train sets up on each worker), torn down afterwards with
+    the rendezvous variables it sets, so no later test inherits them."""
     from jobs.benchmarks.train import init_single_process_group
 
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded as unset before: monkeypatch removes it again afterwards
     init_single_process_group(torch.device("cpu"))
     yield
     torch.distributed.destroy_process_group()
