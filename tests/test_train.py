@@ -263,7 +263,7 @@ def test_compiled_blocks_train_as_eager_under_zero3_with_checkpointing(world_of_
             loss, _ = flow_matching_loss(engine, x1, feats, mask, t=t, noise=noise)
             engine.backward(loss)
             engine.step()
-            out.append(float(loss))
+            out.append(loss.item())
         return out
 
     torch._dynamo.reset()
