@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.config_io import from_dict, to_dict
@@ -238,11 +239,22 @@ def official_args(cfg: NextDiTConfig) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file; ``shapes_only`` reads no tensor data (meta tensors from a safetensors header, or a
+    memory-mapped ``.pth`` whose pages are never touched)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        if not shapes_only:
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=shapes_only)
+        except RuntimeError:
+            if not shapes_only:
+                raise
+            # a legacy (pre-zip) .pth cannot be memory-mapped: read it whole
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle errors of many kinds
         raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({exc})") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -291,8 +303,12 @@ def _official_weights_file(folder: Path, ema: bool) -> Path:
     raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.pth")
 
 
-def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> tuple[NextDiTConfig, dict[str, torch.Tensor], dict]:
-    """(config, official-layout state dict, extra metadata) of any supported checkpoint at a local path."""
+def read_checkpoint(path: str | os.PathLike, ema: bool = False,
+                    tensors: bool = True) -> tuple[NextDiTConfig, dict[str, torch.Tensor], dict]:
+    """(config, official-layout state dict, extra metadata) of any supported checkpoint at a local path.
+
+    ``tensors=False`` reads no weights: the state dict is empty for our and diffusers' folders (config.json describes
+    the model) and holds unread tensors of the stored shapes for an official checkpoint (its shapes are its config)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -300,14 +316,18 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> tuple[NextDiT
     if kind == "ours":
         data = json.loads((path / CONFIG_FILE).read_text())
         cfg = from_dict(NextDiTConfig, data["model"])
+        extra = {k: v for k, v in data.items() if k not in ("format", "model")}
+        if not tensors:
+            return cfg, {}, extra
         weights = path / (EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE)
         if not weights.exists():
             raise CheckpointError(f"{path}: missing {weights.name}")
-        extra = {k: v for k, v in data.items() if k not in ("format", "model")}
         return cfg, load_file(str(weights)), extra
     if kind == "diffusers":
         folder = path / "transformer" if (path / "transformer" / CONFIG_FILE).exists() else path
         cfg = config_from_diffusers(json.loads((folder / CONFIG_FILE).read_text()))
+        if not tensors:
+            return cfg, {}, {}
         weights = folder / DIFFUSERS_WEIGHTS
         if not weights.exists():
             raise CheckpointError(f"{folder}: missing {DIFFUSERS_WEIGHTS}")
@@ -317,10 +337,21 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> tuple[NextDiT
         weights, folder = path, path.parent
     else:
         weights, folder = _official_weights_file(path, ema), path
-    state = _load_tensors(weights)
+    state = _load_tensors(weights, shapes_only=not tensors)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     cfg = config_from_official(state, _load_official_args(folder / OFFICIAL_ARGS_FILE))
     return cfg, state, {}
+
+
+def read_config(path: str) -> NextDiTConfig:
+    """The architecture of any supported checkpoint, local or s3://, without reading its weights (a remote folder of
+    ours or diffusers' gives only its JSON files; a remote official checkpoint is copied whole first)."""
+    local, tmp = _localise(path, tensors=False)
+    try:
+        return read_checkpoint(local, tensors=False)[0]
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
 
 
 def build_model(cfg: NextDiTConfig, state: dict[str, torch.Tensor], device="cpu", dtype=None) -> NextDiT:
@@ -347,14 +378,23 @@ def build_model(cfg: NextDiTConfig, state: dict[str, torch.Tensor], device="cpu"
     return model.to(device)
 
 
-def _localise(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """Copy a remote (s3://…) checkpoint to a temporary local folder."""
+def _localise(path: str, tensors: bool = True) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """Copy a remote (s3://…) checkpoint to a temporary local folder; ``tensors=False``: only the JSON files of a
+    folder that has a config.json (what ``read_checkpoint(..., tensors=False)`` reads)."""
     if not is_remote(str(path)):
         return str(path), None
     fs, remote = filesystem(str(path))
     tmp = tempfile.TemporaryDirectory(prefix="nextdit-")
     if fs.isdir(remote):
-        fs.get(remote.rstrip("/") + "/", tmp.name, recursive=True)
+        root = remote.rstrip("/")
+        files = fs.find(root)
+        if not tensors and any(f.endswith(f"/{CONFIG_FILE}") for f in files):
+            for f in (f for f in files if f.endswith(".json")):
+                local = os.path.join(tmp.name, os.path.relpath(f, root))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fs.get(f, local)
+            return tmp.name, tmp
+        fs.get(root + "/", tmp.name, recursive=True)
         return tmp.name, tmp
     local = os.path.join(tmp.name, os.path.basename(remote))
     fs.get(remote, local)

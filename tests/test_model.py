@@ -198,6 +198,26 @@ def test_load_and_save_on_s3(tiny, s3_bucket, tmp_path):
         assert torch.equal(loaded.state_dict()[key], value)
 
 
+@pytest.mark.parametrize("fmt", ["ours", "official", "diffusers"])
+def test_read_config_reads_no_weights_locally_or_on_s3(tiny, fmt, s3_bucket, tmp_path, monkeypatch):
+    """What training reads of ``model.init_from`` on the driver and on every worker before the weights: the
+    architecture, from a local or s3:// checkpoint of any format, without reading a weights file."""
+    from models import checkpoint
+
+    url = f"s3://{s3_bucket}/models/{fmt}"
+    tiny.save_pretrained(str(tmp_path / fmt), fmt=fmt)
+    tiny.save_pretrained(url, fmt=fmt)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("read_config read a weights file")
+
+    monkeypatch.setattr(checkpoint, "load_file", no_weights)
+    assert checkpoint.read_config(str(tmp_path / fmt)) == tiny.config
+    assert checkpoint.read_config(url) == tiny.config
+    with pytest.raises(FileNotFoundError):
+        checkpoint.read_config(f"s3://{s3_bucket}/models/nothing")
+
+
 def test_vae_and_text_encoder_load_from_s3_through_the_local_cache(s3_bucket, tmp_path, monkeypatch):
     from models.storage import filesystem
     from models.text_encoder import TextEncoder

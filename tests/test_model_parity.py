@@ -6,9 +6,10 @@ import argparse
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models import NextDiT, NextDiTConfig
-from models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from models.checkpoint import CheckpointError, read_checkpoint, read_config, write_checkpoint
 from tests.helpers import caption_batch, randomise
 
 diffusers = pytest.importorskip("diffusers")
@@ -122,6 +123,12 @@ def test_official_pth_with_model_args_is_read_weights_only(peer_folder, tmp_path
                tmp_path / "model_args.pth")
     cfg, state, _ = read_checkpoint(tmp_path)
     assert cfg == ours.config
+    # the architecture alone, from the stored shapes without reading the tensors: memory-mapped .pth, safetensors header
+    assert read_config(str(tmp_path)) == ours.config
+    (tmp_path / "st").mkdir()
+    save_file(ours.state_dict(), tmp_path / "st" / "consolidated.00-of-01.safetensors")
+    (tmp_path / "st" / "model_args.pth").write_bytes((tmp_path / "model_args.pth").read_bytes())
+    assert read_config(str(tmp_path / "st")) == ours.config
     # and a pickle that would execute code is refused
     class Evil:
         def __reduce__(self):

@@ -278,19 +278,22 @@ def test_checkpoints_to_s3(prepared, s3_bucket, tmp_path):
     NextDiT.from_pretrained(str(tmp_path / "model"), ema=True)
 
 
-def test_lora_finetune_with_online_text_encoder(prepared, tmp_path):
-    """LoRA on a pretrained tiny Next-DiT (1 worker), captions encoded online by the frozen text encoder; the export is
-    a peft adapter folder that loads on top of the base model with exactly the trained adapter weights."""
+def test_lora_finetune_of_a_model_on_s3_with_online_text_encoder(prepared, s3_bucket, tmp_path):
+    """LoRA on a pretrained tiny Next-DiT kept on S3 (1 worker), captions encoded online by the frozen text encoder; the
+    export is a peft adapter folder that loads on top of the base model with exactly the trained adapter weights."""
     from peft import PeftModel
 
     from jobs.export import main as export_main
     from jobs.training.checkpointing import consolidate, latest_checkpoint
     from models import NextDiT
+    from models.storage import filesystem
     from tests.tiny_models import make_tiny_model_folder
 
     base = make_tiny_model_folder(tmp_path / "base", text_encoder=prepared["text_encoder"], vae=prepared["vae"])
+    fs, remote = filesystem(f"s3://{s3_bucket}/base")
+    fs.put(f"{base}/", remote, recursive=True)
     cfg = make_config(prepared, tmp_path, "lora", workers=1, steps=2, train={"record_samples": False},
-                      model={"init_from": base}, lora={"enabled": True, "rank": 4},
+                      model={"init_from": f"s3://{s3_bucket}/base"}, lora={"enabled": True, "rank": 4},
                       data={"text_features": "online", "text_encoder": prepared["text_encoder"]})
     assert fit(cfg).metrics["step"] == 2
     latest = latest_checkpoint(str(tmp_path / "lora"))

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 def model_config(cfg: TrainConfig) -> NextDiTConfig:
     """The architecture: the pretrained folder's when fine-tuning, else the preset with overrides."""
     if cfg.model.init_from:
-        from models.checkpoint import read_checkpoint
+        from models.checkpoint import read_config
 
-        return read_checkpoint(cfg.model.init_from)[0]
+        return read_config(cfg.model.init_from)
     overrides = dict(cfg.model.overrides)
     if cfg.train.task == "class":
         overrides.setdefault("conditioning", "class")

@@ -15,6 +15,7 @@ from typing import Any
 
 from jobs.training.config import TrainConfig
 from jobs.training.data import DataPlan
+from models.checkpoint import CheckpointError
 from models.config_io import ConfigError, to_dict
 from models.storage import filesystem, is_remote, join
 from pipelines import constants as C
@@ -48,7 +49,10 @@ def validate(cfg: TrainConfig, write_probe: bool = True) -> DataPlan:
     from jobs.training.parallelize import model_config
 
     cfg.validate()
-    mcfg = model_config(cfg)
+    try:
+        mcfg = model_config(cfg)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise ConfigError(f"model.init_from: {exc}") from exc
     plan = DataPlan.from_manifest(cfg.data.uri, cfg.data.modality, cfg.data.micro_batch)
     for warning in plan.check(cfg.scaling.workers, cfg.train.grad_accum):
         log.warning(warning)
