@@ -225,26 +225,36 @@ class NextDiT(nn.Module):
     def initialize_weights(self) -> None:
         """As the reference: xavier-uniform linears with zero biases; N(0, 0.02) for the timestep MLP, label table and
         pad token; zero for every modulation, cross-attention gate, the caption projection and the output layer, so each
-        block starts as the identity and the model as zero velocity."""
-        for module in self.modules():
+        block starts as the identity and the model as zero velocity.
+
+        Submodules are initialised through ``Module.apply``, the hook DeepSpeed's ``zero.Init`` gathers a module's
+        partitioned parameters around: the same code initialises a model that is built already sharded."""
+
+        def xavier(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.pad_token, std=0.02)
+
+        def normal(module: nn.Module) -> None:
+            nn.init.normal_(module.weight, std=0.02)
+
+        def zeros(module: nn.Module) -> None:
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+        self.apply(xavier)
+        nn.init.normal_(self.pad_token, std=0.02)  # the root's own parameter: not partitioned before __init__ returns
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(linear.weight, std=0.02)
+            linear.apply(normal)
         if self.config.conditioning == "text":
-            nn.init.zeros_(self.cap_embedder[1].weight)
-            nn.init.zeros_(self.cap_embedder[1].bias)
+            self.cap_embedder[1].apply(zeros)
         else:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+            self.y_embedder.embedding_table.apply(normal)
         for block in self.layers:
-            nn.init.zeros_(block.adaLN_modulation[1].weight)
-            nn.init.zeros_(block.adaLN_modulation[1].bias)
+            block.adaLN_modulation[1].apply(zeros)
         for linear in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            linear.apply(zeros)
 
     # ----------------------------------------------------------------------------------------------------------------
     def set_activation_checkpointing(self, enabled: bool = True, every: int = 1) -> None:

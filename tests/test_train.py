@@ -273,3 +273,81 @@ def test_compiled_blocks_train_as_eager_under_zero3_with_checkpointing(world_of_
     assert frames == 2, frames  # one graph per bucket shape (128², 64²), shared by the 4 blocks
     assert compiled == pytest.approx(eager, rel=1e-5)
     assert eager[2] != eager[0]  # the optimizer moved the weights in between
+
+
+@pytest.mark.parametrize("source", ["seeded t2i", "seeded class", "init_from"])
+def test_partitioned_build_has_the_weights_of_the_plain_build(world_of_one, tmp_path, source):
+    """deepspeed.zero_init: the model is built under zero.Init (every parameter a ZeRO-3 partition from construction
+    on) with exactly the weights of the unpartitioned build: the seeded initialisation of either task, or the
+    checkpoint of model.init_from scattered module by module."""
+    import deepspeed
+
+    from jobs.training.parallelize import build_model
+    from tests.helpers import random_nextdit
+
+    settings = {"model": {"preset": "tiny"}, "train": {"seed": 3},
+                "deepspeed": {"torch_adam": True, "param_persistence_threshold": 0}}
+    if source == "seeded class":
+        settings.update(model={"preset": "tiny-class"}, train={"task": "class", "seed": 3})
+    if source == "init_from":
+        random_nextdit(preset("tiny"), seed=5).save_pretrained(str(tmp_path / "base"))
+        settings["model"]["init_from"] = str(tmp_path / "base")
+    cfg = from_dict(TrainConfig, settings)
+    plain = build_model(cfg).state_dict()
+    partitioned = build_model(cfg, world=1)
+    params = list(partitioned.parameters())
+    assert all(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params):
+        for key, value in partitioned.state_dict().items():
+            assert torch.equal(value, plain[key]), key
+    assert any(value.abs().sum() > 0 for key, value in plain.items() if "adaLN" in key) == (source == "init_from")
+
+
+def _build_on_two_ranks(rank: int, port: int, folder: str, results) -> None:
+    """One of two gloo ranks (spawned): builds the partitioned model, seeded and from ``folder``, and reports what it
+    holds and whether the gathered weights equal the plain build's."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    import deepspeed
+
+    from jobs.training.parallelize import build_model
+
+    for init_from in (None, folder):
+        cfg = from_dict(TrainConfig, {"model": {"preset": "tiny", "init_from": init_from},
+                                      "deepspeed": {"torch_adam": True}})
+        plain = build_model(cfg).state_dict()
+        model = build_model(cfg, world=2)
+        held = sum(p.ds_tensor.numel() for p in model.parameters())
+        total = sum(p.ds_numel for p in model.parameters())
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            same = all(torch.equal(value, plain[key]) for key, value in model.state_dict().items())
+        results.put((rank, init_from is not None, held, total, same))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_each_build_half_of_the_model_with_its_weights(tmp_path):
+    """deepspeed.zero_init on two ranks (DeepSpeed's default persistence threshold): each rank holds half of the
+    model from construction on, and the gathered weights are the plain build's — seeded, and model.init_from read by
+    rank 0 alone and scattered."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+    from tests.helpers import random_nextdit
+
+    random_nextdit(preset("tiny"), seed=5).save_pretrained(str(tmp_path / "base"))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    ranks = [ctx.Process(target=_build_on_two_ranks, args=(r, port, str(tmp_path / "base"), results)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    reports = [results.get(timeout=300) for _ in range(4)]
+    for p in ranks:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in ranks)
+    assert sorted((r, init) for r, init, *_ in reports) == [(0, False), (0, True), (1, False), (1, True)]
+    for _, _, held, total, same in reports:
+        assert held == total // 2 and same

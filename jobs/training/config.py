@@ -92,6 +92,11 @@ class DeepSpeedSection:
     # and norm: far less Python overhead per step, fewer and larger all-gathers); the block's parameters are resident
     # while it runs. false: DeepSpeed's per-submodule default (always used for LoRA runs, parallelize.py says why).
     gather_whole_blocks: bool = True
+    # ZeRO-3: build the model already partitioned (deepspeed.zero.Init): no rank ever holds the whole model, which is
+    # what lets the 7B presets start on GPUs and nodes that cannot hold one fp32 copy per rank. The seeded weights are
+    # those of an unpartitioned build; model.init_from is read by rank 0 alone and scattered module by module. LoRA runs
+    # build the frozen base whole (peft wraps it before DeepSpeed does).
+    zero_init: bool = True
 
 
 @dataclass

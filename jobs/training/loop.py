@@ -255,7 +255,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     with (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
         saved = checkpointing.read_state(ckpt_dir) if ckpt_dir else None
         same_world = saved is None or saved["world"] == world
-        model = build_model(cfg, device)
+        model = build_model(cfg, device, world)
         engine = parallelize(model, cfg, world, load_universal=not same_world)
         ema = ShardedEMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         state = None

@@ -1,8 +1,8 @@
 """Everything applied to the model from outside it, in one documented order (style.md practices 4–5):
 
-    build (seeded init or ``model.init_from``) → LoRA (peft; freezes the base) → activation checkpointing
-    → ZeRO-3 leaf blocks → compiled block forwards → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32)
-    → EMA over the engine's parameter partitions.
+    build (seeded init or ``model.init_from``; under ZeRO-3 already partitioned) → LoRA (peft; freezes the base)
+    → activation checkpointing → ZeRO-3 leaf blocks → compiled block forwards
+    → DeepSpeed ZeRO-3 engine (AdamW, clipping, warm-up, bf16/fp32) → EMA over the engine's parameter partitions.
 
 The model never branches on any of these. The EMA lives here too because under ZeRO-3 it must follow the engine's
 partitioning: every rank keeps the fp32 EMA of its own partition of every parameter (no gather per step), and the full
@@ -35,13 +35,56 @@ def model_config(cfg: TrainConfig) -> NextDiTConfig:
     return preset(cfg.model.preset, **overrides)
 
 
-def build_model(cfg: TrainConfig, device: str | torch.device = "cpu") -> NextDiT:
-    """The fp32 model with its initial weights: seeded (identical on every rank) or loaded from ``model.init_from``."""
+def build_model(cfg: TrainConfig, device: str | torch.device = "cpu", world: int | None = None) -> NextDiT:
+    """The model with its initial weights: seeded (identical on every rank) or loaded from ``model.init_from``.
+
+    Given the ``world`` of a run whose engine will partition it (ZeRO-3, ``deepspeed.zero_init``, no LoRA), it is built
+    already partitioned across that world; the weights are those of the unpartitioned build."""
+    if world is not None and builds_partitioned(cfg):
+        return build_partitioned(cfg, world)
     if cfg.model.init_from:
         return NextDiT.from_pretrained(cfg.model.init_from, ema=cfg.model.init_ema).to(device)
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         return NextDiT(model_config(cfg))
+
+
+def builds_partitioned(cfg: TrainConfig) -> bool:
+    return cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init and not cfg.lora.enabled
+
+
+def build_partitioned(cfg: TrainConfig, world: int) -> NextDiT:
+    """``deepspeed.zero.Init``: each module's parameters are partitioned as soon as the module is constructed (on the
+    current accelerator, in the engine's dtype), and ``NextDiT.initialize_weights`` runs through ``Module.apply``, which
+    DeepSpeed wraps to gather a module around its initialisation. Every rank joins every gather (collectives)."""
+    import deepspeed
+
+    deepspeed.init_distributed()  # over the existing process group (as deepspeed.initialize does): zero.Init needs it
+    torch.manual_seed(cfg.train.seed)
+    # mem_efficient_linear=False: DeepSpeed would otherwise replace F.linear process-wide, for good.
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world), mem_efficient_linear=False):
+        model = NextDiT(model_config(cfg))
+    if cfg.model.init_from:
+        load_partitioned(model, cfg.model.init_from, cfg.model.init_ema)
+    return model
+
+
+def load_partitioned(model: NextDiT, path: str, ema: bool = False) -> None:
+    """Copy a checkpoint into a partitioned model, one module at a time: only rank 0 reads the checkpoint (one copy of
+    the weights per run, not per rank); each module's parameters are gathered on every rank, written on rank 0, and
+    broadcast and re-partitioned by DeepSpeed when the gather closes."""
+    import deepspeed
+    import torch.distributed as dist
+
+    state = NextDiT.from_pretrained(path, ema=ema).state_dict() if dist.get_rank() == 0 else None
+    for prefix, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+            if state is not None:
+                for name, param in params.items():
+                    param.copy_(state[f"{prefix}.{name}" if prefix else name])
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
