@@ -199,9 +199,12 @@ def test_bad_configs_fail_before_workers(tmp_path, capsys):
     with pytest.raises(ConfigError, match="2 names; the model has 10 classes"):
         run_train([*base[:4], "--preset", "tiny-class", "--steps", "2", "--set", "train.task=class",
                    "--set", "model.class_names=[a, b]"])
+    with pytest.raises(ConfigError, match="model.init_from: no checkpoint at"):
+        run_train(base + ["--set", f"model.init_from={tmp_path / 'no_model'}"])
     assert run_train(base + ["--workers", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "bucket 128x128" in out and "global batch 4" in out and '"stage": 3' in out
+    assert "built partitioned across the workers" in out
 
 
 def test_class_conditional_task_builds_a_loss():

@@ -136,14 +136,16 @@ def describe(cfg: TrainConfig, plan: DataPlan) -> str:
 
     import torch
 
-    from jobs.training.parallelize import deepspeed_config, model_config
+    from jobs.training.parallelize import builds_partitioned, deepspeed_config, model_config
     from models import NextDiT
 
     mcfg = model_config(cfg)
     with torch.device("meta"):
         params = sum(p.numel() for p in NextDiT(mcfg).parameters())
-    lines = [f"model: preset {cfg.model.preset}, {params / 1e6:.2f} M parameters, task {cfg.train.task}"
-             + (f", LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else ""),
+    source = f"from {cfg.model.init_from}" if cfg.model.init_from else f"preset {cfg.model.preset}"
+    build = "partitioned across the workers (zero.Init)" if builds_partitioned(cfg) else "whole on each worker"
+    lines = [f"model: {source}, {params / 1e6:.2f} M parameters, task {cfg.train.task}"
+             + (f", LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "") + f", built {build}",
              (f"workers: {cfg.scaling.workers} ({'GPU' if cfg.scaling.gpu else 'CPU'}), steps {cfg.train.steps}, "
               f"grad_accum {cfg.train.grad_accum}"),
              f"storage: {join(cfg.run.storage, cfg.run.name)}",
