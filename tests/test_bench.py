@@ -57,6 +57,13 @@ def test_train_bench_times_the_zero3_step_beside_the_peer(tmp_path):
     assert "phases: forward" in stdout
 
 
+def test_build_bench_builds_whole_and_partitioned_on_each_worker(tmp_path):
+    stdout, rows = run_bench(["build", "--preset", "small", "--workers", "2"], tmp_path)
+    assert stdout.startswith("device: CPU, 2 processes")
+    assert sorted((r["partitioned"], r["rank"]) for r in rows) == [(False, 0), (False, 1), (True, 0), (True, 1)]
+    assert len({r["params"] for r in rows}) == 1  # every worker accounts for the whole model, held whole or in part
+
+
 def test_image_bench_generates_through_our_sampler_and_diffusers_pipeline(tmp_path):
     stdout, (row,) = run_bench(["image", "--device", "cpu", "--preset", "tiny", "--size", "64", "--steps", "2",
                                 "--warmup", "0", "--repeats", "1"], tmp_path)
