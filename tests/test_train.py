@@ -303,6 +303,7 @@ def test_partitioned_build_has_the_weights_of_the_plain_build(world_of_one, tmp_
     with deepspeed.zero.GatheredParameters(params):
         for key, value in partitioned.state_dict().items():
             assert torch.equal(value, plain[key]), key
+    # seeded: zero-initialised modulation (the reference init ran); init_from: the checkpoint's random modulation
     assert any(value.abs().sum() > 0 for key, value in plain.items() if "adaLN" in key) == (source == "init_from")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import resource
 import time
 
@@ -69,11 +70,17 @@ def measure(settings: dict, workers: int, partitioned: bool) -> list[tuple]:
              for r in range(workers)]
     for p in procs:
         p.start()
-    reports = [results.get(timeout=1800) for _ in procs]
+    reports = []
+    while len(reports) < len(procs):
+        try:
+            reports.append(results.get(timeout=5))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):  # the others would wait in a collective for ever
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a build worker failed (exit codes {[p.exitcode for p in procs]})") from None
     for p in procs:
         p.join(timeout=120)
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a build worker failed (exit codes {[p.exitcode for p in procs]})")
     return sorted(reports)
 
 
