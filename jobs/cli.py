@@ -11,7 +11,16 @@ import sys
 import typing
 from typing import Any, TypeVar
 
-from models.config_io import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
+from models.config_io import (
+    PRESET_KEY,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    merge,
+    parse_override,
+    to_dict,
+)
 
 T = TypeVar("T")
 
@@ -37,7 +46,36 @@ def config_field_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def make_parser(prog: str, description: str, config_cls: type | None = None) -> argparse.ArgumentParser:
+def default_set_example(cls: type, prefix: str = "") -> str | None:
+    """A valid ``dotted.key=value`` for ``cls``: its first leaf field with a plain scalar default, set to that default."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(tp):
+            found = default_set_example(tp, key + ".")
+            if found:
+                return found
+            continue
+        default = field.default
+        if isinstance(default, bool):
+            return f"{key}={str(default).lower()}"
+        if isinstance(default, (int, float)):
+            return f"{key}={default!r}"
+        # a non-empty one-word string that YAML reads back as itself (not 'yes', '1', 'null')
+        if (isinstance(default, str) and default.isprintable() and default and " " not in default
+                and parse_override(f"{key}={default}")[1] == default):
+            return f"{key}={default}"
+    return None
+
+
+def make_parser(prog: str, description: str, config_cls: type | None = None,
+                set_example: str | None = None) -> argparse.ArgumentParser:
+    """The job's parser: ``--config``, ``--set``, ``--dry-run`` (with ``config_cls``) and ``--log-level``.
+
+    ``set_example`` is the ``dotted.key=value`` the ``--set`` help shows; it must be a real field of ``config_cls`` with
+    a valid value (tests/test_cli_examples.py checks every job's). Without it the help shows a field set to its default.
+    """
     epilog = None
     if config_cls is not None:
         epilog = "config fields (set with --set key=value or in --config FILE):\n" + "\n".join(
@@ -48,9 +86,11 @@ def make_parser(prog: str, description: str, config_cls: type | None = None) -> 
     )
     if config_cls is not None:
         parser.add_argument("--config", metavar="FILE", help="YAML config file (local path or URL)")
+        example = set_example or default_set_example(config_cls)
         parser.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override one config field, e.g. --set train.lr=2e-4 (repeatable)",
+            help="override one config field (dotted key, YAML value; numbers may use scientific notation such as "
+                 "2e-4)" + (f", e.g. --set {example}" if example else "") + " (repeatable)",
         )
         parser.add_argument("--dry-run", action="store_true", help="build and validate everything, run nothing")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="logging level")
@@ -59,22 +99,44 @@ def make_parser(prog: str, description: str, config_cls: type | None = None) -> 
 
 def resolve_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any] | None = None,
                    base: T | None = None) -> T:
-    """defaults (or ``base``) ← ``--config`` file ← named flags (dotted keys, None = not given) ← ``--set``."""
+    """defaults (or ``base``) ← ``--config`` file ← section presets (``--set sampler=official``) ← named flags (dotted
+    keys, None = not given) ← other ``--set`` overrides. A preset replaces its whole section, so it goes before the
+    flags: ``--steps 20 --set sampler=official`` is the official sampling with 20 steps."""
     data = to_dict(base) if base is not None else {}
     if getattr(args, "config", None):
         data = merge(data, load_yaml(args.config))
+    overrides = list(getattr(args, "overrides", None) or [])
+    presets = [item for item in overrides if _names_a_preset(cls, item)]
+    apply_overrides(data, presets)
     for key, value in (flags or {}).items():
         if value is not None:
             apply_overrides_value(data, key, value)
-    apply_overrides(data, getattr(args, "overrides", None))
+    apply_overrides(data, [item for item in overrides if item not in presets])
     return from_dict(cls, data)
+
+
+def _names_a_preset(cls: type, item: str) -> bool:
+    """Whether ``--set`` ``item`` names a preset for a whole config section (a dataclass field whose class has
+    ``PRESETS``), e.g. ``sampler=official``."""
+    path, value = parse_override(item)
+    tp: Any = cls
+    for part in path:
+        if not dataclasses.is_dataclass(tp):
+            return False
+        tp = typing.get_type_hints(tp).get(part)
+    return isinstance(value, str) and dataclasses.is_dataclass(tp) and bool(getattr(tp, "PRESETS", None))
 
 
 def apply_overrides_value(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str):  # a section preset (--set sampler=official): the flag overrides one of its fields
+            child = node[part] = {PRESET_KEY: child}
+        node = child
     node[parts[-1]] = value
 
 

@@ -229,7 +229,7 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m jobs.demo", __doc__, DemoConfig)
+    parser = make_parser("python -m jobs.demo", __doc__, DemoConfig, set_example="counts.images=240")
     parser.add_argument("--out", help="output folder (default out/demo)")
     parser.add_argument("--steps", type=int, help="training steps")
     parser.add_argument("--train-vae", action="store_true", default=None, help="train the VAE instead of the shipped one")

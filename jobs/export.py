@@ -17,20 +17,35 @@ from jobs.cli import make_parser, run_main, setup_logging
 log = logging.getLogger("jobs.export")
 
 
-def references(train_config: dict) -> dict:
-    """The text-encoder / VAE references (model.* first, then data.*) and class names of the model folder's metadata,
-    from the run's config."""
+def references(train_config: dict, state: dict | None = None) -> dict:
+    """The model folder's metadata from the run: text-encoder and VAE references (the config's ``model.*``, then
+    ``data.*``, then the encoders jobs.prepare recorded for the shards — with the VAE's scale and shift and the text
+    encoder's settings, so the folder generates with no extra flags), class names, and how it was trained."""
     model, data = train_config.get("model", {}), train_config.get("data", {})
-    meta = {}
-    text_encoder = model.get("text_encoder") or data.get("text_encoder")
-    vae = model.get("vae") or data.get("vae")
+    recorded = (state or {}).get("encoders") or {}
+    meta: dict = {}
+    text_encoder = _reference(model.get("text_encoder") or data.get("text_encoder"), recorded.get("text_encoder"),
+                              ("path", "kind", "layer", "max_length", "pad_to_multiple_of"))
+    # data.vae encodes online (the shards hold images); otherwise the latents were made by the recorded VAE
+    vae = _reference(model.get("vae") or data.get("vae"), recorded.get("vae"),
+                     ("path", "scaling_factor", "shift_factor"))
     if text_encoder:
-        meta["text_encoder"] = {"path": text_encoder}
+        meta["text_encoder"] = text_encoder
     if vae:
-        meta["vae"] = {"path": vae}
+        meta["vae"] = vae
     if model.get("class_names"):
         meta["class_names"] = list(model["class_names"])
+    if state and "training" in state:
+        meta["training"] = dict(state["training"])
     return meta
+
+
+def _reference(given: str | None, record: dict | None, keys: tuple[str, ...]) -> dict | None:
+    """A component reference for the model folder: the recorded encoder (with its settings) when none is given or the
+    given one is the same path, else the given path."""
+    if record and (not given or given == record.get("path")):
+        return {k: record[k] for k in keys if record.get(k) is not None}
+    return {"path": given} if given else None
 
 
 def export(checkpoint_uri: str, out_dir: str, ema: bool = True) -> str:
@@ -60,7 +75,7 @@ def export(checkpoint_uri: str, out_dir: str, ema: bool = True) -> str:
             _write_adapter(train_config, raw, ema_state, local)
             return
         build_model(cfg, raw, device="meta")  # validates names and shapes before anything is written
-        write_checkpoint(cfg, raw, local, "ours", ema_state, references(train_config))
+        write_checkpoint(cfg, raw, local, "ours", ema_state, references(train_config, state))
 
     if is_remote(out_dir):
         with tempfile.TemporaryDirectory(prefix="export-") as tmp:

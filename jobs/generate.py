@@ -43,6 +43,7 @@ class RayConfig:
 @dataclass
 class GenerateConfig:
     model: str = ""  # our model folder, an official checkpoint or a diffusers folder (local or s3://)
+    adapter: str | None = None  # a LoRA adapter folder (jobs.export of a LoRA run) merged into the model's weights
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # path None: the folder's metadata
     vae: VAEConfig = field(default_factory=VAEConfig)  # path None: the folder's metadata
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -112,7 +113,7 @@ def build_sampler(cfg: GenerateConfig):
     device, dtype = _torch_setup(cfg)
     return Sampler.from_pretrained(cfg.model, text_encoder=cfg.text_encoder if cfg.text_encoder.path else None,
                                    vae=cfg.vae if cfg.vae.path else None, config=cfg.sampler, device=device,
-                                   dtype=dtype, ema=cfg.ema)
+                                   dtype=dtype, ema=cfg.ema, adapter=cfg.adapter)
 
 
 def output_fs(url: str, storage: dict | None = None):
@@ -199,8 +200,10 @@ def run_local(cfg: GenerateConfig, rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m jobs.generate", __doc__.split("\n\n")[0], GenerateConfig)
+    parser = make_parser("python -m jobs.generate", __doc__.split("\n\n")[0], GenerateConfig,
+                         set_example="sampler.schedule.shift=6.0")
     parser.add_argument("--model", help="model folder / official or diffusers checkpoint")
+    parser.add_argument("--adapter", help="LoRA adapter folder to apply on top of --model (jobs.export of a LoRA run)")
     parser.add_argument("--text-encoder", help="text-encoder folder or hub id (default: the model's metadata)")
     parser.add_argument("--vae", help="AutoencoderKL folder (default: the model's metadata)")
     parser.add_argument("--prompt", action="append",
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
 
-    flags = {"model": args.model, "text_encoder.path": args.text_encoder, "vae.path": args.vae,
+    flags = {"model": args.model, "adapter": args.adapter, "text_encoder.path": args.text_encoder, "vae.path": args.vae,
              "prompts": args.prompt, "prompt_file": args.prompt_file, "negative_prompt": args.negative_prompt,
              "size": args.size, "sampler.steps": args.steps, "sampler.solver": args.solver,
              "sampler.schedule.name": args.schedule, "sampler.guidance": args.guidance, "seed": args.seed,

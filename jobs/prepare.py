@@ -15,7 +15,8 @@ log = logging.getLogger("jobs.prepare")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("jobs.prepare", __doc__.split("\n\n")[1], PrepareConfig)
+    parser = make_parser("jobs.prepare", __doc__.split("\n\n")[1], PrepareConfig,
+                         set_example="bucket.image.max_patches=1024")
     parser.add_argument("--input", action="append", metavar="URI",
                         help="folder, glob, list file (.parquet/.csv/.jsonl) or WebDataset tar; repeatable")
     parser.add_argument("--output", metavar="URI", help="output folder: local path or s3://bucket/prefix")

@@ -21,7 +21,7 @@ DEFAULT_MODEL_NAME = "default"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m jobs.serve", __doc__, ServeConfig)
+    parser = make_parser("python -m jobs.serve", __doc__, ServeConfig, set_example="batching.max_batch_size=8")
     parser.add_argument("--model", help="model folder (ours / official / diffusers; local or s3://)")
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="the model's name in the API")
     parser.add_argument("--text-encoder", help="text encoder path (default: the folder's reference)")

@@ -17,7 +17,7 @@ log = logging.getLogger("jobs.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("jobs.train", __doc__.split("\n\n")[1], TrainConfig)
+    parser = make_parser("jobs.train", __doc__.split("\n\n")[1], TrainConfig, set_example="optim.lr=2e-4")
     parser.add_argument("--data", metavar="URI", help="a jobs.prepare output folder (local or s3://)")
     parser.add_argument("--storage", metavar="URI", help="where checkpoints go: local path or s3://bucket/prefix")
     parser.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (one per GPU)")

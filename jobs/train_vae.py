@@ -14,7 +14,7 @@ log = logging.getLogger("jobs.train_vae")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m jobs.train_vae", __doc__, TrainVAEConfig)
+    parser = make_parser("python -m jobs.train_vae", __doc__, TrainVAEConfig, set_example="kl_weight=1e-5")
     parser.add_argument("--data", help="folder of images")
     parser.add_argument("--output", help="where to save the AutoencoderKL folder (local or s3://)")
     parser.add_argument("--workers", type=int)

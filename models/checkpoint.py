@@ -374,7 +374,7 @@ def build_model(cfg: NextDiTConfig, state: dict[str, torch.Tensor], device="cpu"
         raise CheckpointError("checkpoint does not match the model config; " + "; ".join(parts))
     model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=True, assign=True)
     # Non-persistent buffers (RoPE pair layout) are not in the state dict: rebuild them off the meta device.
-    model.rope = NDRotaryEmbedding(cfg.head_dim, cfg.rope_axes, cfg.rope_theta, cfg.train_grid)
+    model.rope = NDRotaryEmbedding.for_model(cfg)
     return model.to(device)
 
 

@@ -8,8 +8,11 @@ it fails loudly on unknown keys and wrong types before any work starts (architec
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -26,8 +29,61 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# A number written as text. PyYAML implements YAML 1.1, whose float needs a dot and a signed exponent: it reads ``2e-4``,
+# ``1E5``, ``.5e1`` or ``1.0e4`` as *strings* (from ``--set`` and from config files alike), while ``2.0e-4`` is a float.
+# Numeric fields therefore accept a string in this (YAML 1.2 / JSON / Python) syntax; ``inf``/``nan``/``1_000`` are not
+# in it (YAML's own ``.inf`` / ``.nan`` already arrive as floats). A ``str`` field keeps such a string as it is.
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_MAX_INT_DIGITS = 100  # '1e100000' for an int field fails instead of building a 100,000-digit integer
+
+
+def _number_from_text(value: str) -> Decimal | None:
+    """The exact value of ``value`` if it is a number in decimal or scientific notation, else None."""
+    text = value.strip()
+    return Decimal(text) if _NUMBER.fullmatch(text) else None
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    if isinstance(value, str):
+        number = _number_from_text(value)
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        result = float(number)
+        if not math.isfinite(result):
+            raise ConfigError(f"{where}: {value!r} is out of range for a float")
+        return result
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    # An int field takes any *whole* number: 100000, '1e5' (YAML 1.1 hands it over as text), 1.0e+5 or 100000.0 (YAML
+    # floats). Scientific notation is the natural way to write step counts and sizes, and a whole value loses nothing.
+    # A fractional value ('1.5e-3', 2.5) fails, naming the field, rather than being rounded or truncated.
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        number = _number_from_text(value)
+        if number is None:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if number.adjusted() > _MAX_INT_DIGITS:
+            raise ConfigError(f"{where}: {value!r} is out of range for an integer")
+        if number != number.to_integral_value():
+            raise ConfigError(f"{where}: expected an integer, got {value!r} (not a whole number)")
+        return int(number)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r} (not a whole number)")
+        return int(value)
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert where the conversion is lossless (int→float, list→tuple)."""
+    """Check ``value`` against the annotation ``tp``; convert where the conversion is lossless (int→float, list→tuple,
+    a number written as text → int / float, a whole float → int)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -35,6 +91,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        if isinstance(value, str) and str in options:
+            return value  # `str | int`: a string stays a string, even one that reads as a number ('2e-4', '10')
         errors = []
         for option in options:
             if option is type(None):
@@ -42,7 +100,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, option, where)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
+        if len(errors) == 1:  # `float | None` and the like: the one real option's message ("expected a number, …")
+            raise errors[0]
         raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
@@ -51,7 +111,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) and not (isinstance(value, str) and getattr(tp, "PRESETS", None)):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
         return from_dict(tp, value, _where=where)
     if origin in (tuple, list):
@@ -72,13 +132,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        return _coerce_float(value, where)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return _coerce_int(value, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -92,8 +148,30 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+PRESET_KEY = "preset"
+
+
+def expand_preset(cls: type, data: Any, where: str = "") -> Any:
+    """A config class with a ``PRESETS`` table (name → partial dict) takes a preset name in place of its section —
+    ``--set sampler=official`` — or a ``preset`` key beside fields that override it. Returns the section with the
+    preset's values filled in (other input unchanged)."""
+    presets = getattr(cls, "PRESETS", None)
+    if not presets:
+        return data
+    if isinstance(data, str):
+        data = {PRESET_KEY: data}
+    if not isinstance(data, dict) or PRESET_KEY not in data:
+        return data
+    rest = {k: v for k, v in data.items() if k != PRESET_KEY}
+    name = data[PRESET_KEY]
+    if name not in presets:
+        raise ConfigError(f"{where or cls.__name__}: unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return merge(presets[name], rest)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], _where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict. Unknown keys and wrong types raise :class:`ConfigError`."""
+    data = expand_preset(cls, data, _where)
     if not isinstance(data, dict):
         raise ConfigError(f"{_where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -107,6 +185,8 @@ def from_dict(cls: type[T], data: dict[str, Any], _where: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]):
+            value = expand_preset(hints[name], value, f"{_where}.{name}" if _where else name)
         if isinstance(value, dict):
             # A partial section overrides the field's own default (its default_factory may differ from the nested
             # class's defaults), never rebuilds the section from the class defaults.
@@ -169,6 +249,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            elif isinstance(child, str):  # a preset name given earlier: later keys override its fields
+                child = node[part] = {PRESET_KEY: child}
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child

@@ -219,7 +219,7 @@ class NextDiT(nn.Module):
             self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.cond_dim)
         self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_layer = FinalLayer(cfg)
-        self.rope = NDRotaryEmbedding(cfg.head_dim, cfg.rope_axes, cfg.rope_theta, cfg.train_grid)
+        self.rope = NDRotaryEmbedding.for_model(cfg)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -302,9 +302,11 @@ class NextDiT(nn.Module):
         angles = torch.stack(rows)
         return torch.polar(torch.ones_like(angles), angles)
 
-    def attention_scale(self, lengths: list[int], device) -> float | torch.Tensor | None:
-        """Proportional attention (lumina-reference §2.4): sqrt(log_{N_base} N / hd) with N each sample's own tokens."""
-        if not self.config.proportional_attn:
+    def attention_scale(self, lengths: list[int], device,
+                        proportional: bool | None = None) -> float | torch.Tensor | None:
+        """Proportional attention (paper §"Resolution extrapolation"): sqrt(log_{N_base} N / hd) with N each sample's
+        own tokens; None (the default 1/sqrt(hd)) when ``proportional`` is off (None: the config's switch)."""
+        if not (self.config.proportional_attn if proportional is None else proportional):
             return None
         hd, base = self.config.head_dim, self.config.base_tokens
         scales = [math.sqrt(math.log(n, base) / hd) if n > 1 else 1.0 / math.sqrt(hd) for n in lengths]
@@ -313,7 +315,10 @@ class NextDiT(nn.Module):
         return torch.tensor(scales, dtype=torch.float32, device=device)
 
     def forward(self, x, t, cap_feats=None, cap_mask=None, labels=None, rope_scaling: RopeScaling | None = None,
-                context_drop: ContextDrop | None = None):
+                context_drop: ContextDrop | None = None, proportional_attn: bool | None = None):
+        """``proportional_attn``: None follows ``config.proportional_attn`` (on: the sampling-time scale); the
+        trainer passes its own switch, off by default, because the official recipe trains without it
+        (docs/training.md, "Proportional attention")."""
         cfg = self.config
         is_list = isinstance(x, (list, tuple))
         images = list(x) if is_list else list(x.unbind(0))
@@ -338,7 +343,7 @@ class NextDiT(nn.Module):
                 h[b, : emb.shape[0]] = emb
                 x_mask[b, : emb.shape[0]] = True
         rope = self.rope_tables(grids, t, rope_scaling, n_tokens, device)
-        self_scale = self.attention_scale(lengths, device)
+        self_scale = self.attention_scale(lengths, device, proportional_attn)
 
         # Conditioning vector c = t_emb + pooled caption (or label) embedding, (B, D_c).
         c = self.t_embedder(t, h.dtype)

@@ -12,6 +12,20 @@ from dataclasses import dataclass
 from models.config_io import ConfigError, from_dict
 
 CONDITIONINGS = ("text", "class")
+# The official recipe's aspect-ratio limit of its training crops (lumina-reference §7, imgproc.py): buckets up to 4:1
+# within the token budget. pipelines' bucket config takes its default from here.
+OFFICIAL_MAX_ASPECT = 4.0
+
+
+def longest_side(area: int, max_aspect: float = OFFICIAL_MAX_ASPECT) -> int:
+    """Tokens on the long side of the longest bucket w×h with w·h ≤ ``area`` and w/h ≤ ``max_aspect`` (the official
+    bucket rule): 128 for 4096 tokens at 4:1 (a 2048×512 image), 16 for 64."""
+    best = 1
+    for w in range(1, area + 1):
+        h = area // w
+        if h >= 1 and w / h <= max_aspect:
+            best = w
+    return best
 
 
 @dataclass
@@ -34,9 +48,17 @@ class NextDiTConfig:
     rope_theta: float = 10000.0
     # Real channels of each RoPE axis (frames, height, width); None: (0, head_dim/2, head_dim/2), the official 2D RoPE.
     rope_axes_dims: tuple[int, int, int] | None = None
-    # Tokens per axis (frames, height, width) at the training resolution: where RoPE scaling starts, and the
+    # Tokens per axis (frames, height, width) at the square training resolution: the default sampling size and the
     # proportional-attention base N_base = their product (1024 px / 16 px per token = 64).
     train_grid: tuple[int, int, int] = (1, 64, 64)
+    # What the model was trained on — where RoPE scaling starts (docs/sampling.md, "Resolution extrapolation"): the
+    # largest spatial token area of its training buckets, and the most tokens it saw on each axis (frames, height,
+    # width). None: the official recipe's, i.e. the area of train_grid and the long side of a 4:1 bucket within it
+    # (4096 tokens and 128 tokens per axis for 1024-px training). jobs.export records the run's buckets here.
+    trained_area: int | None = None
+    trained_sides: tuple[int, int, int] | None = None
+    # Proportional attention at sampling (the official sampling call sets it; training has its own switch, off by
+    # default as in the official recipe: train.proportional_attn).
     proportional_attn: bool = True
     attention_backend: str = "auto"
 
@@ -52,6 +74,10 @@ class NextDiTConfig:
             raise ConfigError(f"rope_axes_dims {axes} must be even and sum to the head dim {self.head_dim}")
         if self.rope_axes_dims is None and self.head_dim % 4:
             raise ConfigError(f"2D RoPE needs a head dim divisible by 4, got {self.head_dim}")
+        if self.trained_area is not None and self.trained_area < 1:
+            raise ConfigError(f"trained_area must be ≥ 1 token, got {self.trained_area}")
+        if self.trained_sides is not None and any(n < 1 for n in self.trained_sides):
+            raise ConfigError(f"trained_sides must be ≥ 1 token per axis, got {self.trained_sides}")
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +111,19 @@ class NextDiTConfig:
         return n
 
     @property
+    def rope_area(self) -> int:
+        """Spatial token area (height × width) beyond which the area policy scales RoPE."""
+        return self.trained_area or self.train_grid[1] * self.train_grid[2]
+
+    @property
+    def rope_sides(self) -> tuple[int, int, int]:
+        """Tokens per axis (frames, height, width) beyond which the per-axis policy scales RoPE."""
+        if self.trained_sides is not None:
+            return tuple(self.trained_sides)
+        side = longest_side(self.rope_area)
+        return (self.train_grid[0], side, side)
+
+    @property
     def ffn_hidden_dim(self) -> int:
         """SwiGLU width: int(2·4·dim/3), times the multiplier, rounded up to multiple_of (lumina-reference §1.4)."""
         hidden = int(2 * 4 * self.dim / 3)
@@ -92,10 +131,20 @@ class NextDiTConfig:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def trained_on(self, grids=(), *configs: "NextDiTConfig") -> "NextDiTConfig":
+        """This config recording that it was trained on token ``grids`` (frames, height, width) and on whatever the
+        ``configs`` were trained on (e.g. the pretrained model a run fine-tunes): the largest area, longest sides."""
+        areas = [g[1] * g[2] for g in grids] + [c.rope_area for c in configs]
+        sides = [tuple(g) for g in grids] + [c.rope_sides for c in configs]
+        if not areas:
+            raise ValueError("trained_on needs at least one grid or config")
+        return self.replace(trained_area=max(areas), trained_sides=tuple(max(s[a] for s in sides) for a in range(3)))
+
     def replace(self, **changes) -> "NextDiTConfig":
         return dataclasses.replace(self, **changes)
 
 
+_IMAGENET = dict(conditioning="class", train_grid=(1, 16, 16), trained_sides=(1, 16, 16))
 _TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, cap_feat_dim=32, train_grid=(1, 8, 8))
 
 # One registry of every preset; CLIs validate --preset against its keys.
@@ -103,11 +152,11 @@ PRESETS: dict[str, dict] = {
     # Lumina-Next T2I (Gemma-2B captions). The released checkpoints are the GQA variant (lumina-reference §1.5).
     "2B": dict(dim=2304, n_layers=24, n_heads=32, n_kv_heads=None, cap_feat_dim=2048),
     "2B-GQA": dict(dim=2304, n_layers=24, n_heads=32, n_kv_heads=8, cap_feat_dim=2048),
-    # Next-DiT ImageNet 256 px (class-conditional, 1000 classes + null): 16×16 tokens at training size.
-    "imagenet-600M": dict(dim=1536, n_layers=16, n_heads=32, conditioning="class", train_grid=(1, 16, 16)),
-    "imagenet-2B": dict(dim=2304, n_layers=24, n_heads=32, conditioning="class", train_grid=(1, 16, 16)),
-    "imagenet-3B": dict(dim=3072, n_layers=32, n_heads=32, conditioning="class", train_grid=(1, 16, 16)),
-    "imagenet-7B": dict(dim=4096, n_layers=32, n_heads=32, conditioning="class", train_grid=(1, 16, 16)),
+    # Next-DiT ImageNet 256 px (class-conditional, 1000 classes + null): square 256-px centre crops, 16×16 tokens.
+    "imagenet-600M": dict(dim=1536, n_layers=16, n_heads=32, **_IMAGENET),
+    "imagenet-2B": dict(dim=2304, n_layers=24, n_heads=32, **_IMAGENET),
+    "imagenet-3B": dict(dim=3072, n_layers=32, n_heads=32, **_IMAGENET),
+    "imagenet-7B": dict(dim=4096, n_layers=32, n_heads=32, **_IMAGENET),
     # CPU-sized presets for tests, CI and the demo (128-px images → 16² latents → 8×8 tokens at training size).
     "tiny": dict(_TINY),
     "tiny-class": dict(_TINY, conditioning="class", num_classes=10),

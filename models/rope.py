@@ -4,8 +4,12 @@ Lumina-Next (paper §"Next-DiT", "Resolution extrapolation"; lumina-reference §
 - each axis owns ``d_axis`` real channels = d_axis/2 complex pairs with base frequencies ω_k = θ^(−2k/d_axis);
 - pairs are interleaved round-robin over the axes that have channels (h, w, h, w, … for images, exactly the official
   layout), positions are integer token indices starting at 0;
-- at resolutions above the training size every axis is scaled on its own by s = max(1, tokens / training tokens) with one
-  of the modes below; at or below the training size every mode is the identity.
+- beyond what the model was trained on, the frequencies are scaled by a factor s with one of the modes below; at every
+  shape it was trained at, every mode is the identity at every t. Training runs aspect-ratio buckets within a token
+  budget (the official recipe: up to 4:1 within 4096 tokens, so 2048×512 is a trained shape), so "trained" is two
+  numbers the model folder records (``NextDiTConfig.rope_area`` and ``rope_sides``):
+  - ``per_axis`` (default): each axis on its own, s_axis = max(1, tokens_axis / most tokens trained on that axis);
+  - ``area`` (the official rule): one s = max(1, sqrt(token area / trained token area)) on every spatial axis.
 
 Modes (d = real channels of the axis, ω_k = θ^(−2k/d), k = 0 … d/2−1):
 - ``none``: plain position extrapolation;
@@ -35,8 +39,8 @@ class RopeScaling:
     """How RoPE frequencies change above the training size (inference-time; every field has the paper default)."""
 
     mode: str = "time_aware"
-    # per_axis: s_axis = max(1, tokens_axis / train_tokens_axis) (ours, §14); area: one s = max(1, sqrt(area ratio))
-    # on every spatial axis (the official rule, for reproducing official images).
+    # per_axis: s_axis = max(1, tokens_axis / most tokens trained on that axis) (ours, §14); area: one
+    # s = max(1, sqrt(token area / trained area)) on every spatial axis (the official rule, for official images).
     policy: str = "per_axis"
     # Explicit per-axis factors (frames, height, width) replace the computed ones when given.
     factors: tuple[float, ...] | None = None
@@ -54,7 +58,7 @@ class RopeScaling:
 
 
 def axis_frequencies(dim: int, theta: float, scale: float = 1.0, mode: str = "none", t: float = 1.0,
-                     train_tokens: int = 64, watershed: float = OFFICIAL_SWITCH_WATERSHED) -> torch.Tensor:
+                     trained_tokens: int = 128, watershed: float = OFFICIAL_SWITCH_WATERSHED) -> torch.Tensor:
     """Frequencies (d/2,) in fp64 of one axis with ``dim`` real channels, scaled by ``scale`` according to ``mode``."""
     k = torch.arange(dim // 2, dtype=torch.float64)
     base = theta ** (-2.0 * k / dim)
@@ -69,7 +73,7 @@ def axis_frequencies(dim: int, theta: float, scale: float = 1.0, mode: str = "no
     if mode == "official_switch":
         return base / scale if t < watershed else (theta * scale) ** (-2.0 * k / dim)
     if mode == "freq_aware":
-        k_star = (dim / 2) * math.log(train_tokens / (2 * math.pi), theta)
+        k_star = (dim / 2) * math.log(trained_tokens / (2 * math.pi), theta)
     elif mode == "time_aware":
         k_star = (2 * dim * float(t) + 1) / 4
     else:
@@ -98,24 +102,33 @@ def pair_axes(axes_dims: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 class NDRotaryEmbedding(torch.nn.Module):
-    """Builds per-token rotation angles for grids of (frames, height, width) tokens; applies them to q and k."""
+    """Builds per-token rotation angles for grids of (frames, height, width) tokens; applies them to q and k.
+
+    ``trained_sides``: the most tokens the model was trained on per axis; ``trained_area``: the largest spatial token
+    area (height × width) it was trained on. Scaling starts beyond them (module docstring)."""
 
     def __init__(self, head_dim: int, axes_dims: tuple[int, ...], theta: float = 10000.0,
-                 train_tokens: tuple[int, ...] = (1, 64, 64)):
+                 trained_sides: tuple[int, ...] = (1, 128, 128), trained_area: int = 4096):
         super().__init__()
         if sum(axes_dims) != head_dim:
             raise ValueError(f"RoPE axes dims {axes_dims} must sum to the head dim {head_dim}")
         if any(d % 2 for d in axes_dims):
             raise ValueError(f"RoPE axes dims must be even, got {axes_dims}")
-        if len(train_tokens) != len(axes_dims):
-            raise ValueError(f"train_tokens {train_tokens} needs one entry per RoPE axis {axes_dims}")
+        if len(trained_sides) != len(axes_dims):
+            raise ValueError(f"trained_sides {trained_sides} needs one entry per RoPE axis {axes_dims}")
         self.head_dim = head_dim
         self.axes_dims = tuple(axes_dims)
         self.theta = float(theta)
-        self.train_tokens = tuple(train_tokens)
+        self.trained_sides = tuple(trained_sides)
+        self.trained_area = int(trained_area)
         order = pair_axes(self.axes_dims)
         self.register_buffer("pair_axis", torch.tensor([a for a, _ in order], dtype=torch.long), persistent=False)
         self.register_buffer("pair_index", torch.tensor([k for _, k in order], dtype=torch.long), persistent=False)
+
+    @classmethod
+    def for_model(cls, cfg) -> NDRotaryEmbedding:
+        """The RoPE of a ``NextDiTConfig``: its axes, θ, and what it was trained on."""
+        return cls(cfg.head_dim, cfg.rope_axes, cfg.rope_theta, cfg.rope_sides, cfg.rope_area)
 
     def scale_factors(self, grid: tuple[int, ...], scaling: RopeScaling | None) -> tuple[float, ...]:
         """Per-axis extrapolation factors for a token grid (frames, height, width)."""
@@ -125,11 +138,10 @@ class NDRotaryEmbedding(torch.nn.Module):
             if len(scaling.factors) != len(grid):
                 raise ValueError(f"RoPE factors {scaling.factors} need one entry per axis of the grid {grid}")
             return scaling.factors
-        if scaling.policy == "area":  # official: one factor from the spatial area, only when extrapolating
-            area = math.prod(grid[1:]) / math.prod(self.train_tokens[1:])
-            s = max(1.0, math.sqrt(area))
+        if scaling.policy == "area":  # official: one factor from the spatial area, only beyond the trained area
+            s = max(1.0, math.sqrt(math.prod(grid[1:]) / self.trained_area))
             return (1.0,) + (s,) * (len(grid) - 1)
-        return tuple(max(1.0, n / n_train) for n, n_train in zip(grid, self.train_tokens))
+        return tuple(max(1.0, n / n_trained) for n, n_trained in zip(grid, self.trained_sides))
 
     def frequencies(self, grid: tuple[int, ...], t: float, scaling: RopeScaling | None) -> torch.Tensor:
         """Frequency (fp64) of every complex pair for this grid size and flow time. Shape (head_dim/2,)."""
@@ -137,7 +149,7 @@ class NDRotaryEmbedding(torch.nn.Module):
         mode = "none" if scaling is None else scaling.mode
         watershed = OFFICIAL_SWITCH_WATERSHED if scaling is None else scaling.watershed
         per_axis = [
-            axis_frequencies(d, self.theta, factors[a], mode, t, self.train_tokens[a], watershed) if d else None
+            axis_frequencies(d, self.theta, factors[a], mode, t, self.trained_sides[a], watershed) if d else None
             for a, d in enumerate(self.axes_dims)
         ]
         return torch.stack([per_axis[a][k] for a, k in zip(self.pair_axis.tolist(), self.pair_index.tolist())])

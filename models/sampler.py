@@ -14,13 +14,30 @@ looked up (case-insensitively) in the ``class_names`` list of the model folder's
 of CFG is the null class (index ``num_classes``, trained by label dropout like captions), so such models take no negative
 prompt.
 
-Batching and determinism: compatible requests (same size, caption length — class requests have none, so they never
-share a solve with text requests —, solver, schedule, steps, guidance, RoPE and Context Drop settings) share one batched
-ODE solve of ``batch_size`` slots. Row results of a matmul depend on the number of rows on every BLAS we have seen
-(small-M kernels differ), so with ``pad_batches`` (default) every solve is padded to exactly ``batch_size`` slots, prompts
-are encoded one at a time and images decoded one at a time: a request's image then depends only on the request and the
-sampler config, never on what else was in the batch. Adaptive solvers (dopri5) choose their steps from the whole state's
-error, so they always solve one request at a time.
+Batching and determinism: compatible requests (same size; same caption length — the request's own, the longer of its
+prompt's and, when guided, its negative prompt's encoded lengths; class requests have none, so they never share a solve
+with text requests —; same solver, schedule, steps, guidance, cfg_channels, RoPE and Context Drop settings) share one
+batched ODE solve of ``batch_size`` slots. What holds, and why (docs/sampling.md, "Determinism and batching"):
+
+- The kernels that run never depend on the batch-mates. With ``pad_batches`` (default) every solve has exactly
+  ``batch_size`` slots, so every op's shapes follow from the request's group alone; prompts are encoded and images
+  decoded one at a time; the noise comes from each request's own generator; and every text solve right-pads the
+  captions with ``CAPTION_PAD`` masked positions, so the caption mask is never all-true and attention always takes the
+  masked path (``NextDiT.forward`` and ``attention`` run the unmasked kernels — flash SDPA on CUDA — when nothing is
+  padded, which would otherwise hinge on whether every batch-mate's prompt fills the length).
+- So in the same slot a request's latent and image are bit-identical whatever the other slots hold (one machine, one
+  torch/BLAS build and thread count): a matmul row depends on that row's data and index, never on the other rows'
+  values. A request alone, or first of its group, is in slot 0.
+- Across slots the bits are not promised: a BLAS may round a row according to its index. Seen here: MKL sgemm on an AMD
+  EPYC with 2 threads splits the 2·batch_size rows of the per-sample linears (timestep MLP, adaLN) between the threads
+  and computes the remainder with another kernel, so rows 4–5 of a 6-row product differ from rows 0–3 in the last bit
+  (3.6e-7 in ``t_embedder.mlp.0``, 7.7e-7 in the final latent); other CPUs and thread counts split differently. The
+  latent then agrees to float rounding and every 8-bit pixel to within one level (nearly always exactly: a pixel moves
+  only when its value lies within ~1e-4 of a rounding boundary).
+- The batch size itself sets the rows of every matmul, so bits match only between samplers of the same ``batch_size``;
+  with ``pad_batches=False`` the last, shorter solve of a group has other shapes and the first point no longer holds.
+  Adaptive solvers (dopri5) choose their steps from the whole state's error, so they always solve one request at a
+  time (slot 0).
 """
 
 from __future__ import annotations
@@ -33,26 +50,40 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from models.config_io import from_dict, merge, to_dict
+from models.config_io import expand_preset, from_dict, merge, to_dict
 from models.flow import pad_captions, solve, velocity_fn
 from models.nextdit import ContextDrop, NextDiT
 from models.rope import RopeScaling
-from models.schedules import ScheduleConfig, make_schedule
+from models.schedules import OFFICIAL_SHIFT, ScheduleConfig, make_schedule
 from models.solvers import ADAPTIVE_SOLVERS, check_solver
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.vae import VAE_DOWNSAMPLE, ImageVAE, VAEConfig, images_to_uint8
 
 MAX_SIDE = 2048  # default upper bound on either image side in pixels
+CAPTION_PAD = 1  # masked caption positions added to every text solve: attention never runs unmasked (module docstring)
 STEPS_MEANING = "solver steps = grid intervals (the official num_sampling_steps N is steps + 1 grid points)"
+
+
+# The official demo's sampling (docs/sampling.md, "Presets"): midpoint on 30 grid
+# points (29 solver steps) of the rational time shift s = 4, CFG 4 on the first 3 latent channels, the main branch's
+# RoPE rule (one area factor; PI before t = 0.3, base θ·s after). ``--set sampler=official`` picks it.
+SAMPLER_PRESETS: dict[str, dict] = {
+    "official": {"steps": 29, "solver": "midpoint", "schedule": {"name": "rational", "shift": OFFICIAL_SHIFT},
+                 "guidance": 4.0, "cfg_channels": 3, "rope": {"mode": "official_switch", "policy": "area"}},
+}
 
 
 @dataclass
 class SamplerConfig:
-    """Sampling defaults (paper: midpoint; our measured default schedule: sigmoid, docs/sampling.md)."""
+    """Sampling defaults (paper: midpoint; our measured default schedule: sigmoid, docs/sampling.md). A preset name
+    (``SAMPLER_PRESETS``) may stand for the whole section: ``--set sampler=official``."""
+
+    PRESETS: ClassVar[dict[str, dict]] = SAMPLER_PRESETS
 
     steps: int = 10  # solver steps = grid intervals; NFE = steps × evaluations per step (midpoint: 2)
     solver: str = "midpoint"
@@ -73,7 +104,7 @@ class SamplerConfig:
     # 2B model on a GPU), later ones run the compiled graph — for long-running services and batch jobs
     compile: bool = False
     batch_size: int = 1  # requests per batched ODE solve
-    pad_batches: bool = True  # pad every solve to batch_size slots so batch composition never changes an image
+    pad_batches: bool = True  # pad every solve to batch_size slots: its kernels never depend on the batch-mates
     atol: float = 1e-6  # dopri5 only
     rtol: float = 1e-3
 
@@ -239,8 +270,9 @@ class Sampler:
             autoencoder = ImageVAE.from_pretrained(vae_cfg.path, vae_cfg.scaling_factor, vae_cfg.shift_factor, device)
         else:
             raise ValueError(f"no VAE given and none recorded in {model_path}'s metadata")
-        if not isinstance(config, SamplerConfig):
-            config = from_dict(SamplerConfig, merge(meta.get("sampler") or {}, config or {}))
+        if not isinstance(config, SamplerConfig):  # a preset given here beats the folder's defaults
+            config = from_dict(SamplerConfig,
+                               merge(meta.get("sampler") or {}, expand_preset(SamplerConfig, config or {})))
         return cls(model, encoder, autoencoder, config, class_names)
 
     @property
@@ -338,9 +370,9 @@ class Sampler:
                 cache[text] = (feats[0].float(), mask[0])
 
     def _captions(self, texts: list[str], cache: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = torch.stack([pad_captions(cache[t][0][None], cache[t][1][None], length)[0][0] for t in texts])
-        mask = torch.stack([pad_captions(cache[t][0][None], cache[t][1][None], length)[1][0] for t in texts])
-        return feats, mask
+        """The cached features and masks of ``texts`` right-padded to ``length`` tokens: (B, length, D), (B, length)."""
+        padded = [pad_captions(cache[t][0][None], cache[t][1][None], length) for t in texts]
+        return torch.cat([feats for feats, _ in padded]), torch.cat([mask for _, mask in padded])
 
     @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest],
@@ -381,11 +413,14 @@ class Sampler:
             labels = torch.tensor([p.class_label for p in padded], dtype=torch.long, device=device)
             null = torch.full_like(labels, self.model.config.num_classes)
             return {"labels": labels, "uncond_labels": null if guided else None}
-        feats, mask = self._captions([p.prompt for p in padded], cache, caption_length)
+        # The group's own caption length plus CAPTION_PAD masked positions: the same length and the same (masked)
+        # attention path whatever the other slots' prompts are.
+        length = caption_length + CAPTION_PAD
+        feats, mask = self._captions([p.prompt for p in padded], cache, length)
         uncond_feats = uncond_mask = None
         if guided:
             negatives = [p.negative_prompt for p in padded]
-            uncond_feats, uncond_mask = (a.to(device) for a in self._captions(negatives, cache, caption_length))
+            uncond_feats, uncond_mask = (a.to(device) for a in self._captions(negatives, cache, length))
         return {"cap_feats": feats.to(device), "cap_mask": mask.to(device), "uncond_feats": uncond_feats,
                 "uncond_mask": uncond_mask}
 

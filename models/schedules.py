@@ -8,8 +8,11 @@ noise and second largest near data, so good schedules take small steps at both e
 - ``uniform``: f(u) = u;
 - ``rational``: the official time shift f(u) = u / (s − (s−1)·u), default s = 4 (small steps near noise; s = 1 is uniform);
 - ``sigmoid``: two sigmoid pieces joined at the centre c, steepness ``a`` below and ``b`` above, each rescaled so the map
-  is continuous at (c, c) and hits 0 and 1 exactly; small steps at both ends, coarse in the middle. a, b → 0 gives uniform.
-  The defaults come from a measured sweep on a model trained here (docs/sampling.md).
+  is continuous at (c, c) and hits 0 and 1 exactly. Two orientations, because the paper's words and its error analysis
+  point opposite ways: ``fine_ends`` takes small steps at both ends and coarse ones in the middle (where the error
+  analysis puts the largest error: near noise, then near data); ``coarse_ends`` is its inverse map, large steps at the
+  start and end and small ones in between (the paper's description of its sigmoid schedule, §2.3). a, b → 0 gives
+  uniform in both. Orientation and constants come from a measured sweep on the model jobs.demo trains (docs/sampling.md).
 
 Grid convention: ``steps`` is the number of solver intervals, so the grid has steps + 1 points. The official
 ``num_sampling_steps`` N counts grid points (N − 1 intervals): official N corresponds to our steps = N − 1.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 SCHEDULES = ("uniform", "rational", "sigmoid")
+ORIENTATIONS = ("fine_ends", "coarse_ends")
 OFFICIAL_SHIFT = 4.0  # infer yaml `t_shift: 4`, demo default (lumina-reference §4.1)
 
 # Measured defaults of the sigmoid schedule: the best (c, a, b) of the sweep in docs/sampling.md (5 and 10 midpoint
@@ -30,6 +34,7 @@ OFFICIAL_SHIFT = 4.0  # infer yaml `t_shift: 4`, demo default (lumina-reference 
 SIGMOID_CENTRE = 0.5
 SIGMOID_LOW = 0.0
 SIGMOID_HIGH = 3.0
+SIGMOID_ORIENTATION = "fine_ends"
 
 _LINEAR_LIMIT = 1e-6  # steepness below which a sigmoid piece is evaluated as its linear limit (avoids 0/0)
 
@@ -83,16 +88,18 @@ class RationalSchedule(Schedule):
 
 @dataclass
 class SigmoidSchedule(Schedule):
-    """Piecewise sigmoid (§14): for u ≤ c, t = c·(σ(a(u−c)) − σ(−ac)) / (½ − σ(−ac));
+    """Piecewise sigmoid (§14), ``fine_ends``: for u ≤ c, t = c·(σ(a(u−c)) − σ(−ac)) / (½ − σ(−ac));
     for u ≥ c, t = c + (1−c)·(σ(b(u−c)) − ½) / (σ(b(1−c)) − ½).
 
     Each piece is convex (below c) or concave (above c), so the slope is smallest at u = 0 and u = 1: fine steps at
-    both ends where the paper measures the largest local error; a = b = 0 is the uniform schedule.
+    both ends. ``coarse_ends`` is the inverse map (u and t swap roles), so its slope is largest at both ends: the
+    paper's "larger steps at the start and end". a = b = 0 is the uniform schedule in both orientations.
     """
 
     centre: float = SIGMOID_CENTRE
     low: float = SIGMOID_LOW  # steepness a of the piece below the centre
     high: float = SIGMOID_HIGH  # steepness b of the piece above the centre
+    orientation: str = SIGMOID_ORIENTATION
     name = "sigmoid"
 
     def __post_init__(self):
@@ -100,6 +107,9 @@ class SigmoidSchedule(Schedule):
             raise ValueError(f"the sigmoid centre must lie in (0, 1), got {self.centre}")
         if self.low < 0 or self.high < 0:
             raise ValueError(f"sigmoid steepness must be ≥ 0, got a={self.low}, b={self.high}")
+        if self.orientation not in ORIENTATIONS:
+            raise ValueError(f"unknown sigmoid orientation {self.orientation!r}; "
+                             f"choose one of {', '.join(ORIENTATIONS)}")
 
     @staticmethod
     def _piece(x: torch.Tensor, k: float, span: float) -> torch.Tensor:
@@ -109,15 +119,33 @@ class SigmoidSchedule(Schedule):
             return x / span
         return (torch.sigmoid(k * x) - 0.5) / (1.0 / (1.0 + math.exp(-k * span)) - 0.5)
 
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        u = u.to(torch.float64)
+    @staticmethod
+    def _piece_inverse(p: torch.Tensor, k: float, span: float) -> torch.Tensor:
+        """The x in [0, span] whose ``_piece`` is p ∈ [0, 1]."""
+        if k < _LINEAR_LIMIT:
+            return p * span
+        level = 0.5 + p * (1.0 / (1.0 + math.exp(-k * span)) - 0.5)
+        return torch.logit(level.clamp(1e-300, 1 - 1e-16)) / k
+
+    def _fine_ends(self, u: torch.Tensor) -> torch.Tensor:
         c = self.centre
         lower = c - c * self._piece(u - c, self.low, -c)  # c at u = c, 0 at u = 0
         upper = c + (1.0 - c) * self._piece(u - c, self.high, 1.0 - c)  # c at u = c, 1 at u = 1
         return torch.where(u <= c, lower, upper)
 
+    def _coarse_ends(self, u: torch.Tensor) -> torch.Tensor:
+        c = self.centre
+        lower = c + self._piece_inverse(((c - u) / c).clamp(0, 1), self.low, -c)
+        upper = c + self._piece_inverse(((u - c) / (1.0 - c)).clamp(0, 1), self.high, 1.0 - c)
+        t = torch.where(u <= c, lower, upper)
+        return torch.where(u <= 0, 0.0, torch.where(u >= 1, 1.0, t))  # the logit's rounding must not move the ends
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        u = u.to(torch.float64)
+        return self._fine_ends(u) if self.orientation == "fine_ends" else self._coarse_ends(u)
+
     def params(self) -> dict:
-        return {"centre": self.centre, "low": self.low, "high": self.high}
+        return {"centre": self.centre, "low": self.low, "high": self.high, "orientation": self.orientation}
 
 
 @dataclass
@@ -129,6 +157,7 @@ class ScheduleConfig:
     centre: float = SIGMOID_CENTRE  # sigmoid c
     low: float = SIGMOID_LOW  # sigmoid a
     high: float = SIGMOID_HIGH  # sigmoid b
+    orientation: str = SIGMOID_ORIENTATION  # sigmoid: fine_ends | coarse_ends
 
     def __post_init__(self):
         make_schedule(self)  # validate early: unknown names and bad parameters fail at config time
@@ -143,7 +172,8 @@ def make_schedule(spec: str | ScheduleConfig | Schedule, **params) -> Schedule:
         return spec
     if isinstance(spec, ScheduleConfig):
         name = spec.name
-        params = {"shift": spec.shift, "centre": spec.centre, "low": spec.low, "high": spec.high, **params}
+        params = {"shift": spec.shift, "centre": spec.centre, "low": spec.low, "high": spec.high,
+                  "orientation": spec.orientation, **params}
     else:
         name = spec
     if name == "uniform":
@@ -152,5 +182,5 @@ def make_schedule(spec: str | ScheduleConfig | Schedule, **params) -> Schedule:
         return RationalSchedule(params.get("shift", OFFICIAL_SHIFT))
     if name == "sigmoid":
         return SigmoidSchedule(params.get("centre", SIGMOID_CENTRE), params.get("low", SIGMOID_LOW),
-                               params.get("high", SIGMOID_HIGH))
+                               params.get("high", SIGMOID_HIGH), params.get("orientation", SIGMOID_ORIENTATION))
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")

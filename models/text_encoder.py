@@ -39,6 +39,20 @@ class TextEncoderConfig:
             raise ValueError("max_length and pad_to_multiple_of must be ≥ 1")
 
 
+def hidden_size_of(path: str) -> int:
+    """The feature width of the text encoder at ``path``, from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    from models.storage import local_path
+
+    try:
+        config = AutoConfig.from_pretrained(local_path(path))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot read a text-encoder config from {path!r}: {exc}") from exc
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "hidden_size", None) or config.d_model)
+
+
 class TextEncoder(torch.nn.Module):
     """Frozen tokenizer + encoder: ``encode(prompts) -> (feats (B, L, D), mask (B, L) bool)``."""
 

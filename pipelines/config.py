@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.config_io import ConfigError
+from models.presets import OFFICIAL_MAX_ASPECT
 
 from pipelines import constants as C
 
@@ -99,7 +100,7 @@ class FilterConfig:
     enabled: bool = True
     # rules
     min_image_side: int = 32
-    max_image_aspect: float = 4.0
+    max_image_aspect: float = OFFICIAL_MAX_ASPECT
     min_duration_s: float = 1.0
     max_duration_s: float = 600.0
     min_points: int = 256
@@ -120,7 +121,7 @@ class FilterConfig:
 @dataclass
 class ImageBucketConfig:
     max_patches: int = 4096  # token budget in 16-px patches: 4096 = 1024²
-    max_aspect: float = 4.0
+    max_aspect: float = OFFICIAL_MAX_ASPECT  # the official 4:1 crops
     batch_tokens: int = 16384  # micro-batch size per bucket = max(1, batch_tokens // tokens)
 
 

@@ -33,6 +33,18 @@ SHARD_DIGITS = 6  # 000000.tar
 SHARD_SUFFIX = ".tar"
 SIDECAR_SUFFIX = ".json"  # 000000.json beside 000000.tar: the commit record of that shard
 
+# ---- encoder records (manifest columns, stats.json) -------------------------------------------------------------------
+# Manifest columns (nullable strings): canonical JSON (json.dumps(record, sort_keys=True)) of the encoder that wrote a
+# shard's tensors — the VAE of a latent shard, the text encoder of a shard with text.npy — or null without one.
+MANIFEST_VAE = "vae"
+MANIFEST_TEXT_ENCODER = "text_encoder"
+ENCODER_COLUMNS = (MANIFEST_VAE, MANIFEST_TEXT_ENCODER)
+STATS_ENCODERS = "encoders"  # stats.json: {"vae": record | null, "text_encoder": record | null} of the run
+# The keys of each record. path: the model reference as given (encode.vae / encode.text_encoder: an s3:// URI, a local
+# path or a hub id — never a local cache copy); layer: the hidden-states index actually used (a default resolved).
+VAE_RECORD_KEYS = ("path", "scaling_factor", "shift_factor", "latent_channels")
+TEXT_ENCODER_RECORD_KEYS = ("path", "kind", "layer", "max_length", "pad_to_multiple_of", "hidden_size")
+
 # ---- sample members (WebDataset extensions) ----------------------------------------------------------------------------
 LATENT_MEMBER = "latent.npy"  # image VAE latents (C, H/8, W/8)
 MEL_MEMBER = "mel.npy"  # audio log-mel spectrogram (N_MELS, frames)

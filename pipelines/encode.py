@@ -2,18 +2,109 @@
 
 Each stage fills the ``tensor`` column with what goes into the sample's tensor member (``constants.*_MEMBER``); without a
 VAE the image itself (bucket-sized uint8 HxWx3) is the tensor and is stored as an image file.
+
+``encoder_records`` gives the VAE / text-encoder records the manifest and stats.json carry (docs/curation.md "Encoder
+records"), read on the driver from each model's config.json; the encode stages check the models they load against them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from models.config_io import from_dict
+from models.config_io import ConfigError, from_dict
 from pipelines import constants as C
-from pipelines.config import PrepareConfig
+from pipelines.config import EncodeConfig, PrepareConfig
+from pipelines.io import open_fs, options_for
 from pipelines.ledger import Stage, meta_of
+
+
+# ---- encoder records: what the manifest and stats.json say about the encoders (docs/curation.md) ----------------------
+@contextlib.contextmanager
+def _config_folder(uri: str, s3_options: dict | None) -> Iterator[str]:
+    """A folder (or hub id) to read the model's config.json from: of a remote folder only that file is fetched."""
+    from models.storage import is_remote
+
+    if not is_remote(uri):
+        yield uri
+        return
+    fs, root = open_fs(uri, options_for(uri, s3_options))
+    with tempfile.TemporaryDirectory(prefix="encoder-config-") as tmp:
+        Path(tmp, "config.json").write_bytes(fs.cat_file(f"{root}/config.json"))
+        yield tmp
+
+
+def vae_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str, Any] | None:
+    """The VAE record of ``encode`` (constants.VAE_RECORD_KEYS), from the folder's config.json alone (no weights), with
+    the scale and shift ``models.vae.ImageVAE.from_pretrained`` resolves: the config's explicit values, else the VAE's
+    own, else SDXL's. None when no VAE encodes. ``VaeEncode`` checks the model it loads against it."""
+    if not (encode.enabled and encode.vae):
+        return None
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    from models.vae import DEFAULT_VAE_KIND, VAE_LATENT_NORMALISATION
+
+    try:
+        with _config_folder(encode.vae, s3_options) as folder:
+            own = AutoencoderKL.load_config(folder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"encode.vae={encode.vae!r}: cannot read an AutoencoderKL config.json there ({exc})") from exc
+    # the values a loaded AutoencoderKL has: its __init__ defaults for what config.json leaves out
+    params = inspect.signature(AutoencoderKL.__init__).parameters.values()
+    own = {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **own}
+    default_scale, default_shift = VAE_LATENT_NORMALISATION[DEFAULT_VAE_KIND]
+
+    def first(*values):
+        return next(float(v) for v in values if v is not None)
+
+    return {"path": encode.vae,
+            "scaling_factor": first(encode.vae_scaling_factor, own.get("scaling_factor"), default_scale),
+            "shift_factor": first(encode.vae_shift_factor, own.get("shift_factor"), default_shift),
+            "latent_channels": int(own["latent_channels"])}
+
+
+def text_encoder_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str, Any] | None:
+    """The text-encoder record of ``encode`` (constants.TEXT_ENCODER_RECORD_KEYS): the ``TextEncoderConfig`` fields that
+    change the features (the layer resolved to the kind's default when unset) and the hidden size (= feature width)
+    from config.json alone. None when no text features are precomputed. ``TextEncode`` checks its model against it."""
+    if not (encode.enabled and encode.text_encoder):
+        return None
+    from transformers import AutoConfig
+
+    from models.text_encoder import DEFAULT_LAYER, PAD_TO_MULTIPLE_OF
+
+    try:
+        with _config_folder(encode.text_encoder, s3_options) as folder:
+            config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"encode.text_encoder={encode.text_encoder!r}: cannot read a transformers config.json there "
+                          f"({exc})") from exc
+    kind = encode.text_encoder_kind
+    return {"path": encode.text_encoder, "kind": kind,
+            "layer": DEFAULT_LAYER[kind] if encode.text_hidden_layer is None else int(encode.text_hidden_layer),
+            "max_length": int(encode.text_max_length), "pad_to_multiple_of": PAD_TO_MULTIPLE_OF,
+            "hidden_size": int(getattr(config, "hidden_size", None) or config.d_model)}  # as TextEncoder.hidden_size
+
+
+def encoder_records(config: PrepareConfig, s3_options: dict | None = None) -> dict[str, dict[str, Any] | None]:
+    """``{"vae": record | None, "text_encoder": record | None}`` of a run (the VAE only when it reads images).
+    Raises ConfigError when a configured model has no readable config.json."""
+    vae = vae_record(config.encode, s3_options) if C.IMAGE in config.read.modalities else None
+    return {C.MANIFEST_VAE: vae, C.MANIFEST_TEXT_ENCODER: text_encoder_record(config.encode, s3_options)}
+
+
+def _check_record(stage: str, expected: dict[str, Any] | None, loaded: dict[str, Any]) -> None:
+    if expected is not None and expected != loaded:
+        raise RuntimeError(f"{stage}: the model loaded from {loaded['path']!r} is {loaded}, but the run recorded "
+                           f"{expected} from its config.json; the manifest would be wrong")
 
 
 class VaeEncode(Stage):
@@ -24,7 +115,7 @@ class VaeEncode(Stage):
 
     stage = C.STAGE_ENCODE
 
-    def __init__(self, config: dict, device: str | None = None):
+    def __init__(self, config: dict, device: str | None = None, record: dict | None = None):
         import torch
 
         from models.vae import ImageVAE
@@ -32,6 +123,9 @@ class VaeEncode(Stage):
         cfg = from_dict(PrepareConfig, config).encode
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = ImageVAE.from_pretrained(cfg.vae, cfg.vae_scaling_factor, cfg.vae_shift_factor, device=self.device)
+        _check_record("VaeEncode", record, {"path": cfg.vae, "scaling_factor": self.vae.scaling_factor,
+                                            "shift_factor": self.vae.shift_factor,
+                                            "latent_channels": self.vae.latent_channels})
         self.sample = cfg.latent_mode == "sample"
         self.dtype = np.dtype(cfg.latent_dtype)
 
@@ -96,7 +190,8 @@ class TextEncode(Stage):
 
     stage = "text_encode"
 
-    def __init__(self, config: dict, device: str | None = None, output_options: dict | None = None):
+    def __init__(self, config: dict, device: str | None = None, output_options: dict | None = None,
+                 record: dict | None = None):
         import torch
 
         from models.text_encoder import TextEncoder
@@ -107,6 +202,10 @@ class TextEncode(Stage):
         self.encoder = TextEncoder.from_pretrained(self.cfg.text_encoder, kind=self.cfg.text_encoder_kind,
                                                    layer=self.cfg.text_hidden_layer,
                                                    max_length=self.cfg.text_max_length, device=device)
+        e = self.encoder
+        _check_record("TextEncode", record, {"path": self.cfg.text_encoder, "kind": e.kind, "layer": e.layer,
+                                             "max_length": e.max_length, "pad_to_multiple_of": e.pad_to_multiple_of,
+                                             "hidden_size": e.hidden_size})
         self.dtype = np.dtype(self.cfg.text_dtype)
         if prepare.output:
             self.write_null_features(prepare.output, output_options)

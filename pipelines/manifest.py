@@ -1,9 +1,9 @@
 """The committed state of an output: shard sidecars → manifest.parquet, reject parts → rejects.parquet, done keys.
 
-architecture.md "Manifest": one row per shard (path, modality, bucket, tensor shape, sample count, bytes, checksum);
-rejects.parquet (key, source, stage, reason, message); a shard appears in the manifest only after it is completely
-written. Everything here is rebuilt from commit records (sidecars, reject parts), never from in-memory state, so a
-rerun after any interruption sees exactly what was committed.
+architecture.md "Manifest": one row per shard (path, modality, bucket, tensor shape, sample count, bytes, checksum; the
+VAE and text encoder that wrote it); rejects.parquet (key, source, stage, reason, message); a shard appears in the
+manifest only after it is completely written. Everything here is rebuilt from commit records (sidecars, reject parts),
+never from in-memory state, so a rerun after any interruption sees exactly what was committed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = pa.schema(
     [("path", pa.string()), ("modality", pa.string()), ("bucket", pa.string()), ("member", pa.string()),
      ("shape", pa.list_(pa.int64())), ("dtype", pa.string()), ("micro_batch", pa.int64()), ("samples", pa.int64()),
-     ("bytes", pa.int64()), ("sha256", pa.string()), ("run_id", pa.string())]
+     ("bytes", pa.int64()), ("sha256", pa.string()), ("run_id", pa.string()),
+     # canonical JSON of the encoder records (constants.VAE_RECORD_KEYS / TEXT_ENCODER_RECORD_KEYS), null without one
+     (C.MANIFEST_VAE, pa.string()), (C.MANIFEST_TEXT_ENCODER, pa.string())]
 )
 
 
@@ -40,7 +42,7 @@ class OutputState:
         self.rejects = pa.Table.from_pylist([], schema=REJECT_SCHEMA)
 
     # -- reading ----------------------------------------------------------------------------------------------------
-    def load(self) -> "OutputState":
+    def load(self) -> OutputState:
         pattern = f"{self.root}/{C.SHARDS_DIR}/*/*/*{C.SIDECAR_SUFFIX}"
         paths = sorted(self.fs.glob(pattern))
         with ThreadPoolExecutor(16) as pool:  # object stores: many small GETs in parallel

@@ -15,19 +15,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-
-from models.config_io import to_dict
+from models.config_io import ConfigError, to_dict
 from pipelines import constants as C
 from pipelines.buckets import Bucketize, bucket_table
 from pipelines.caption import Captioner
 from pipelines.config import PrepareConfig, Resources
 from pipelines.decode import Decode
-from pipelines.encode import TensorEncode, TextEncode, VaeEncode
+from pipelines.encode import TensorEncode, TextEncode, VaeEncode, encoder_records
 from pipelines.filters import Dedup, DedupIndex, RuleFilter, dedup_name
-from pipelines.scores import ScoreFilter
 from pipelines.io import options_for, resolve_storage
 from pipelines.ledger import Ledger, StageChain, ledger_name, new_run_id, run_task_chain
 from pipelines.manifest import OutputState
+from pipelines.scores import ScoreFilter
+from pipelines.shards import encoder_json, shard_encoders
 from pipelines.sources import expand_tar, items_table, list_inputs
 from pipelines.writer import ShardWriter, WriteShards, writer_name
 
@@ -66,35 +66,40 @@ class Plan:
         return "\n".join(lines)
 
 
-def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = None) -> Plan:
-    """The stages of each modality, from the config alone (nothing is read, no model is loaded)."""
+def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = None,
+               encoders: dict[str, dict | None] | None = None) -> Plan:
+    """The stages of each modality, from the config alone (nothing is read, no model is loaded). ``encoders``: the
+    run's records (``encoder_records``), which the encode stages check the models they load against."""
+    encoders = encoders or {}
     run_id = run_id or new_run_id()
     cfg = to_dict(config)  # stages rebuild the dataclass inside the worker (style.md practice 4)
     plan = Plan(config, run_id)
     dec_res = config.decode.resources
     for modality in config.read.modalities:
-        specs = [StageSpec(Decode, dict(config=cfg, modality=modality, s3_options=s3_options), dec_res, False)]
+        specs = [StageSpec(Decode, {"config": cfg, "modality": modality, "s3_options": s3_options}, dec_res, False)]
         f = config.filter
         if f.enabled:
-            specs.append(StageSpec(RuleFilter, dict(config=cfg), dec_res, False))
+            specs.append(StageSpec(RuleFilter, {"config": cfg}, dec_res, False))
         caption_model = config.caption.audio_model if modality == C.AUDIO else config.caption.model
         if config.caption.enabled and caption_model:
-            specs.append(StageSpec(Captioner, dict(config=cfg, modality=modality), config.caption.resources, True))
+            specs.append(StageSpec(Captioner, {"config": cfg, "modality": modality}, config.caption.resources, True))
         score_model = {C.IMAGE: f.clip_model, C.AUDIO: f.clap_model}.get(modality)
         if f.enabled and score_model:
-            specs.append(StageSpec(ScoreFilter, dict(config=cfg, modality=modality), f.resources, True))
+            specs.append(StageSpec(ScoreFilter, {"config": cfg, "modality": modality}, f.resources, True))
         if f.enabled and (f.dedup_exact or f.dedup_perceptual):
-            specs.append(StageSpec(Dedup, dict(config=cfg, index=dedup_name(run_id)), dec_res, False))
-        specs.append(StageSpec(Bucketize, dict(config=cfg), dec_res, False))
+            specs.append(StageSpec(Dedup, {"config": cfg, "index": dedup_name(run_id)}, dec_res, False))
+        specs.append(StageSpec(Bucketize, {"config": cfg}, dec_res, False))
         e = config.encode
         if modality == C.IMAGE and e.enabled and e.vae:
-            specs.append(StageSpec(VaeEncode, dict(config=cfg), e.vae_resources, True))
+            specs.append(StageSpec(VaeEncode, {"config": cfg, "record": encoders.get(C.MANIFEST_VAE)},
+                                   e.vae_resources, True))
         else:
             specs.append(StageSpec(TensorEncode, {}, dec_res, False))
         if e.enabled and e.text_encoder:
-            specs.append(StageSpec(TextEncode, dict(config=cfg, output_options=options_for(config.output, s3_options)),
-                                   e.text_resources, True))
-        specs.append(StageSpec(WriteShards, dict(config=cfg, run_id=run_id), config.write.resources, False))
+            text = {"config": cfg, "output_options": options_for(config.output, s3_options),
+                    "record": encoders.get(C.MANIFEST_TEXT_ENCODER)}
+            specs.append(StageSpec(TextEncode, text, e.text_resources, True))
+        specs.append(StageSpec(WriteShards, {"config": cfg, "run_id": run_id}, config.write.resources, False))
         plan.stages[modality] = specs
     return plan
 
@@ -167,6 +172,8 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = config.progress
 
     state = OutputState(config.output, out_options).load()
+    encoders = encoder_records(config, s3_options)  # config.json of each model only
+    check_encoders(state, config, encoders)  # before anything is written: one output, one set of encoders
     state.remove_uncommitted()
     done = state.done_keys()
 
@@ -186,7 +193,7 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
         items = items[: config.read.limit]
     log.info("listed %d inputs (%d tars); %d already done; %d to process", listed, len(tars), skipped, len(items))
 
-    plan = build_plan(config, s3_options)
+    plan = build_plan(config, s3_options, encoders=encoders)
     run_id = plan.run_id
     ledger = ray.remote(num_cpus=0)(Ledger).options(name=ledger_name(run_id)).remote(
         config.output, out_options, run_id, config.write.rejects_flush_rows)
@@ -194,7 +201,7 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     ray.get(index.seed.remote(state.hash_records()))
     writers = [
         ray.remote(num_cpus=0)(ShardWriter).options(name=writer_name(run_id, i)).remote(
-            config.output, out_options, run_id, config.write.samples_per_shard, state.next_indices())
+            config.output, out_options, run_id, config.write.samples_per_shard, state.next_indices(), encoders)
         for i in range(config.write.num_writers)
     ]
     ray.get(ledger.add.remote(C.STAGE_READ, **{"in": listed, "out": len(items), "skipped_done": skipped,
@@ -223,12 +230,62 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
 
     state = OutputState(config.output, out_options).load()
     manifest, rejects = state.write_tables()
-    stats = make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, time.time() - wall_start)
+    stats = make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, time.time() - wall_start, encoders)
     state.write_json(C.STATS_FILE, stats)
     return stats
 
 
-def make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, wall) -> dict[str, Any]:
+def run_encoders(modality: str, encoders: dict[str, dict | None]) -> dict[str, dict | None]:
+    """What a run with ``encoders`` (``encoder_records``) records on its shards of ``modality`` (cf. shard_encoders)."""
+    return {C.MANIFEST_VAE: encoders.get(C.MANIFEST_VAE) if modality == C.IMAGE else None,
+            C.MANIFEST_TEXT_ENCODER: encoders.get(C.MANIFEST_TEXT_ENCODER)}
+
+
+def check_encoders(state: OutputState, config: PrepareConfig, encoders: dict[str, dict | None]) -> None:
+    """Refuse (ConfigError) to add shards to an output whose committed shards of a modality this run reads were written
+    with other encoders than this run's (``encoders``, from ``encoder_records``): another VAE, scale, shift or latent
+    channels; latents next to images stored as images; another text encoder or text setting; text features next to
+    shards without; shards without records (an older jobs.prepare) next to ones with. Resuming never mixes encoders."""
+    rows = state.manifest_table().to_pylist()
+    for modality in config.read.modalities:
+        existing_rows = [r for r in rows if r["modality"] == modality]
+        if not existing_rows:
+            continue
+        try:
+            existing = shard_encoders(existing_rows)
+        except ValueError as exc:
+            raise ConfigError(f"{config.output}: its {modality} shards already mix encoders: {exc}") from exc
+        wanted = run_encoders(modality, encoders)
+        fix = "rerun with the encode settings of the existing shards, or write to a new --output"
+        if modality == C.IMAGE:
+            members = sorted({str(r["member"]) for r in existing_rows})
+            latents = wanted[C.MANIFEST_VAE] is not None
+            if latents and members != [C.LATENT_MEMBER]:
+                raise ConfigError(f"{config.output} holds image shards stored as {members}, but this run would add VAE "
+                                  f"latents ({encoder_json(wanted[C.MANIFEST_VAE])}); {fix}")
+            if not latents and C.LATENT_MEMBER in members:
+                raise ConfigError(f"{config.output} holds image shards of VAE latents "
+                                  f"({_described(C.MANIFEST_VAE, existing[C.MANIFEST_VAE])}), but this run would store "
+                                  f"images (no encode.vae, or encode.enabled=false); {fix}")
+        for column in C.ENCODER_COLUMNS:
+            have, want = existing[column], wanted[column]
+            if have != want:
+                theirs, ours = _described(column, have), _described(column, want, existing=False)
+                raise ConfigError(f"{config.output} holds {modality} shards written with {column} {theirs}, but this "
+                                  f"run's is {ours}; {fix}")
+
+
+def _described(column: str, record: dict | None, existing: bool = True) -> str:
+    if record is not None:
+        return encoder_json(record)
+    if not existing:
+        return f"none (no encode.{column}, or encode.enabled=false)"
+    if column == C.MANIFEST_VAE:
+        return "none (no VAE latents, or latents written by an older jobs.prepare without a record)"
+    return "none (no precomputed text features, or features written by an older jobs.prepare without a record)"
+
+
+def make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, wall, encoders=None) -> dict[str, Any]:
     stages = {}
     for name in STAGE_ORDER:
         c = snapshot["counts"].get(name)
@@ -247,8 +304,10 @@ def make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, wall) -> di
         by_reason.setdefault(stage, {}).setdefault(reason, 0)
         by_reason[stage][reason] += 1
     written = sum(t["samples"] for t in totals)
+    encoders = encoders or {}
     return {
         "run_id": run_id,
+        C.STATS_ENCODERS: {name: encoders.get(name) for name in C.ENCODER_COLUMNS},
         "run": {"stages": stages, "written_samples": written, "written_shards": sum(t["shards"] for t in totals),
                 "seconds": round(elapsed, 3), "wall_seconds": round(wall, 3),
                 "samples_per_s": round(written / elapsed, 2) if elapsed > 0 else None},
@@ -274,4 +333,7 @@ def summary_table(stats: dict[str, Any]) -> str:
     lines.append(f"written this run: {run['written_samples']} samples in {run['written_shards']} shards, "
                  f"{run['seconds']:.1f}s ({run['samples_per_s']} samples/s); "
                  f"output now: {total['samples']} samples, {total['shards']} shards, {total['rejected']} rejects")
+    for name, record in stats.get(C.STATS_ENCODERS, {}).items():
+        if record is not None:
+            lines.append(f"{name}: {encoder_json(record)}")
     return "\n".join(lines)

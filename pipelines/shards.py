@@ -5,6 +5,7 @@
     for row in manifest.to_pylist():                           # row["shape"], row["micro_batch"], row["member"]
         for sample in iter_samples(shard_url("s3://bucket/prepared", row["path"])):
             sample["tensor"], sample["caption"], sample["meta"]  # numpy array of shape row["shape"]
+    shard_encoders(list_shards("s3://bucket/prepared", modality="image"))  # {"vae": {...}, "text_encoder": {...}}
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +54,64 @@ def list_shards(output: str, modality: str | None = None, bucket: str | None = N
     """Manifest rows (dicts) of the committed shards, optionally of one modality / bucket."""
     rows = read_manifest(output, storage_options).to_pylist()
     return [r for r in rows if (modality is None or r["modality"] == modality) and (bucket is None or r["bucket"] == bucket)]
+
+
+def encoder_json(record: dict[str, Any] | None) -> str | None:
+    """An encoder record as a manifest cell: canonical JSON (sorted keys), or None without an encoder."""
+    return None if record is None else json.dumps(record, sort_keys=True)
+
+
+def shard_encoders(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """The encoders that wrote the shards of one modality: ``{"vae": record | None, "text_encoder": record | None}``.
+
+    ``rows`` are manifest rows of ONE modality (``read_manifest(root).to_pylist()`` filtered by ``row["modality"]``, or
+    ``list_shards(root, modality=...)``); rows of several modalities raise ValueError, because one modality may
+    legitimately have text features and another not. Records are those of ``constants.VAE_RECORD_KEYS`` /
+    ``constants.TEXT_ENCODER_RECORD_KEYS``, parsed from the ``vae`` / ``text_encoder`` columns.
+
+    Every shard must agree, else ValueError naming two shards (their paths) and their records:
+
+    - ``vae`` is judged over the latent shards only (member ``latent.npy``): images stored as images carry no VAE and
+      audio / point shards no latent, so a modality without latent shards gives None. Latent shards that all lack the
+      record (a manifest written before the records existed: the column is missing or null) give None, "unknown";
+      some latent shards with a record and some without is an error, as are two different records.
+    - ``text_encoder`` is judged over every row: None when no shard records one (no precomputed text features, or an
+      older manifest); a shard with a record next to one without (features from a text encoder next to shards without
+      features or with unknown ones) is an error, as are two different records.
+
+    A missing column (older manifests) reads as null. jobs.prepare refuses to resume into an output whose shards would
+    end up disagreeing, so this raises only for outputs assembled by other means.
+    """
+    modalities = sorted({str(r.get("modality")) for r in rows})
+    if len(modalities) > 1:
+        raise ValueError(f"shard_encoders takes the manifest rows of one modality, got {modalities}: filter the rows by "
+                         "row['modality'] first")
+    return {
+        C.MANIFEST_VAE: _agreed(C.MANIFEST_VAE, [r for r in rows if r.get("member") == C.LATENT_MEMBER]),
+        C.MANIFEST_TEXT_ENCODER: _agreed(C.MANIFEST_TEXT_ENCODER, rows),
+    }
+
+
+_NO_RECORD = {C.MANIFEST_VAE: "no vae record (written by an older jobs.prepare)",
+              C.MANIFEST_TEXT_ENCODER: "no text_encoder record (no precomputed text features, or an older jobs.prepare)"}
+
+
+def _agreed(column: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    first: tuple[str, dict | None] | None = None
+    for row in rows:
+        value = row.get(column)
+        record = json.loads(value) if value is not None else None
+        if first is None:
+            first = (row.get("path"), record)
+        elif record != first[1]:
+            def show(rec):
+                return _NO_RECORD[column] if rec is None else json.dumps(rec, sort_keys=True)
+
+            raise ValueError(
+                f"the shards disagree on the {column} that wrote them: {first[0]} has {show(first[1])}, "
+                f"{row.get('path')} has {show(record)}; shards of one modality must come from one {column} "
+                "(prepare the data again into a new output with one encoder)")
+    return first[1] if first else None
 
 
 def decode_member(name: str, data: bytes) -> Any:

@@ -5,7 +5,8 @@ owns their bucket. A writer streams each bucket into one open tar at a time; aft
 closes the tar and commits it: the tar gets its final name (rename on a filesystem; on S3 the upload itself completes
 atomically), then the sidecar ``NNNNNN.json`` is written atomically. The sidecar is the commit record: the manifest is
 rebuilt from sidecars only, so an interrupted run leaves no half shard in it, and the sidecar's key list is what a rerun
-skips. At the end of a run ``flush`` commits every bucket's last, partial shard.
+skips; it also carries the shard's encoder records (``vae`` for latent shards, ``text_encoder`` for shards with text
+features). At the end of a run ``flush`` commits every bucket's last, partial shard.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipelines.config import PrepareConfig
 from pipelines.decode import stored_as_is
 from pipelines.io import is_local, open_fs, write_atomic
 from pipelines.ledger import Stage, meta_of
+from pipelines.shards import encoder_json
 
 TENSOR_MEMBERS = {C.AUDIO: C.MEL_MEMBER, C.POINTS: C.POINTS_MEMBER}
 FIXED_MTIME = 0  # identical inputs give byte-identical tars
@@ -85,7 +87,7 @@ class SampleTar:
     costs every writer actor seconds of CPU for nothing."""
 
     def __init__(self, stream):
-        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (close())
 
     def write(self, sample: dict[str, bytes]) -> None:
         key = sample["__key__"]
@@ -104,8 +106,11 @@ class ShardWriter:
     """A Ray actor writing the shards of the buckets it owns (I/O only: samples arrive encoded)."""
 
     def __init__(self, output: str, s3_options: dict, run_id: str, samples_per_shard: int,
-                 next_index: dict[str, int]):
+                 next_index: dict[str, int], encoders: dict[str, dict | None] | None = None):
         self.fs, self.root = open_fs(output, s3_options)
+        # this run's encoder records ({"vae": …, "text_encoder": …}, pipelines.encode.encoder_records), stamped on the
+        # sidecar (→ manifest row) of each shard whose tensors they wrote
+        self.encoders = dict(encoders or {})
         self.local = is_local(self.fs)
         self.run_id = run_id
         self.per_shard = samples_per_shard
@@ -126,7 +131,7 @@ class ShardWriter:
         f = self.fs.open(target, "wb")
         stream = _HashingStream(f)
         return {"rel": rel, "final": final, "target": target, "file": f, "stream": stream,
-                "tar": SampleTar(stream), "records": [], "info": info}
+                "tar": SampleTar(stream), "records": [], "info": info, "text": True}
 
     def add(self, slot: str, info: dict[str, Any], samples: list[dict[str, Any]]) -> int:
         """Append samples of one bucket (``slot`` = "modality/bucket"); commits every full shard. Returns commits."""
@@ -136,6 +141,7 @@ class ShardWriter:
             record = sample.pop("__record__")
             shard["tar"].write(sample)
             shard["records"].append(record)
+            shard["text"] = shard["text"] and C.TEXT_FEATURES_MEMBER in sample
             if len(shard["records"]) >= self.per_shard:
                 self._commit(slot)
                 commits += 1
@@ -148,10 +154,14 @@ class ShardWriter:
         if shard["target"] != shard["final"]:
             self.fs.mv(shard["target"], shard["final"])
         modality, bucket = slot.split("/", 1)
+        vae = self.encoders.get(C.MANIFEST_VAE) if shard["info"].get("member") == C.LATENT_MEMBER else None
+        text_encoder = self.encoders.get(C.MANIFEST_TEXT_ENCODER) if shard["text"] else None
         sidecar = {
             "path": shard["rel"], "modality": modality, "bucket": bucket, **shard["info"],
             "samples": len(shard["records"]), "bytes": shard["stream"].size, "sha256": shard["stream"].sha.hexdigest(),
-            "run_id": self.run_id, "created": time.time(), "records": shard["records"],
+            "run_id": self.run_id, "created": time.time(),
+            C.MANIFEST_VAE: encoder_json(vae), C.MANIFEST_TEXT_ENCODER: encoder_json(text_encoder),
+            "records": shard["records"],
         }
         sidecar_path = shard["final"][: -len(C.SHARD_SUFFIX)] + C.SIDECAR_SUFFIX
         write_atomic(self.fs, sidecar_path, json.dumps(sidecar).encode())  # the commit point

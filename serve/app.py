@@ -80,7 +80,8 @@ class SamplerReplica:
         from models.sampler import Sampler
 
         spec = self.config.models[name]
-        # Every solve is padded to the batch size, so an image never depends on its batch-mates (models/sampler.py).
+        # Every solve is padded to the batch size: its kernels never depend on the batch-mates — bit-identical in the
+        # same slot, equal to rounding across slots (models/sampler.py).
         overrides = dict(self.config.sampler, batch_size=self.config.batching.max_batch_size)
         sampler = Sampler.from_pretrained(spec.path, text_encoder=spec.text_encoder, vae=spec.vae, config=overrides,
                                           device=self.device, dtype=self.dtype, ema=spec.ema, adapter=spec.adapter)

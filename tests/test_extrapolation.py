@@ -15,7 +15,7 @@ from models import preset
 from models.rope import ROPE_MODES, RopeScaling
 from models.sampler import GenerationRequest, Sampler, SamplerConfig
 from models.text_encoder import TextEncoder
-from tests.helpers import random_nextdit
+from tests.helpers import caption_batch, random_nextdit
 from tests.tiny_models import make_tiny_text_encoder
 
 THETA = 10000.0
@@ -55,7 +55,7 @@ def expected_pairs(grid, t, mode, train=(1, 8, 8), head_dim=16, policy="per_axis
 @pytest.fixture(scope="module")
 def sampler(tmp_path_factory):
     encoder = TextEncoder.from_pretrained(make_tiny_text_encoder(tmp_path_factory.mktemp("te")))
-    model = random_nextdit(preset("tiny"))  # trained at 8×8 tokens = 128 px
+    model = random_nextdit(preset("tiny", trained_sides=(1, 8, 8)))  # trained on square 8×8 tokens = 128 px only
     return Sampler(model, encoder, None, SamplerConfig(steps=2, solver="midpoint", guidance=2.0))
 
 
@@ -128,3 +128,74 @@ def test_proportional_attention_scale_at_2x(sampler):
     expected = math.sqrt(math.log(n) / math.log(cfg.base_tokens) / cfg.head_dim)
     assert sampler.model.attention_scale([n], "cpu") == pytest.approx(expected)
     assert expected > 1 / math.sqrt(cfg.head_dim)  # sharper attention when extrapolating
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the model was trained on: aspect-ratio buckets within a token budget are trained shapes.
+POLICIES = ("per_axis", "area")
+
+
+def forward(model, latent, t, scaling):
+    feats, mask = caption_batch(1, 8, model.config.cap_feat_dim, seed=2)
+    with torch.no_grad():
+        return model(latent, torch.tensor([t]), feats, mask, rope_scaling=scaling)
+
+
+@pytest.fixture(scope="module")
+def bucketed():
+    """The tiny preset as the official recipe trains it: buckets up to 4:1 within its 64-token budget (no record: the
+    official values, area 64 and 16 tokens per axis)."""
+    model = random_nextdit(preset("tiny"))
+    assert (model.config.rope_area, model.config.rope_sides) == (64, (1, 16, 16))
+    return model
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("mode", ROPE_MODES)
+def test_every_trained_bucket_shape_is_identity_in_every_mode(bucketed, mode, policy):
+    """A 4:1 bucket at the training token budget (16×4 tokens, either orientation) and the square one: RoPE is the
+    identity at every t, so the forward equals mode "none" exactly."""
+    for h, w in ((8, 32), (32, 8), (16, 16)):  # latents: 4×16, 16×4, 8×8 tokens
+        latent = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(h))
+        for t in (0.0, 0.5, 1.0):
+            plain = forward(bucketed, latent, t, RopeScaling(mode="none"))
+            scaled = forward(bucketed, latent, t, RopeScaling(mode=mode, policy=policy))
+            assert torch.equal(scaled, plain), (h, w, t)
+
+
+@pytest.mark.parametrize("mode", [m for m in ROPE_MODES if m != "none"])
+def test_scaling_starts_beyond_the_trained_budget(bucketed, mode):
+    rope = bucketed.rope
+    assert rope.scale_factors((1, 4, 16), RopeScaling(mode=mode)) == (1.0, 1.0, 1.0)
+    assert rope.scale_factors((1, 4, 20), RopeScaling(mode=mode)) == (1.0, 1.0, 20 / 16)  # past the longest side
+    assert rope.scale_factors((1, 4, 16), RopeScaling(mode=mode, policy="area")) == (1.0, 1.0, 1.0)
+    assert rope.scale_factors((1, 16, 16), RopeScaling(mode=mode, policy="area")) == (1.0, 2.0, 2.0)  # 4× the area
+    latent = torch.randn(1, 4, 8, 40, generator=torch.Generator().manual_seed(0))  # 4×20 tokens: 80 > 64, 20 > 16
+    for policy in POLICIES:
+        plain = forward(bucketed, latent, 0.9, RopeScaling(mode="none"))
+        scaled = forward(bucketed, latent, 0.9, RopeScaling(mode=mode, policy=policy))
+        assert not torch.allclose(scaled, plain, atol=1e-6), policy
+
+
+def test_official_and_diffusers_checkpoints_carry_the_official_training_shapes(tmp_path):
+    """A released checkpoint (no record of its buckets) was trained at 1024 px with 4:1 crops: 4096 tokens, 128 per
+    axis — so 2048×512 is a trained shape and 2048² is beyond the budget."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from models import NextDiT
+    from models.checkpoint import read_config, write_checkpoint
+
+    cfg = preset("tiny", train_grid=(1, 64, 64))  # a 1024-px model, tiny widths
+    state = NextDiT(cfg).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "consolidated.00-of-01.safetensors"))
+    torch.save(argparse.Namespace(model="NextDiT_2B_GQA_patch2", image_size=1024, qk_norm=True),
+               tmp_path / "model_args.pth")
+    write_checkpoint(cfg, state, tmp_path / "diffusers", "diffusers")
+    for path in (tmp_path, tmp_path / "diffusers"):
+        read = read_config(str(path))
+        assert (read.rope_area, read.rope_sides) == (4096, (1, 128, 128)), path
+        rope = NextDiT.from_pretrained(str(path)).rope
+        assert rope.scale_factors((1, 32, 128), RopeScaling()) == (1.0, 1.0, 1.0)  # 2048×512
+        assert rope.scale_factors((1, 128, 128), RopeScaling(policy="area")) == (1.0, 2.0, 2.0)  # 2048²

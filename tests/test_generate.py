@@ -100,3 +100,22 @@ def test_prompt_file_runs_as_ray_data_job_writing_to_s3(parts, tmp_path, ray_clu
     # the same seed through the local path gives the same bytes as through the actor pool
     assert main(args(parts, tmp_path / "local", "--prompt", "a red cat")) == 0
     assert fs.cat(f"{s3_bucket}/gen/000000_7.png") == (tmp_path / "local" / "000000_7.png").read_bytes()
+
+
+def test_official_sampler_preset_is_one_setting_away(parts, tmp_path, capsys):
+    """``--set sampler=official``: the official demo's sampling (midpoint on 30 grid points of the shift-4 schedule, CFG 4
+    on the first 3 channels, the main branch's RoPE rule); named flags and later --set keys still apply on top."""
+    def dry_run(*extra):
+        capsys.readouterr()
+        assert main(["--model", parts["model"], "--prompt", "a cat", "--dry-run", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["config"]["sampler"]
+
+    official = dry_run("--set", "sampler=official")
+    assert official["steps"] == 29 and official["solver"] == "midpoint" and official["guidance"] == 4.0
+    assert official["schedule"]["name"] == "rational" and official["schedule"]["shift"] == 4.0
+    assert official["cfg_channels"] == 3 and official["rope"]["mode"] == "official_switch"
+    assert official["rope"]["policy"] == "area"
+    tuned = dry_run("--steps", "12", "--set", "sampler=official", "--set", "sampler.guidance=5")
+    assert tuned["steps"] == 12 and tuned["guidance"] == 5.0 and tuned["schedule"]["name"] == "rational"
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        main(["--model", parts["model"], "--prompt", "a cat", "--dry-run", "--set", "sampler=fast"])

@@ -147,7 +147,7 @@ def test_extrapolation_changes_only_beyond_training_size(tiny):
         small = torch.randn(1, 4, 16, 16)
         assert torch.equal(tiny(small, torch.tensor([0.2]), feats, mask),
                            tiny(small, torch.tensor([0.2]), feats, mask, rope_scaling=RopeScaling("pi")))
-        large = torch.randn(1, 4, 32, 32)
+        large = torch.randn(1, 4, 16, 40)  # 8×20 tokens: past the longest trained side (16, the 4:1 bucket's)
         assert not torch.allclose(tiny(large, torch.tensor([0.2]), feats, mask),
                                   tiny(large, torch.tensor([0.2]), feats, mask, rope_scaling=RopeScaling("pi")))
 

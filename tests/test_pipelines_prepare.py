@@ -7,6 +7,7 @@ a shard; terminate mid-run and rerun with every sample exactly once; shard tenso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,14 +19,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.config_io import from_dict
+from models.config_io import ConfigError, from_dict
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
 from pipelines.plan import run_prepare
-from pipelines.shards import iter_samples, list_shards, read_rejects, shard_url
+from pipelines.shards import iter_samples, list_shards, read_manifest, read_rejects, shard_encoders, shard_url
 from pipelines.sources import key_of
-from tests.pipelines_fixtures import (make_aesthetic_head, make_captioner, make_clip, make_text_encoder,
-                                make_vae, write_audio, write_bad_files, write_images, write_shapes)
+from tests.pipelines_fixtures import (
+    make_aesthetic_head,
+    make_captioner,
+    make_clip,
+    make_text_encoder,
+    make_vae,
+    write_audio,
+    write_bad_files,
+    write_images,
+    write_shapes,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"bucket": {"image": {"max_patches": 256, "batch_tokens": 1024}}, "progress": False}
@@ -129,6 +139,10 @@ def test_corrupted_corpus_local(local_run, corpus):
     assert stats["run"]["stages"]["decode"]["rejected"]["nan"] == 1
     saved = json.loads((out / C.STATS_FILE).read_text())
     assert saved["total"]["samples"] == len(good) and saved["total"]["rejected"] == len(bad)
+    # no VAE, no text encoder: the records say so
+    assert saved[C.STATS_ENCODERS] == {C.MANIFEST_VAE: None, C.MANIFEST_TEXT_ENCODER: None}
+    assert all(r[C.MANIFEST_VAE] is None and r[C.MANIFEST_TEXT_ENCODER] is None
+               for r in read_manifest(str(out)).to_pylist())
 
     # a rerun finds everything done and writes nothing
     again = run_prepare(cfg)
@@ -289,3 +303,31 @@ def test_model_stages_with_list_and_tar_inputs(ray_cluster, corpus, tmp_path):
     mesh = next(s for s in samples if s["meta"]["modality"] == C.POINTS)
     assert mesh["meta"]["caption_source"] == C.CAPTION_FROM_MODEL  # captioned from rendered views
     assert next(s for s in samples if s["meta"]["source"] == str(paths[0]))["meta"]["license"] == "cc0"
+
+    # the encoders are recorded: the tiny VAE's scale (diffusers' default, in its config.json) and 4 channels, the tiny
+    # text encoder's width 16 and the settings it ran with — on every manifest row and in stats.json
+    vae = {"path": cfg.encode.vae, "scaling_factor": 0.18215, "shift_factor": 0.0, "latent_channels": 4}
+    text = {"path": cfg.encode.text_encoder, "kind": "decoder", "layer": -2, "max_length": 256,
+            "pad_to_multiple_of": 8, "hidden_size": 16}
+    rows = read_manifest(cfg.output).to_pylist()
+    assert {r["modality"] for r in rows} == {C.IMAGE, C.POINTS}
+    for row in rows:
+        assert row[C.MANIFEST_VAE] == (json.dumps(vae, sort_keys=True) if row["modality"] == C.IMAGE else None)
+        assert row[C.MANIFEST_TEXT_ENCODER] == json.dumps(text, sort_keys=True)
+    saved = json.loads((Path(cfg.output) / C.STATS_FILE).read_text())
+    assert stats[C.STATS_ENCODERS] == saved[C.STATS_ENCODERS] == {C.MANIFEST_VAE: vae, C.MANIFEST_TEXT_ENCODER: text}
+    assert shard_encoders([r for r in rows if r["modality"] == C.IMAGE]) == {C.MANIFEST_VAE: vae,
+                                                                             C.MANIFEST_TEXT_ENCODER: text}
+    assert shard_encoders([r for r in rows if r["modality"] == C.POINTS]) == {C.MANIFEST_VAE: None,
+                                                                              C.MANIFEST_TEXT_ENCODER: text}
+    # a rerun with another VAE, scale or text setting (or none) fails at the start, before touching the output
+    other_vae = make_vae(models / "vae2")
+    before = sorted(p.name for p in Path(cfg.output).rglob("*"))
+    for change, message in (({"vae": other_vae}, other_vae), ({"vae_scaling_factor": 0.5}, '"scaling_factor": 0.5'),
+                            ({"vae": None}, "would store images"), ({"text_max_length": 128}, '"max_length": 128'),
+                            ({"text_encoder": None}, "no encode.text_encoder")):
+        rerun = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, **change))
+        with pytest.raises(ConfigError, match="holds image shards") as err:
+            run_prepare(rerun)
+        assert message in str(err.value) and "new --output" in str(err.value), str(err.value)
+    assert sorted(p.name for p in Path(cfg.output).rglob("*")) == before

@@ -9,7 +9,7 @@ import pytest
 
 from models.config_io import ConfigError, build_config, from_dict, to_dict
 from pipelines import constants as C
-from pipelines.buckets import (best_image_bucket, bucket_table, image_bucket_sizes, mel_frames, resize_to_bucket)
+from pipelines.buckets import best_image_bucket, bucket_table, image_bucket_sizes, mel_frames, resize_to_bucket
 from pipelines.config import PrepareConfig
 from pipelines.decode import decode_audio, decode_image, decode_points
 from pipelines.encode import log_mel
@@ -245,3 +245,125 @@ def test_rayjob_entrypoint_resolves_with_dry_run(capsys):
     vae_line = next(line for line in capsys.readouterr().out.splitlines() if "VaeEncode" in line)
     assert "gpus=1.0" in vae_line and "encode_gpu=1" in vae_line
     assert "cpus=0.5" in vae_line  # the section's other defaults survive the override
+
+
+# ---- encoder records ----------------------------------------------------------------------------------------------
+VAE_A = {"path": "s3://models/vae", "scaling_factor": 0.13025, "shift_factor": 0.0, "latent_channels": 4}
+TEXT_A = {"path": "s3://models/gemma", "kind": "decoder", "layer": -2, "max_length": 256, "pad_to_multiple_of": 8,
+          "hidden_size": 2048}
+
+
+def manifest_row(index: int, vae=None, text=None, modality=C.IMAGE, member=C.LATENT_MEMBER, **extra) -> dict:
+    from pipelines.shards import encoder_json
+
+    row = {"path": f"shards/{modality}/256x256/{index:06d}.tar", "modality": modality, "bucket": "256x256",
+           "member": member, C.MANIFEST_VAE: encoder_json(vae), C.MANIFEST_TEXT_ENCODER: encoder_json(text)}
+    row.update(extra)
+    return row
+
+
+def test_shard_encoders_agree_or_name_two_shards():
+    from pipelines.shards import shard_encoders
+
+    rows = [manifest_row(i, VAE_A, TEXT_A) for i in range(3)]
+    assert rows[0][C.MANIFEST_VAE] == json.dumps(VAE_A, sort_keys=True)
+    assert shard_encoders(rows) == {C.MANIFEST_VAE: VAE_A, C.MANIFEST_TEXT_ENCODER: TEXT_A}
+    assert shard_encoders([]) == {C.MANIFEST_VAE: None, C.MANIFEST_TEXT_ENCODER: None}
+    # a manifest of an older prepare: no columns at all → unknown (None), not an error
+    old = [{k: v for k, v in manifest_row(i).items() if k not in C.ENCODER_COLUMNS} for i in range(2)]
+    assert shard_encoders(old) == {C.MANIFEST_VAE: None, C.MANIFEST_TEXT_ENCODER: None}
+    # images stored as images and audio shards carry no VAE; image shards may sit beside latent shards
+    audio = [manifest_row(i, None, TEXT_A, modality=C.AUDIO, member=C.MEL_MEMBER) for i in range(2)]
+    assert shard_encoders(audio) == {C.MANIFEST_VAE: None, C.MANIFEST_TEXT_ENCODER: TEXT_A}
+    assert shard_encoders(rows + [manifest_row(9, None, TEXT_A, member="jpg")])[C.MANIFEST_VAE] == VAE_A
+
+    def fails(bad_rows, *needles):
+        with pytest.raises(ValueError) as err:
+            shard_encoders(bad_rows)
+        for needle in needles:
+            assert needle in str(err.value), (needle, str(err.value))
+
+    other = dict(VAE_A, scaling_factor=0.18215)  # e.g. a resumed run with another scale
+    fails(rows + [manifest_row(7, other, TEXT_A)], rows[0]["path"], "shards/image/256x256/000007.tar", "0.13025",
+          "0.18215", "vae")
+    fails(rows + [manifest_row(7, None, TEXT_A)], "000007.tar", "no vae record")  # a latent shard without a record
+    fails(rows + [manifest_row(7, VAE_A, dict(TEXT_A, max_length=128))], "000007.tar", "text_encoder", "128")
+    fails(rows + [manifest_row(7, VAE_A, None)], "000007.tar", "no text_encoder record")
+    fails(rows + audio, "one modality")
+
+
+def test_resume_refuses_other_encoders(tmp_path):
+    """check_encoders (run at the start of run_prepare): a rerun must write its shards with the encoders of the shards
+    already in the output, per modality it reads."""
+    from pipelines.manifest import OutputState
+    from pipelines.plan import check_encoders
+
+    state = OutputState(str(tmp_path))
+    state.sidecars = [manifest_row(0, VAE_A, TEXT_A), manifest_row(1, VAE_A, TEXT_A),
+                      manifest_row(0, None, TEXT_A, modality=C.AUDIO, member=C.MEL_MEMBER)]
+    cfg = from_dict(PrepareConfig, {"inputs": ["x"], "output": str(tmp_path)})
+    same = {C.MANIFEST_VAE: VAE_A, C.MANIFEST_TEXT_ENCODER: TEXT_A}
+    check_encoders(state, cfg, same)
+
+    def refused(encoders, *needles, modalities=None):
+        c = from_dict(PrepareConfig, {"inputs": ["x"], "output": str(tmp_path),
+                                      "read": {"modalities": modalities or list(C.MODALITIES)}})
+        with pytest.raises(ConfigError) as err:
+            check_encoders(state, c, encoders)
+        for needle in needles:
+            assert needle in str(err.value), (needle, str(err.value))
+
+    refused(dict(same, vae=dict(VAE_A, path="s3://models/other-vae")), "other-vae", "s3://models/vae", "new --output")
+    refused(dict(same, vae=dict(VAE_A, latent_channels=16)), '"latent_channels": 16')
+    refused(dict(same, vae=None), "would store images")  # latents in the output, images now
+    refused(dict(same, text_encoder=dict(TEXT_A, layer=-1)), "text_encoder", '"layer": -1')
+    refused(dict(same, text_encoder=None), "this run's is none (no encode.text_encoder")
+    refused(dict(same, text_encoder=None), C.AUDIO, modalities=[C.AUDIO])  # audio shards have text features too
+    # a modality this run does not read is not its business; audio shards never carry a VAE
+    audio_only = from_dict(PrepareConfig, {"inputs": ["x"], "output": str(tmp_path), "read": {"modalities": [C.AUDIO]}})
+    check_encoders(state, audio_only, dict(same, vae=dict(VAE_A, path="another")))
+    # images stored as images: a run that adds latents is refused, one that stores images again is fine
+    state.sidecars = [manifest_row(0, None, None, member="jpg")]
+    check_encoders(state, cfg, {C.MANIFEST_VAE: None, C.MANIFEST_TEXT_ENCODER: None})
+    refused(same, "stored as ['jpg']", "VAE latents")
+    # latent shards from a prepare that recorded nothing: refused, since the output would end up half unknown
+    state.sidecars = [{k: v for k, v in manifest_row(0).items() if k not in C.ENCODER_COLUMNS}]
+    refused(dict(same, text_encoder=None), "older jobs.prepare")
+
+
+def test_encoder_records_from_config_json_on_s3(tmp_path, s3_bucket, s3_server):
+    """The records come from config.json alone (of an s3:// folder only that file is fetched), with the values the
+    loaded models have; the path stays the reference the user gave."""
+    import boto3
+
+    from models.text_encoder import TextEncoder
+    from models.vae import ImageVAE
+    from pipelines.encode import encoder_records
+    from pipelines.io import resolve_storage
+    from tests.pipelines_fixtures import make_text_encoder, make_vae
+
+    vae_dir, te_dir = make_vae(tmp_path / "vae"), make_text_encoder(tmp_path / "te")
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.upload_file(f"{vae_dir}/config.json", s3_bucket, "models/vae/config.json")
+    s3.upload_file(f"{te_dir}/config.json", s3_bucket, "models/te/config.json")
+    cfg = from_dict(PrepareConfig, {"inputs": ["x"], "output": "y", "encode": {
+        "vae": f"s3://{s3_bucket}/models/vae", "vae_shift_factor": 0.5,
+        "text_encoder": f"s3://{s3_bucket}/models/te", "text_max_length": 64}})
+    records = encoder_records(cfg, resolve_storage("s3://"))
+    vae, te = ImageVAE.from_pretrained(vae_dir, shift_factor=0.5), TextEncoder.from_pretrained(te_dir, max_length=64)
+    assert records == {
+        C.MANIFEST_VAE: {"path": f"s3://{s3_bucket}/models/vae", "scaling_factor": vae.scaling_factor,
+                         "shift_factor": 0.5, "latent_channels": vae.latent_channels},
+        C.MANIFEST_TEXT_ENCODER: {"path": f"s3://{s3_bucket}/models/te", "kind": "decoder", "layer": te.layer,
+                                  "max_length": 64, "pad_to_multiple_of": te.pad_to_multiple_of,
+                                  "hidden_size": te.hidden_size},
+    }
+    assert records[C.MANIFEST_VAE]["latent_channels"] == 4 and records[C.MANIFEST_TEXT_ENCODER]["hidden_size"] == 16
+    assert set(records[C.MANIFEST_VAE]) == set(C.VAE_RECORD_KEYS)
+    assert set(records[C.MANIFEST_TEXT_ENCODER]) == set(C.TEXT_ENCODER_RECORD_KEYS)
+    # no VAE for a run without images; a missing model is a config error before any work
+    no_images = from_dict(PrepareConfig, {**to_dict(cfg), "read": {"modalities": [C.AUDIO]}})
+    assert encoder_records(no_images, resolve_storage("s3://"))[C.MANIFEST_VAE] is None
+    missing = from_dict(PrepareConfig, {**to_dict(cfg), "encode": {"vae": f"s3://{s3_bucket}/nothing"}})
+    with pytest.raises(ConfigError, match="encode.vae"):
+        encoder_records(missing, resolve_storage("s3://"))

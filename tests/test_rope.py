@@ -63,12 +63,12 @@ def test_ntk_keeps_the_highest_frequency_and_scales_the_lowest_by_s(dim):
 
 
 def test_freq_aware_makes_dimension_k_star_exactly_pi():
-    dim, s, train_tokens = 36, 2.0, 64
-    k_star = (dim / 2) * math.log(train_tokens / (2 * math.pi), THETA)
+    dim, s, trained_tokens = 36, 2.0, 64
+    k_star = (dim / 2) * math.log(trained_tokens / (2 * math.pi), THETA)
     base_prime = THETA * s ** (dim / (2 * k_star))
     # evaluate the definition at the (fractional) k*: NTK branch equals PI exactly there
     assert base_prime ** (-2 * k_star / dim) == pytest.approx(THETA ** (-2 * k_star / dim) / s, rel=1e-12)
-    freqs = axis_frequencies(dim, THETA, s, "freq_aware", train_tokens=train_tokens)
+    freqs = axis_frequencies(dim, THETA, s, "freq_aware", trained_tokens=trained_tokens)
     base = axis_frequencies(dim, THETA)
     k = torch.arange(dim // 2, dtype=torch.float64)
     below, above = k < k_star, k > k_star
@@ -104,14 +104,14 @@ def test_official_switch_is_pi_before_the_watershed_then_plain_theta_times_s():
 
 @pytest.mark.parametrize("mode", ["none", "pi", "ntk", "freq_aware", "time_aware", "official_switch"])
 def test_every_mode_is_identity_at_or_below_training_size(mode):
-    rope = NDRotaryEmbedding(16, (0, 8, 8), train_tokens=(1, 8, 8))
+    rope = NDRotaryEmbedding(16, (0, 8, 8), trained_sides=(1, 8, 8), trained_area=64)
     plain = rope.frequencies((1, 8, 8), 0.5, None)
     for grid in [(1, 8, 8), (1, 4, 6)]:
         assert torch.equal(rope.frequencies(grid, 0.5, RopeScaling(mode=mode)), plain)
 
 
 def test_per_axis_scaling_leaves_an_unscaled_axis_untouched():
-    rope = NDRotaryEmbedding(16, (0, 8, 8), train_tokens=(1, 8, 8))
+    rope = NDRotaryEmbedding(16, (0, 8, 8), trained_sides=(1, 8, 8), trained_area=64)
     plain = rope.frequencies((1, 8, 8), 0.5, None)
     wide = rope.frequencies((1, 8, 16), 0.5, RopeScaling(mode="pi"))  # width doubled, height at training size
     assert torch.equal(wide[0::2], plain[0::2])  # height pairs

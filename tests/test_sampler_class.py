@@ -93,12 +93,16 @@ def test_guidance_is_against_the_null_class(sampler, solver):
 
 
 def test_a_batch_of_two_classes_equals_each_alone(parts):
+    """models/sampler.py "Batching and determinism": bit-identical in the same slot (slot 0: "bird" both times), equal
+    to float / 8-bit rounding in another (slot 1 vs 0: a BLAS may round a matmul row according to its index)."""
     s = Sampler.from_pretrained(parts["folder"], config={"batch_size": 2})
     pair = s.generate([req("bird", seed=5), req("8", seed=6)])
     alone = [s.generate([req("bird", seed=5)])[0], s.generate([req("8", seed=6)])[0]]
     assert [r.metadata["batch"] for r in pair] == [2, 2] and alone[0].metadata["slots"] == 2
-    for together, single in zip(pair, alone):
-        assert torch.equal(together.latent, single.latent) and np.array_equal(together.image, single.image)
+    assert torch.equal(pair[0].latent, alone[0].latent) and np.array_equal(pair[0].image, alone[0].image)
+    torch.testing.assert_close(pair[1].latent, alone[1].latent, rtol=1e-4, atol=1e-5)
+    diff = np.abs(pair[1].image.astype(np.int16) - alone[1].image.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # a pixel next to a rounding boundary may move one level
     assert not torch.equal(pair[0].latent, pair[1].latent)
 
 

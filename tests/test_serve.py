@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -108,15 +109,24 @@ def test_valid_request_returns_png_of_the_requested_size_and_same_seed_same_byte
     assert other.json()["data"][0]["b64_json"] != item["b64_json"]
 
 
+def assert_same_image_to_rounding(item: dict, expected: dict) -> None:
+    """What models/sampler.py promises across slots of a batched solve: the same image to 8-bit rounding (a BLAS may
+    round a matmul row according to its index, and a pixel next to a rounding boundary may then move one level)."""
+    a, b = (np.asarray(decode_png(i), dtype=np.int16) for i in (item, expected))
+    diff = np.abs(a - b)
+    assert a.shape == b.shape and diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), diff.mean())
+
+
 def test_n_images_get_consecutive_seeds_and_batch_mates_do_not_change_an_image(server):
-    alone = generate(server, size="32x32", seed=100).json()["data"][0]["b64_json"]
+    alone = generate(server, size="32x32", seed=100).json()["data"][0]
     pair = generate(server, size="32x32", seed=99, n=2).json()["data"]
     assert [d["seed"] for d in pair] == [99, 100]
-    assert pair[1]["b64_json"] == alone
-    # concurrent requests share batched solves; each image stays what it is alone
+    assert_same_image_to_rounding(pair[1], alone)  # slot 1 of the solve, slot 0 alone
+    # concurrent requests share batched solves (in whichever slot); each image stays what it is alone
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         bodies = list(pool.map(lambda s: generate(server, size="32x32", seed=s).json(), [100, 5, 100, 6]))
-    assert bodies[0]["data"][0]["b64_json"] == alone == bodies[2]["data"][0]["b64_json"]
+    for body in (bodies[0], bodies[2]):
+        assert_same_image_to_rounding(body["data"][0], alone)
 
 
 def test_models_health_and_openapi(server):

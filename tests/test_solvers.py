@@ -116,7 +116,9 @@ def test_unknown_solver_and_schedule_raise():
 
 # ---------------------------------------------------------------------------------------------------------------------
 SCHEDULE_CASES = [UniformSchedule(), RationalSchedule(4.0), RationalSchedule(0.5), SigmoidSchedule(),
-                  SigmoidSchedule(0.3, 10.0, 2.0), SigmoidSchedule(0.7, 0.0, 12.0), SigmoidSchedule(0.5, 40.0, 40.0)]
+                  SigmoidSchedule(0.3, 10.0, 2.0), SigmoidSchedule(0.7, 0.0, 12.0), SigmoidSchedule(0.5, 40.0, 40.0),
+                  *(SigmoidSchedule(c, a, b, "coarse_ends") for c, a, b in
+                    [(0.5, 3.0, 3.0), (0.3, 10.0, 2.0), (0.7, 0.0, 12.0), (0.5, 40.0, 40.0)])]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_CASES, ids=repr)
@@ -136,6 +138,19 @@ def test_uniform_is_rational_with_shift_one_and_sigmoid_with_zero_steepness():
     assert torch.equal(RationalSchedule(1.0)(u), UniformSchedule()(u))
     assert torch.allclose(SigmoidSchedule(0.4, 0.0, 0.0)(u), u, atol=1e-12)
     assert torch.allclose(SigmoidSchedule(0.6, 1e-4, 1e-4)(u), u, atol=1e-4)  # continuous in the steepness
+
+
+def test_coarse_ends_is_the_inverse_map_with_large_steps_at_both_ends():
+    """The paper's wording (§2.3): larger steps at the start and end than in between — the inverse of fine_ends."""
+    u = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    fine, coarse = SigmoidSchedule(0.4, 8.0, 6.0), SigmoidSchedule(0.4, 8.0, 6.0, "coarse_ends")
+    assert torch.allclose(coarse(fine(u)), u, atol=1e-9) and torch.allclose(fine(coarse(u)), u, atol=1e-9)
+    steps = coarse.grid(10).diff()
+    assert steps[0] > steps[4] and steps[-1] > steps[5]
+    assert torch.allclose(SigmoidSchedule(0.4, 0.0, 0.0, "coarse_ends")(u), u, atol=1e-12)  # uniform at a = b = 0
+    assert make_schedule(ScheduleConfig("sigmoid", orientation="coarse_ends")).orientation == "coarse_ends"
+    with pytest.raises(ValueError, match="unknown sigmoid orientation"):
+        ScheduleConfig("sigmoid", orientation="sideways")
 
 
 def test_rational_is_the_official_time_shift():

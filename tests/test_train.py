@@ -192,8 +192,11 @@ def test_bad_configs_fail_before_workers(tmp_path, capsys):
     no_text = _tiny_shards(tmp_path / "data2", with_text=False)
     with pytest.raises(ConfigError, match="--text-encoder"):
         run_train(["--data", str(no_text), *base[2:]])
-    with pytest.raises(ConfigError, match="no bucket holds one global batch"):
+    with pytest.raises(ConfigError, match="no bucket holds one global batch .* set a smaller micro-batch: "
+                                          "data.micro_batch=1 .* or data.bucket_micro_batch.128x128=1"):
         run_train(base + ["--workers", "3"])
+    with pytest.raises(ConfigError, match="has 4 samples, fewer than 5 worker.* use fewer workers"):
+        run_train(base + ["--workers", "5"])
     with pytest.raises(ConfigError, match="class-conditional task"):
         run_train(base + ["--set", "model.class_names=[a, b]"])
     with pytest.raises(ConfigError, match="2 names; the model has 10 classes"):
@@ -205,6 +208,37 @@ def test_bad_configs_fail_before_workers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bucket 128x128" in out and "global batch 4" in out and '"stage": 3' in out
     assert "built partitioned across the workers" in out
+    assert "caption width 32, trained on: area 64 tokens, sides [1, 8, 8]" in out  # 16² latents → 8×8 tokens
+    assert run_train(base + ["--workers", "3", "--set", "data.micro_batch=1", "--dry-run"]) == 0
+    assert "micro-batch 1, global batch 3" in capsys.readouterr().out
+
+
+def test_micro_batch_one_number_with_per_bucket_overrides(tmp_path):
+    data = _tiny_shards(tmp_path / "data")
+    assert DataPlan.from_manifest(str(data)).buckets["128x128"].micro_batch == 2  # the manifest's
+    assert DataPlan.from_manifest(str(data), micro_batch=3).buckets["128x128"].micro_batch == 3
+    plan = DataPlan.from_manifest(str(data), micro_batch=3, bucket_micro_batch={"128x128": 1})
+    assert plan.buckets["128x128"].micro_batch == 1
+    with pytest.raises(ConfigError, match=r"names bucket\(s\) \['64x64'\] .*it has \['128x128'\]"):
+        DataPlan.from_manifest(str(data), bucket_micro_batch={"64x64": 1})
+    with pytest.raises(ConfigError, match="data.micro_batch must be >= 1"):
+        from_dict(TrainConfig, {"data": {"uri": "x", "micro_batch": 0}, "run": {"storage": "y"}}).validate()
+
+
+def test_shards_of_different_encoders_are_refused(tmp_path):
+    """A manifest whose latent shards were made by two VAEs (e.g. an output extended with another encode.vae) is a
+    config error naming both shards; the records of one VAE come through to the plan."""
+    data = _tiny_shards(tmp_path / "data")
+    table = pq.read_table(data / C.MANIFEST_FILE).to_pylist()
+    vae = {"path": "s3://models/vae-a", "scaling_factor": 0.13025, "shift_factor": 0.0, "latent_channels": 4}
+    one = [{**r, C.MANIFEST_VAE: json.dumps(vae, sort_keys=True), C.MANIFEST_TEXT_ENCODER: None} for r in table]
+    pq.write_table(pa.Table.from_pylist(one), data / C.MANIFEST_FILE)
+    assert DataPlan.from_manifest(str(data)).encoders == {"vae": vae, "text_encoder": None}
+    other = {**one[0], "path": "shards/image/128x128/000001.tar",
+             C.MANIFEST_VAE: json.dumps({**vae, "path": "s3://models/vae-b"}, sort_keys=True)}
+    pq.write_table(pa.Table.from_pylist(one + [other]), data / C.MANIFEST_FILE)
+    with pytest.raises(ConfigError, match="(?s)000000.tar.*000001.tar.*train on shards of one encoder"):
+        DataPlan.from_manifest(str(data))
 
 
 def test_class_conditional_task_builds_a_loss():

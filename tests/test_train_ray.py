@@ -73,7 +73,7 @@ def prepared_images(prepared, tmp_path_factory):
 
 def make_config(prepared, storage, name, workers=2, steps=STEPS, **sections) -> TrainConfig:
     data = {"data": {"uri": prepared["data"]},
-            "model": {"preset": "tiny", "text_encoder": prepared["text_encoder"], "vae": prepared["vae"]},
+            "model": {"preset": "tiny"},  # the export takes the encoders jobs.prepare recorded for the shards
             "optim": {"lr": LR}, "ema": {"decay": EMA_DECAY},
             "deepspeed": {"param_persistence_threshold": 0},  # really shard even the tiny model's parameters
             "train": {"steps": steps, "log_every": 1, "ckpt_every": 4, "record_samples": True},
@@ -93,12 +93,13 @@ def fit(cfg: TrainConfig):
 def reference_run(cfg: TrainConfig, worlds: list[int]):
     """Single process, no Ray, no DeepSpeed: plain torch AdamW with the same hyper-parameters, model init and data
     order (the planner's global batches; ``worlds[i]`` is the world size at step i + 1). Returns losses, weights, EMA."""
-    from jobs.training.loop import make_task
+    from jobs.training.loop import make_task, training_forward
     from jobs.training.parallelize import build_model
     from models.flow import flow_matching_loss
 
     plan = DataPlan.from_manifest(cfg.data.uri)
     model = build_model(cfg).train()
+    forward = training_forward(model, torch.float32, cfg.train.proportional_attn)
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     ema = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -114,7 +115,7 @@ def reference_run(cfg: TrainConfig, worlds: list[int]):
             samples = [reader.sample(s, i) for s, i in worker]
             keys.append((step.step, [s["key"] for s in samples]))
             batch = task.build(samples, step.epoch)
-            loss, per_sample = flow_matching_loss(model, batch.x1, *batch.args, t=batch.t, noise=batch.noise,
+            loss, per_sample = flow_matching_loss(forward, batch.x1, *batch.args, t=batch.t, noise=batch.noise,
                                                   **batch.kwargs)
             (loss / world).backward()  # DeepSpeed averages the workers' gradients
             total, count = total + float(per_sample.detach().sum()), count + len(samples)
@@ -171,6 +172,10 @@ def two_workers(prepared, tmp_path_factory):
     return cfg, result, storage / "two-workers"
 
 
+def prepared_text_encoder(cfg: TrainConfig) -> str:
+    return DataPlan.from_manifest(cfg.data.uri).encoders["text_encoder"]["path"]
+
+
 def test_two_workers_zero3_loss_drops_and_matches_single_process(two_workers):
     cfg, result, run_dir = two_workers
     # precomputed features, no text encoder on the workers: dropped captions get the "" features jobs.prepare stored
@@ -179,7 +184,7 @@ def test_two_workers_zero3_loss_drops_and_matches_single_process(two_workers):
 
     assert cfg.data.text_encoder is None and cfg.flow.caption_dropout > 0
     null_feats, null_mask = make_task(cfg, DataPlan.from_manifest(cfg.data.uri), torch.device("cpu")).null
-    feats, mask = TextEncoder.from_pretrained(cfg.model.text_encoder).encode([""])
+    feats, mask = TextEncoder.from_pretrained(prepared_text_encoder(cfg)).encode([""])
     torch.testing.assert_close(null_feats, feats[:, mask[0]].float(), atol=2e-3, rtol=2e-3)
     assert null_mask.all()
     history = read_history(str(run_dir))
@@ -223,12 +228,81 @@ def test_export_gives_exactly_the_trained_weights(two_workers, tmp_path):
     from jobs.convert import main as convert_main
 
     assert convert_main(["--to", "diffusers", str(tmp_path / "model"), str(tmp_path / "diffusers")]) == 0
-    # the Sampler finds the text encoder and VAE through the folder's metadata
-    from models.sampler import GenerationRequest, Sampler
+    # The run named no VAE or text encoder: the folder records those jobs.prepare recorded for the shards (the VAE
+    # with its scale and shift), how it was trained, and the buckets it was trained on; it generates with no flags.
+    from jobs.generate import main as generate_main
+    from models.checkpoint import read_metadata
+    from models.vae import ImageVAE
 
-    sampler = Sampler.from_pretrained(str(tmp_path / "model"), ema=True)
-    out = sampler.generate([GenerationRequest("a red cat", width=128, height=128, seed=0, steps=3)])
-    assert out[0].image.shape == (128, 128, 3)
+    meta = read_metadata(str(tmp_path / "model"))
+    vae = ImageVAE.from_pretrained(prepared_vae(cfg))
+    assert meta["vae"] == {"path": prepared_vae(cfg), "scaling_factor": vae.scaling_factor,
+                           "shift_factor": vae.shift_factor}
+    assert meta["text_encoder"]["path"] == prepared_text_encoder(cfg) and meta["text_encoder"]["kind"] == "decoder"
+    assert meta["training"] == {"proportional_attn": False}
+    grids = {b.grid(2) for b in DataPlan.from_manifest(cfg.data.uri).buckets.values()}
+    assert (model.config.trained_area, model.config.trained_sides) == (
+        max(g[1] * g[2] for g in grids), tuple(max(g[a] for g in grids) for a in range(3)))
+    assert generate_main(["--model", str(tmp_path / "model"), "--prompt", "a red cat", "--size", "128x128",
+                          "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
+def prepared_vae(cfg: TrainConfig) -> str:
+    return DataPlan.from_manifest(cfg.data.uri).encoders["vae"]["path"]
+
+
+def test_caption_width_comes_from_the_text_encoder_and_disagreements_fail_on_the_driver(prepared, tmp_path):
+    """A preset takes cap_feat_dim from the captions: a 40-wide text encoder (online) gives a 40-wide model; the
+    shards' 32-wide features against that encoder, or a pretrained model of another width, are config errors before
+    any worker starts."""
+    from jobs.training.trainer import validate
+    from models.config_io import ConfigError
+    from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder
+
+    wide = make_tiny_text_encoder(tmp_path / "wide", hidden_size=40)
+    cfg = make_config(prepared, tmp_path, "wide", data={"text_features": "online", "text_encoder": wide})
+    validate(cfg, write_probe=False)
+    assert cfg.model.resolved.cap_feat_dim == 40 and cfg.model.resolved.dim == 64  # the rest is the tiny preset
+    shards = make_config(prepared, tmp_path, "shards")
+    validate(shards, write_probe=False)
+    assert shards.model.resolved.cap_feat_dim == DataPlan.from_manifest(shards.data.uri).text_feature_width() == 32
+    with pytest.raises(ConfigError, match="text features are 32 wide .*gives 40"):
+        validate(make_config(prepared, tmp_path, "mixed", data={"text_encoder": wide}), write_probe=False)
+    base = make_tiny_model_folder(tmp_path / "base")
+    with pytest.raises(ConfigError, match="takes 32-wide caption features, but the text encoder .* gives 40"):
+        validate(make_config(prepared, tmp_path, "tune", model={"init_from": base},
+                             data={"text_features": "online", "text_encoder": wide}), write_probe=False)
+
+
+def counting_loop(loop_config):
+    """The real worker loop, leaving one marker file per worker start (test-side wrapper)."""
+    import os
+    import time
+
+    from jobs.training.loop import train_loop_per_worker
+
+    attempts = Path(loop_config["config"]["run"]["storage"]) / "attempts"
+    attempts.mkdir(parents=True, exist_ok=True)
+    (attempts / f"{time.time_ns()}-{os.getpid()}").touch()
+    train_loop_per_worker(loop_config)
+
+
+def test_a_deterministic_worker_error_stops_the_run_at_once(prepared, tmp_path):
+    """A worker error that every restart would repeat (here a caption width the driver's check was bypassed for)
+    ends the run after one attempt, with the worker's message, instead of spending run.max_failures (3)."""
+    from jobs.training.trainer import build_trainer, validate
+
+    cfg = make_config(prepared, tmp_path, "bad", workers=1, steps=2, run={"max_failures": 3})
+    validate(cfg, write_probe=False)
+    cfg.model.resolved = cfg.model.resolved.replace(cap_feat_dim=40)  # what validate would have refused
+    trainer = build_trainer(cfg)
+    trainer.train_loop_per_worker = counting_loop
+    with pytest.raises(Exception, match="(?s)a restart would fail the same way.*cap_feats has shape"):
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    assert len(list((tmp_path / "attempts").iterdir())) == 1
 
 
 def test_worker_failure_resumes_exactly_once(prepared, two_workers, tmp_path):
@@ -278,24 +352,58 @@ def test_checkpoints_to_s3(prepared, s3_bucket, tmp_path):
     NextDiT.from_pretrained(str(tmp_path / "model"), ema=True)
 
 
-def test_lora_finetune_of_a_model_on_s3_with_online_text_encoder(prepared, s3_bucket, tmp_path):
-    """LoRA on a pretrained tiny Next-DiT kept on S3 (1 worker), captions encoded online by the frozen text encoder; the
-    export is a peft adapter folder that loads on top of the base model with exactly the trained adapter weights."""
+@pytest.fixture(scope="module")
+def twenty_photos(prepared, tmp_path_factory):
+    """The small-data recipe's input (docs/training.md): 20 images of five sizes, prepared with the default bucket
+    settings, whose token-based micro-batches (batch_tokens 16384) are far larger than the data set."""
+    from PIL import Image
+
+    from jobs.prepare import main as prepare
+    from tests.pipelines_fixtures import make_image
+
+    root = tmp_path_factory.mktemp("few")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        w, h = [(128, 128), (160, 96), (96, 160), (144, 112), (200, 120)][i % 5]
+        Image.fromarray(make_image(rng, w, h)).save(images / f"me_{i:02d}.jpg")
+        (images / f"me_{i:02d}.txt").write_text(f"a photo of sks {['cat', 'dog'][i % 2]}")
+    out = root / "prepared"
+    assert prepare(["--input", str(images), "--output", str(out), "--set", f"encode.vae={prepared['vae']}",
+                    "--set", "bucket.image.max_patches=64", "--set", "read.modalities=[image]"]) == 0
+    return {**prepared, "data": str(out)}
+
+
+def test_small_data_lora_recipe_on_two_workers(twenty_photos, s3_bucket, tmp_path):
+    """docs/training.md's small-data recipe end to end: LoRA on 20 images of mixed sizes, 2 workers, a base model on
+    S3, captions encoded online. Without data.micro_batch the driver says what to set; with it the run trains, and the
+    exported adapter loads on the base model with exactly the trained adapter weights and generates."""
     from peft import PeftModel
+    from PIL import Image
 
     from jobs.export import main as export_main
+    from jobs.generate import main as generate_main
     from jobs.training.checkpointing import consolidate, latest_checkpoint
+    from jobs.training.trainer import validate
     from models import NextDiT
+    from models.config_io import ConfigError
     from models.storage import filesystem
     from tests.tiny_models import make_tiny_model_folder
 
-    base = make_tiny_model_folder(tmp_path / "base", text_encoder=prepared["text_encoder"], vae=prepared["vae"])
+    base = make_tiny_model_folder(tmp_path / "base", text_encoder=twenty_photos["text_encoder"],
+                                  vae=twenty_photos["vae"])
     fs, remote = filesystem(f"s3://{s3_bucket}/base")
     fs.put(f"{base}/", remote, recursive=True)
-    cfg = make_config(prepared, tmp_path, "lora", workers=1, steps=2, train={"record_samples": False},
-                      model={"init_from": f"s3://{s3_bucket}/base"}, lora={"enabled": True, "rank": 4},
-                      data={"text_features": "online", "text_encoder": prepared["text_encoder"]})
-    assert fit(cfg).metrics["step"] == 2
+    sections = dict(model={"init_from": f"s3://{s3_bucket}/base"}, lora={"enabled": True, "rank": 4},
+                    data={"text_features": "online", "text_encoder": twenty_photos["text_encoder"]},
+                    train={"record_samples": False})
+    with pytest.raises(ConfigError, match=r"no bucket holds one global batch .* set a smaller micro-batch: "
+                                          r"data.micro_batch=\d"):
+        validate(make_config(twenty_photos, tmp_path, "lora", steps=2, **sections), write_probe=False)
+    sections["data"]["micro_batch"] = 2
+    cfg = make_config(twenty_photos, tmp_path, "lora", steps=3, **sections)
+    assert fit(cfg).metrics["step"] == 3
     latest = latest_checkpoint(str(tmp_path / "lora"))
     raw, ema, _ = consolidate(latest)
     assert ema is not None and all("lora_" in k for k in ema)  # only the adapters train (and have an EMA)
@@ -306,6 +414,10 @@ def test_lora_finetune_of_a_model_on_s3_with_online_text_encoder(prepared, s3_bu
     lora_keys = [k for k in raw if "lora_" in k]
     assert lora_keys and all(torch.equal(state[k], raw[k]) for k in lora_keys)
     assert any(not torch.equal(raw[k], torch.zeros_like(raw[k])) for k in lora_keys if "lora_B" in k)
+    assert generate_main(["--model", base, "--adapter", str(tmp_path / "adapter"), "--prompt", "a photo of sks cat",
+                          "--size", "160x96", "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+    (png,) = (tmp_path / "samples").glob("*.png")
+    assert np.asarray(Image.open(png)).shape == (96, 160, 3)
 
 
 def test_class_conditional_online_vae_with_activation_checkpointing(prepared_images, tmp_path):

@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     # --- ours: the jobs.train step on a DeepSpeed engine -----------------------------------------------------------
+    from jobs.training.loop import training_forward
     from jobs.training.parallelize import ShardedEMA, parallelize
 
     init_single_process_group(device)
@@ -197,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ema = ShardedEMA(engine.module, cfg.ema.decay)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
-    def model_fn(x, t, feats, mask):  # as loop.loss_step: solver tensors fp32, the model in the engine's dtype
-        return engine(x.to(dtype), t, feats.to(dtype), mask)
+    model_fn = training_forward(engine, dtype, cfg.train.proportional_attn)  # the model call of loop.loss_step
 
     def our_step_fn(size: int, batch: int, phases: dict[str, list[float]] | None = None):
         """One training step; with ``phases``, the wall time of each phase is appended there (synchronised)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from models.config_io import ConfigError
 from models.flow import FlowConfig
-from models.presets import PRESETS, preset
+from models.presets import PRESETS, NextDiTConfig, preset
 
 TASKS = ("t2i", "class")  # text-to-image (default) and class-conditional; audio / points plug in later (loop.TASKS)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -31,7 +31,11 @@ class DataConfig:
     text_features: str = "auto"
     text_encoder: str | None = None  # TextEncoder folder (needed for "online", and for the empty prompt of dropout)
     vae: str | None = None  # AutoencoderKL folder: online VAE encoding when shards carry images instead of latents
-    micro_batch: dict[str, int] = field(default_factory=dict)  # per-bucket override of the manifest's micro_batch
+    # Samples per worker per micro-batch. None: each bucket's manifest value (jobs.prepare's batch_tokens // tokens);
+    # a number: that many in every bucket (small data sets: the manifest's token-based values are sized for large
+    # corpora); bucket_micro_batch overrides single buckets ({"256x256": 4}) on top of either.
+    micro_batch: int | None = None
+    bucket_micro_batch: dict[str, int] = field(default_factory=dict)
     label_key: str = "label"  # class-conditional task: the json metadata field that holds the class index
     seed: int = 0  # shuffle seed of the per-epoch plan (shard order per bucket, bucket draws)
     cached_shards: int = 2  # decoded shards kept in memory per worker
@@ -43,6 +47,9 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)  # NextDiTConfig fields, e.g. {n_layers: 4}
     init_from: str | None = None  # a model folder (ours / official / diffusers) to start from; required for LoRA
     init_ema: bool = False  # start from the folder's EMA weights
+    # The architecture as the driver resolved it before any worker started (preset or init_from, caption width from
+    # the text encoder or the shards, what it was trained on): workers use it instead of resolving again. Leave unset.
+    resolved: NextDiTConfig | None = None
     # References written into the exported model folder for the Sampler (default: data.text_encoder / data.vae).
     text_encoder: str | None = None
     vae: str | None = None
@@ -106,6 +113,10 @@ class LoopConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro-batch × workers × grad_accum)
     seed: int = 0  # model init and per-sample noise / t / dropout draws
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    # Proportional attention in the training forward. Off: the official recipe trains with the plain 1/sqrt(hd)
+    # scale and sets the proportional one only at sampling (where the model config's proportional_attn applies);
+    # on: every bucket trains with the scale the sampler uses for its token count (docs/training.md).
+    proportional_attn: bool = False
     activation_checkpointing: bool = False
     # Selective checkpointing: recompute every n-th block only (1 = every block; 2 = half the recomputation for more
     # activation memory) — the torchtitan knob.
@@ -200,9 +211,11 @@ class TrainConfig:
                                   f"{classes} classes")
         if self.lora.enabled and self.lora.rank < 1:
             raise ConfigError("lora.rank must be >= 1")
-        for bucket, mb in self.data.micro_batch.items():
+        if self.data.micro_batch is not None and self.data.micro_batch < 1:
+            raise ConfigError("data.micro_batch must be >= 1 (or null: each bucket's manifest value)")
+        for bucket, mb in self.data.bucket_micro_batch.items():
             if mb < 1:
-                raise ConfigError(f"data.micro_batch.{bucket} must be >= 1")
+                raise ConfigError(f"data.bucket_micro_batch.{bucket} must be >= 1")
         if "/" in self.run.name or not self.run.name:
             raise ConfigError("run.name must be a non-empty name without '/'")
         return self

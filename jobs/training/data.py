@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -29,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from jobs.training.config import DataConfig
 from models.config_io import ConfigError
+from models.vae import VAE_DOWNSAMPLE
 from pipelines import constants as C
-from pipelines.shards import iter_samples, read_manifest, read_null_text, shard_url
+from pipelines.shards import iter_samples, read_manifest, read_null_text, shard_encoders, shard_url
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,17 @@ class BucketInfo:
     member: str
     shards: tuple[int, ...]
 
-    @property
-    def tokens(self) -> int:
-        """Image tokens of one sample at patch size 2 (latents; an image bucket counts its latent size /8)."""
-        h, w = (self.shape[1], self.shape[2]) if self.member == C.LATENT_MEMBER else (self.shape[0] // 8, self.shape[1] // 8)
-        return (h // 2) * (w // 2)
+    def grid(self, patch_size: int) -> tuple[int, int, int]:
+        """Token grid (frames, height, width) of one sample: a latent (C, h, w), or an image (H, W, 3) counted at its
+        latent size (the VAE's /8)."""
+        if self.member == C.LATENT_MEMBER:
+            h, w = self.shape[1], self.shape[2]
+        else:
+            h, w = self.shape[0] // VAE_DOWNSAMPLE, self.shape[1] // VAE_DOWNSAMPLE
+        return (1, h // patch_size, w // patch_size)
+
+    def tokens(self, patch_size: int) -> int:
+        return math.prod(self.grid(patch_size))
 
 
 @dataclass
@@ -70,10 +79,20 @@ class DataPlan:
     root: str
     shards: list[ShardInfo]
     buckets: dict[str, BucketInfo]
+    # The encoders that made the shards' tensors, as jobs.prepare recorded them: {"vae": …, "text_encoder": …}, each
+    # a record dict or None (not encoded by a model, or an output of a version that did not record it).
+    encoders: dict[str, dict | None] = field(default_factory=lambda: {"vae": None, "text_encoder": None})
 
     @classmethod
-    def from_manifest(cls, root: str, modality: str = C.IMAGE, micro_batch: dict[str, int] | None = None) -> DataPlan:
-        """Read ``root/manifest.parquet``. Raises ConfigError for a missing manifest or a bucket without samples."""
+    def from_config(cls, data: DataConfig) -> DataPlan:
+        return cls.from_manifest(data.uri, data.modality, data.micro_batch, data.bucket_micro_batch)
+
+    @classmethod
+    def from_manifest(cls, root: str, modality: str = C.IMAGE, micro_batch: int | None = None,
+                      bucket_micro_batch: dict[str, int] | None = None) -> DataPlan:
+        """Read ``root/manifest.parquet``. Micro-batch of a bucket: ``bucket_micro_batch[name]``, else ``micro_batch``,
+        else the manifest's. Raises ConfigError for a missing manifest, a bucket without samples, or shards made by
+        different encoders."""
         try:
             rows = read_manifest(root).to_pylist()
         except FileNotFoundError as exc:
@@ -83,10 +102,15 @@ class DataPlan:
             raise ConfigError(f"{root}/{C.MANIFEST_FILE} lists no {modality} shards")
         shards = [ShardInfo(i, r["path"], r["bucket"], int(r["samples"]), tuple(r["shape"]), r["member"])
                   for i, r in enumerate(rows)]
-        overrides = micro_batch or {}
+        overrides = bucket_micro_batch or {}
         unknown = sorted(set(overrides) - {s.bucket for s in shards})
         if unknown:
-            raise ConfigError(f"data.micro_batch names bucket(s) {unknown} that the manifest does not have")
+            raise ConfigError(f"data.bucket_micro_batch names bucket(s) {unknown} that the manifest does not have "
+                              f"(it has {sorted({s.bucket for s in shards})})")
+        try:
+            encoders = shard_encoders(rows)
+        except ValueError as exc:
+            raise ConfigError(f"{root}: {exc}; train on shards of one encoder (prepare into separate outputs)") from exc
         buckets = {}
         for name in sorted({s.bucket for s in shards}):
             members = [s for s in shards if s.bucket == name]
@@ -94,13 +118,25 @@ class DataPlan:
                 raise ConfigError(f"bucket {name!r} has no samples in {root}/{C.MANIFEST_FILE}")
             if len({s.shape for s in members}) != 1:
                 raise ConfigError(f"bucket {name!r} mixes tensor shapes {sorted({s.shape for s in members})}")
-            mb = overrides.get(name) or int(rows[members[0].index]["micro_batch"] or 1)
+            mb = overrides.get(name) or micro_batch or int(rows[members[0].index]["micro_batch"] or 1)
             buckets[name] = BucketInfo(name, members[0].shape, mb, members[0].member, tuple(s.index for s in members))
-        return cls(root, shards, buckets)
+        return cls(root, shards, buckets, encoders)
 
     def null_text_features(self) -> np.ndarray | None:
         """The empty prompt's features (L, D) that jobs.prepare wrote beside the shards with text.npy, if any."""
         return read_null_text(self.root)
+
+    def text_feature_width(self) -> int | None:
+        """Width of the shards' precomputed caption features (text.npy), read from the first sample; None when the
+        shards carry none (captions are then encoded online)."""
+        first = next(iter_samples(shard_url(self.root, self.shards[0].path)), {})
+        features = first.get(C.TEXT_FEATURES_MEMBER)
+        return None if features is None else int(np.asarray(features).shape[-1])
+
+    def drawable(self, world: int, grad_accum: int) -> list[str]:
+        """The buckets that hold at least one global batch (the others are never drawn)."""
+        return [name for name in self.buckets
+                if self.bucket_samples(name) >= self.per_worker(name, grad_accum) * world]
 
     def bucket_samples(self, name: str) -> int:
         return sum(self.shards[i].samples for i in self.buckets[name].shards)
@@ -110,18 +146,28 @@ class DataPlan:
         return self.buckets[name].micro_batch * grad_accum
 
     def check(self, world: int, grad_accum: int) -> list[str]:
-        """Raise if no bucket holds one global batch; return warnings for buckets too small to ever be drawn."""
+        """Raise if no bucket holds one global batch (saying what to set); return warnings for buckets too small to
+        ever be drawn."""
         warnings, usable = [], 0
-        for name in self.buckets:
+        for name, bucket in self.buckets.items():
             need = self.per_worker(name, grad_accum) * world
             have = self.bucket_samples(name)
             if have < need:
-                warnings.append(f"bucket {name}: {have} samples < one global batch of {need}; it is never drawn")
+                warnings.append(f"bucket {name}: {have} samples < one global batch of {need} (micro-batch "
+                                f"{bucket.micro_batch} × {world} worker(s) × grad_accum {grad_accum}); never drawn")
             else:
                 usable += 1
         if not usable:
+            largest = max(self.buckets, key=self.bucket_samples)
+            fits = self.bucket_samples(largest) // (world * grad_accum)
+            if fits >= 1:
+                advice = (f"set a smaller micro-batch: data.micro_batch={fits} (every bucket; the largest, {largest}, "
+                          f"then gives one global batch) or data.bucket_micro_batch.{largest}={fits}")
+            else:
+                advice = (f"the largest bucket ({largest}) has {self.bucket_samples(largest)} samples, fewer than "
+                          f"{world} worker(s) × grad_accum {grad_accum}: use fewer workers or a smaller grad_accum")
             raise ConfigError(f"no bucket holds one global batch for {world} worker(s) × grad_accum {grad_accum}: "
-                              + "; ".join(warnings))
+                              + "; ".join(warnings) + f". {advice}")
         return warnings
 
 

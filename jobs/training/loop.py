@@ -38,6 +38,7 @@ from models.flow import (
     pad_captions,
     sample_t,
 )
+from models.presets import NextDiTConfig
 from models.storage import filesystem, join
 from pipelines import constants as C
 
@@ -152,19 +153,11 @@ class ClassConditional(Task):
         return (), {"labels": torch.tensor(labels, device=self.device)}, 0
 
 
-def shards_have_text(plan: DataPlan) -> bool:
-    """Whether the shards carry precomputed caption features (looks at the first sample of the first shard)."""
-    from pipelines.shards import iter_samples, shard_url
-
-    first = next(iter_samples(shard_url(plan.root, plan.shards[0].path)), {})
-    return C.TEXT_FEATURES_MEMBER in first
-
-
 def make_task(cfg: TrainConfig, plan: DataPlan, device: torch.device) -> Task:
     if cfg.train.task == "class":
         return ClassConditional(cfg, device)
     source = cfg.data.text_features
-    online = source == "online" or (source == "auto" and not shards_have_text(plan))
+    online = source == "online" or (source == "auto" and plan.text_feature_width() is None)
     return TextToImage(cfg, device, online, plan)
 
 
@@ -172,13 +165,20 @@ TASKS = {"t2i": TextToImage, "class": ClassConditional}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def training_forward(engine, dtype: torch.dtype, proportional_attn: bool = False):
+    """The model call of a training step: the solver-side tensors stay fp32, the model runs in the engine's dtype, with
+    the run's proportional-attention switch (train.proportional_attn, off as in the official recipe)."""
+    def model(x, t, *args, **kwargs):
+        args = tuple(a.to(dtype) if torch.is_floating_point(a) else a for a in args)
+        return engine(x.to(dtype), t, *args, proportional_attn=proportional_attn, **kwargs)
+
+    return model
+
+
 def loss_step(engine, task: Task, micro_batches: list[list[dict]], epoch: int, dtype: torch.dtype):
     """Forward + backward of every micro-batch of one optimizer step; returns (sum of per-sample losses, samples,
     caption tokens of the last micro-batch)."""
-    def model(x, t, *args, **kwargs):  # the solver-side tensors stay fp32; the model runs in the engine's dtype
-        args = tuple(a.to(dtype) if torch.is_floating_point(a) else a for a in args)
-        return engine(x.to(dtype), t, *args, **kwargs)
-
+    model = training_forward(engine, dtype, task.cfg.train.proportional_attn)
     total, count, caption_tokens = 0.0, 0, 0
     for samples in micro_batches:
         batch = task.build(samples, epoch)
@@ -249,7 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     run_dir = join(cfg.run.storage, cfg.run.name)
-    plan = DataPlan.from_manifest(cfg.data.uri, cfg.data.modality, cfg.data.micro_batch)
+    plan = DataPlan.from_config(cfg.data)
 
     checkpoint = ray.train.get_checkpoint()
     with (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
@@ -269,6 +269,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
     mcfg = model_config(cfg)
+    if saved is not None:  # what earlier attempts of this run trained on stays in the record (a resume may change data)
+        mcfg = mcfg.trained_on((), mcfg, from_dict(NextDiTConfig, saved["model"]))
     peak = peak_flops(cfg.logging.peak_tflops) if cfg.scaling.gpu else None
     start_step = loader.state.step
     sink = None
@@ -287,7 +289,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, count, caption_tokens = loss_step(engine, task, micro_batches, step_plan.epoch, dtype)
         if ema is not None:
             ema.update()
-        tokens = plan.buckets[bucket].tokens
+        tokens = plan.buckets[bucket].tokens(mcfg.patch_size)
         meter.add(count * world, tokens * count * world, train_flops(mcfg, tokens, caption_tokens) * count * world)
         window_loss, window_count = window_loss + loss_sum, window_count + count
 
@@ -306,7 +308,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if save_now:
                 with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
                     state = {"step": step, "world": world, "loader": json.loads(loader.state.to_json()),
-                             "model": to_dict(mcfg), "lora": cfg.lora.enabled}
+                             "model": to_dict(mcfg), "lora": cfg.lora.enabled, "encoders": plan.encoders,
+                             "training": {"proportional_attn": cfg.train.proportional_attn}}
                     checkpointing.save(folder, engine, ema, state, to_dict(cfg))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                      checkpoint_dir_name=checkpointing.checkpoint_dir_name(step))

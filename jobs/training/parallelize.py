@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def model_config(cfg: TrainConfig) -> NextDiTConfig:
-    """The architecture: the pretrained folder's when fine-tuning, else the preset with overrides."""
+    """The architecture: what the driver resolved (``model.resolved``, trainer.resolve_model); without it, the
+    pretrained folder's when fine-tuning, else the preset with overrides."""
+    if cfg.model.resolved is not None:
+        return cfg.model.resolved
     if cfg.model.init_from:
         from models.checkpoint import read_config
 

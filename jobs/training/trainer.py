@@ -15,8 +15,10 @@ from typing import Any
 
 from jobs.training.config import TrainConfig
 from jobs.training.data import DataPlan
+from jobs.training.parallelize import model_config
 from models.checkpoint import CheckpointError
 from models.config_io import ConfigError, to_dict
+from models.presets import NextDiTConfig
 from models.storage import filesystem, is_remote, join
 from pipelines import constants as C
 
@@ -44,44 +46,97 @@ def check_storage(uri: str) -> None:
 
 
 def validate(cfg: TrainConfig, write_probe: bool = True) -> DataPlan:
-    """Every check that can fail before a worker starts: config values, manifest, buckets, text source, storage."""
-    from jobs.training.loop import shards_have_text
-    from jobs.training.parallelize import model_config
-
+    """Every check that can fail before a worker starts: config values, manifest, buckets, text source, storage. Sets
+    ``cfg.model.resolved``, the architecture every worker builds (resolved here once)."""
     cfg.validate()
+    plan = DataPlan.from_config(cfg.data)
+    for warning in plan.check(cfg.scaling.workers, cfg.train.grad_accum):
+        log.warning(warning)
+    first = plan.buckets[plan.shards[0].bucket]
+    if first.member != C.LATENT_MEMBER and not cfg.data.vae:
+        raise ConfigError(f"the shards carry {first.member} instead of latents: set data.vae for online VAE encoding")
+    cfg.model.resolved = None  # a config saved by an earlier run carries its resolution: resolve again
+    cfg.model.resolved = mcfg = resolve_model(cfg, plan)
+    latent_channels = first.shape[0] if first.member == C.LATENT_MEMBER else None
+    if latent_channels is not None and latent_channels != mcfg.in_channels:
+        raise ConfigError(f"latents have {latent_channels} channels; the model expects {mcfg.in_channels}")
+    check_encoders(cfg, plan)
+    if write_probe:
+        check_storage(cfg.run.storage)
+    return plan
+
+
+def resolve_model(cfg: TrainConfig, plan: DataPlan) -> NextDiTConfig:
+    """The architecture of the run, once: ``model.init_from``'s, or the preset with its overrides whose caption width
+    comes from the captions (the text encoder's width, or the shards' text features) — as the official code takes
+    cap_feat_dim from its text encoder, so one preset trains with Gemma-2B (2048) or a 4096-wide LLM alike. It also
+    records what the model is trained on (the buckets that are drawn, plus a pretrained model's own record), which the
+    export keeps for RoPE scaling at sampling (docs/sampling.md)."""
     try:
         mcfg = model_config(cfg)
     except (FileNotFoundError, CheckpointError) as exc:
         raise ConfigError(f"model.init_from: {exc}") from exc
-    plan = DataPlan.from_manifest(cfg.data.uri, cfg.data.modality, cfg.data.micro_batch)
-    for warning in plan.check(cfg.scaling.workers, cfg.train.grad_accum):
-        log.warning(warning)
-    first = plan.buckets[plan.shards[0].bucket]
-    if first.member != "latent.npy" and not cfg.data.vae:
-        raise ConfigError(f"the shards carry {first.member} instead of latents: set data.vae for online VAE encoding")
     if cfg.train.task == "t2i":
-        has_text = shards_have_text(plan)
-        if not has_text and not cfg.data.text_encoder:
-            raise ConfigError("the shards carry no precomputed text features (text.npy): pass --text-encoder")
-        if cfg.data.text_features == "shards" and not has_text:
-            raise ConfigError("data.text_features=shards but the shards carry no text.npy")
-        if has_text and cfg.data.text_features != "online":
-            from pipelines.shards import iter_samples, shard_url
+        width, source = caption_width(cfg, plan)
+        if width != mcfg.cap_feat_dim:
+            if cfg.model.init_from:
+                raise ConfigError(f"model.init_from {cfg.model.init_from} takes {mcfg.cap_feat_dim}-wide caption "
+                                  f"features, but {source} gives {width}: fine-tune with the text encoder it was "
+                                  "trained with")
+            if "cap_feat_dim" in cfg.model.overrides:
+                raise ConfigError(f"model.overrides.cap_feat_dim = {mcfg.cap_feat_dim}, but {source} gives {width}")
+            log.info("cap_feat_dim %d from %s (preset %s has %d)", width, source, cfg.model.preset, mcfg.cap_feat_dim)
+            mcfg = mcfg.replace(cap_feat_dim=width)
+    grids = [plan.buckets[name].grid(mcfg.patch_size) for name in plan.drawable(cfg.scaling.workers,
+                                                                                 cfg.train.grad_accum)]
+    return mcfg.trained_on(grids, *([mcfg] if cfg.model.init_from else []))
 
-            dim = next(iter_samples(shard_url(plan.root, plan.shards[0].path)))["text_features"].shape[-1]
-            if dim != mcfg.cap_feat_dim:
-                raise ConfigError(f"text features in the shards have {dim} channels; model {cfg.model.preset} "
-                                  f"expects cap_feat_dim {mcfg.cap_feat_dim}")
-            if not cfg.data.text_encoder and plan.null_text_features() is None:
-                log.warning("%s has text features but no %s (an older jobs.prepare) and no --text-encoder was given: "
-                            "caption dropout substitutes one zero token for the empty prompt, which the sampler's \"\" "
-                            "will not match; pass --text-encoder to encode it", cfg.data.uri, C.NULL_TEXT_FILE)
-    latent_channels = first.shape[0] if first.member == "latent.npy" else None
-    if latent_channels is not None and latent_channels != mcfg.in_channels:
-        raise ConfigError(f"latents have {latent_channels} channels; the model expects {mcfg.in_channels}")
-    if write_probe:
-        check_storage(cfg.run.storage)
-    return plan
+
+def caption_width(cfg: TrainConfig, plan: DataPlan) -> tuple[int, str]:
+    """(width of the caption features the model will see, where it comes from); the shards' precomputed features and
+    a given text encoder must agree."""
+    from models.text_encoder import hidden_size_of
+
+    encoder = cfg.data.text_encoder
+    encoder_width = None
+    if encoder:
+        try:
+            encoder_width = hidden_size_of(encoder)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"data.text_encoder: {exc}") from exc
+    feature_width = plan.text_feature_width() if cfg.data.text_features != "online" else None
+    if feature_width is None:
+        if encoder_width is None:
+            raise ConfigError("the shards carry no precomputed text features (text.npy): pass --text-encoder")
+        if cfg.data.text_features == "shards":
+            raise ConfigError("data.text_features=shards but the shards carry no text.npy")
+        return encoder_width, f"the text encoder {encoder}"
+    recorded = plan.encoders.get("text_encoder") or {}
+    made_by = f" (encoded by {recorded['path']})" if recorded.get("path") else ""
+    if encoder_width is not None and encoder_width != feature_width:
+        raise ConfigError(f"the shards' text features are {feature_width} wide{made_by}, but --text-encoder {encoder} "
+                          f"gives {encoder_width}: pass the text encoder that prepared the shards")
+    if not encoder and plan.null_text_features() is None:
+        log.warning("%s has text features but no %s (an older jobs.prepare) and no --text-encoder was given: "
+                    "caption dropout substitutes one zero token for the empty prompt, which the sampler's \"\" "
+                    "will not match; pass --text-encoder to encode it", cfg.data.uri, C.NULL_TEXT_FILE)
+    return feature_width, f"the shards' text features{made_by}"
+
+
+def check_encoders(cfg: TrainConfig, plan: DataPlan) -> None:
+    """The encoders named in the config against those jobs.prepare recorded for the shards: a different location of
+    the same settings is a warning (the export records the given one), a VAE that did not make the latents is an
+    error — images decoded with it would be silently wrong."""
+    vae = plan.encoders.get("vae")
+    if vae and cfg.model.vae and cfg.model.vae != vae["path"]:
+        log.warning("model.vae %s is not the VAE that encoded the shards (%s, scale %s, shift %s): the export records "
+                    "model.vae; make sure it is the same autoencoder", cfg.model.vae, vae["path"],
+                    vae["scaling_factor"], vae["shift_factor"])
+    text = plan.encoders.get("text_encoder")
+    for given in (cfg.model.text_encoder, cfg.data.text_encoder):
+        if text and given and given != text["path"]:
+            log.warning("text encoder %s is not where the shards' features were encoded (%s); the widths agree, make "
+                        "sure it is the same model", given, text["path"])
 
 
 def ray_storage(uri: str) -> tuple[str, Any]:
@@ -104,6 +159,34 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     return uri.split("://", 1)[1], pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
 
 
+# Worker errors a restart would raise again: a config or checkpoint that does not fit (ConfigError and CheckpointError
+# are ValueErrors), a tensor of the wrong shape, a missing field. The failure budget (run.max_failures) is for lost
+# workers and flaky infrastructure (RuntimeError, OSError, actor deaths), which are still retried.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, NotImplementedError)
+
+
+class DeterministicWorkerError(RuntimeError):
+    """A worker failed in a way every restart would repeat: the run stops at once."""
+
+
+def stop_on_deterministic_errors():
+    """A Ray Train callback (on the controller) that ends the run at the first deterministic worker error instead of
+    restarting the worker group ``run.max_failures`` times into the same error."""
+    from ray.train import UserCallback
+
+    class StopOnDeterministicErrors(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, error in sorted(worker_exceptions.items()):
+                cause = getattr(error, "_base_exc", error)  # Ray Train wraps the worker's exception with its traceback
+                if isinstance(cause, DETERMINISTIC_ERRORS):
+                    # An exception raised here fails the controller's step, which Ray Train does not retry.
+                    raise DeterministicWorkerError(
+                        f"worker {rank} failed with {type(cause).__name__}: {cause}; a restart would fail the same "
+                        f"way, so the run stops without spending run.max_failures\n{error}")
+
+    return StopOnDeterministicErrors()
+
+
 def build_trainer(cfg: TrainConfig):
     """The TorchTrainer for ``cfg`` (no work starts until ``fit()``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -124,7 +207,7 @@ def build_trainer(cfg: TrainConfig):
         name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-        worker_runtime_env={"env_vars": env},
+        worker_runtime_env={"env_vars": env}, callbacks=[stop_on_deterministic_errors()],
     )
     return TorchTrainer(train_loop_per_worker, train_loop_config={"config": to_dict(cfg)}, scaling_config=scaling,
                         run_config=run)
@@ -146,6 +229,8 @@ def describe(cfg: TrainConfig, plan: DataPlan) -> str:
     build = "partitioned across the workers (zero.Init)" if builds_partitioned(cfg) else "whole on each worker"
     lines = [f"model: {source}, {params / 1e6:.2f} M parameters, task {cfg.train.task}"
              + (f", LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "") + f", built {build}",
+             (f"  caption width {mcfg.cap_feat_dim}, " if mcfg.conditioning == "text" else "  ")
+             + f"trained on: area {mcfg.rope_area} tokens, sides {list(mcfg.rope_sides)} (RoPE scaling starts beyond)",
              (f"workers: {cfg.scaling.workers} ({'GPU' if cfg.scaling.gpu else 'CPU'}), steps {cfg.train.steps}, "
               f"grad_accum {cfg.train.grad_accum}"),
              f"storage: {join(cfg.run.storage, cfg.run.name)}",
