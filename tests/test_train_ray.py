@@ -9,6 +9,7 @@ to ~1e-6 relative over 20 steps. We assert |Δ| ≤ 1e-4 · loss + 1e-5.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -252,13 +253,13 @@ def prepared_vae(cfg: TrainConfig) -> str:
     return DataPlan.from_manifest(cfg.data.uri).encoders["vae"]["path"]
 
 
-def test_caption_width_comes_from_the_text_encoder_and_disagreements_fail_on_the_driver(prepared, tmp_path):
+def test_caption_width_and_encoders_are_checked_on_the_driver(prepared, tmp_path):
     """A preset takes cap_feat_dim from the captions: a 40-wide text encoder (online) gives a 40-wide model; the
-    shards' 32-wide features against that encoder, or a pretrained model of another width, are config errors before
-    any worker starts."""
+    shards' 32-wide features against that encoder, a pretrained model of another width, or a model.vae of another
+    scale than the one that made the latents are config errors before any worker starts."""
     from jobs.training.trainer import validate
     from models.config_io import ConfigError
-    from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder
+    from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
 
     wide = make_tiny_text_encoder(tmp_path / "wide", hidden_size=40)
     cfg = make_config(prepared, tmp_path, "wide", data={"text_features": "online", "text_encoder": wide})
@@ -273,6 +274,12 @@ def test_caption_width_comes_from_the_text_encoder_and_disagreements_fail_on_the
     with pytest.raises(ConfigError, match="takes 32-wide caption features, but the text encoder .* gives 40"):
         validate(make_config(prepared, tmp_path, "tune", model={"init_from": base},
                              data={"text_features": "online", "text_encoder": wide}), write_probe=False)
+    # a model.vae that did not make the latents: another scale is an error, a copy elsewhere is fine
+    other = make_tiny_vae(tmp_path / "other-vae", scaling_factor=0.5)
+    with pytest.raises(ConfigError, match=r"not the VAE that encoded the shards .*scaling_factor 0.5 vs 0.13025"):
+        validate(make_config(prepared, tmp_path, "vae", model={"vae": other}), write_probe=False)
+    shutil.copytree(prepared["vae"], tmp_path / "same-vae")
+    validate(make_config(prepared, tmp_path, "vae", model={"vae": str(tmp_path / "same-vae")}), write_probe=False)
 
 
 def counting_loop(loop_config):

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lows", type=float, nargs="+", help="steepness a below the centre (default: --steepness)")
     parser.add_argument("--highs", type=float, nargs="+", help="steepness b above the centre (default: --steepness)")
     parser.add_argument("--orientations", nargs="+", default=list(ORIENTATIONS), choices=ORIENTATIONS)
+    parser.add_argument("--shifts", type=float, nargs="+", default=[4.0],
+                        help="shifts of the rational schedule to compare (4: the official default)")
     parser.add_argument("--top", type=int, default=8, help="best sigmoid settings to print per orientation")
     parser.add_argument("--json", help="append every row as JSON lines to this file")
     args = parser.parse_args(argv)
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return math.exp(sum(math.log(e) for e in errs) / len(errs))
 
     anchor = errors(ScheduleConfig("uniform"))
-    rows = [{"schedule": "uniform", "errors": anchor}, {"schedule": "rational", "shift": 4.0,
-                                                        "errors": errors(ScheduleConfig("rational", shift=4.0))}]
+    rows = [{"schedule": "uniform", "errors": anchor}]
+    rows += [{"schedule": "rational", "shift": s, "errors": errors(ScheduleConfig("rational", shift=s))}
+             for s in args.shifts]
     lows, highs = args.lows or args.steepness, args.highs or args.steepness
     for orientation, c, a, b in itertools.product(args.orientations, args.centres, lows, highs):
         if a == b == 0 and (orientation != args.orientations[0] or c != args.centres[0]):
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = " / ".join(f"{r:.3f}" for r in row["vs_uniform"])
         print(f"{name:<44} | {errs} | {row['score']:.4f} | {ratios}")
 
-    for row in rows[:2]:
+    for row in rows[: 1 + len(args.shifts)]:
         show(row)
     for orientation in args.orientations:
         ranked = sorted((r for r in rows if r.get("orientation") == orientation), key=lambda r: r["score"])

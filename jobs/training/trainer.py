@@ -124,14 +124,23 @@ def caption_width(cfg: TrainConfig, plan: DataPlan) -> tuple[int, str]:
 
 
 def check_encoders(cfg: TrainConfig, plan: DataPlan) -> None:
-    """The encoders named in the config against those jobs.prepare recorded for the shards: a different location of
-    the same settings is a warning (the export records the given one), a VAE that did not make the latents is an
-    error — images decoded with it would be silently wrong."""
+    """The encoders named in the config against those jobs.prepare recorded for the shards. A ``model.vae`` whose
+    scale, shift or latent channels differ from the VAE that made the latents is an error (the export would decode
+    with it: silently wrong images); another location of the same settings, or of a text encoder whose width agrees,
+    is a warning (the export records the given one)."""
     vae = plan.encoders.get("vae")
     if vae and cfg.model.vae and cfg.model.vae != vae["path"]:
-        log.warning("model.vae %s is not the VAE that encoded the shards (%s, scale %s, shift %s): the export records "
-                    "model.vae; make sure it is the same autoencoder", cfg.model.vae, vae["path"],
-                    vae["scaling_factor"], vae["shift_factor"])
+        from pipelines.config import EncodeConfig
+        from pipelines.encode import vae_record
+
+        given = vae_record(EncodeConfig(vae=cfg.model.vae))  # its config.json alone
+        differ = {k: (given[k], vae[k]) for k in ("scaling_factor", "shift_factor", "latent_channels")
+                  if given[k] != vae[k]}
+        if differ:
+            raise ConfigError(f"model.vae {cfg.model.vae} is not the VAE that encoded the shards ({vae['path']}): "
+                              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
+        log.warning("model.vae %s is not where the shards' latents were encoded (%s); scale, shift and channels "
+                    "agree, make sure it is the same autoencoder", cfg.model.vae, vae["path"])
     text = plan.encoders.get("text_encoder")
     for given in (cfg.model.text_encoder, cfg.data.text_encoder):
         if text and given and given != text["path"]:
