@@ -39,6 +39,13 @@ class TextEncoderConfig:
             raise ValueError("max_length and pad_to_multiple_of must be ≥ 1")
 
 
+def feature_width(config) -> int:
+    """The width of the features a text encoder gives, from its transformers config (decoders: hidden_size; T5:
+    d_model; multimodal configs: their text_config's)."""
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "hidden_size", None) or config.d_model)
+
+
 def hidden_size_of(path: str) -> int:
     """The feature width of the text encoder at ``path``, from its config alone (no weights are read)."""
     from transformers import AutoConfig
@@ -49,8 +56,7 @@ def hidden_size_of(path: str) -> int:
         config = AutoConfig.from_pretrained(local_path(path))
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"cannot read a text-encoder config from {path!r}: {exc}") from exc
-    config = getattr(config, "text_config", None) or config
-    return int(getattr(config, "hidden_size", None) or config.d_model)
+    return feature_width(config)
 
 
 class TextEncoder(torch.nn.Module):
@@ -96,8 +102,7 @@ class TextEncoder(torch.nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        config = self.model.config
-        return int(getattr(config, "hidden_size", None) or config.d_model)
+        return feature_width(self.model.config)
 
     @property
     def device(self) -> torch.device:

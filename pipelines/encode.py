@@ -40,6 +40,15 @@ def _config_folder(uri: str, s3_options: dict | None) -> Iterator[str]:
         yield tmp
 
 
+def _read_config(uri: str, s3_options: dict | None, load, key: str, kind: str):
+    """``load(folder)`` of the model at ``uri`` (only its config.json is fetched); a ConfigError naming ``key``."""
+    try:
+        with _config_folder(uri, s3_options) as folder:
+            return load(folder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}={uri!r}: cannot read {kind} config.json there ({exc})") from exc
+
+
 def vae_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str, Any] | None:
     """The VAE record of ``encode`` (constants.VAE_RECORD_KEYS), from the folder's config.json alone (no weights), with
     the scale and shift ``models.vae.ImageVAE.from_pretrained`` resolves: the config's explicit values, else the VAE's
@@ -52,11 +61,7 @@ def vae_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str
 
     from models.vae import DEFAULT_VAE_KIND, VAE_LATENT_NORMALISATION
 
-    try:
-        with _config_folder(encode.vae, s3_options) as folder:
-            own = AutoencoderKL.load_config(folder)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"encode.vae={encode.vae!r}: cannot read an AutoencoderKL config.json there ({exc})") from exc
+    own = _read_config(encode.vae, s3_options, AutoencoderKL.load_config, "encode.vae", "an AutoencoderKL")
     # the values a loaded AutoencoderKL has: its __init__ defaults for what config.json leaves out
     params = inspect.signature(AutoencoderKL.__init__).parameters.values()
     own = {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **own}
@@ -79,19 +84,15 @@ def text_encoder_record(encode: EncodeConfig, s3_options: dict | None = None) ->
         return None
     from transformers import AutoConfig
 
-    from models.text_encoder import DEFAULT_LAYER, PAD_TO_MULTIPLE_OF
+    from models.text_encoder import DEFAULT_LAYER, PAD_TO_MULTIPLE_OF, feature_width
 
-    try:
-        with _config_folder(encode.text_encoder, s3_options) as folder:
-            config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"encode.text_encoder={encode.text_encoder!r}: cannot read a transformers config.json there "
-                          f"({exc})") from exc
+    config = _read_config(encode.text_encoder, s3_options, AutoConfig.from_pretrained, "encode.text_encoder",
+                          "a transformers")
     kind = encode.text_encoder_kind
     return {"path": encode.text_encoder, "kind": kind,
             "layer": DEFAULT_LAYER[kind] if encode.text_hidden_layer is None else int(encode.text_hidden_layer),
             "max_length": int(encode.text_max_length), "pad_to_multiple_of": PAD_TO_MULTIPLE_OF,
-            "hidden_size": int(getattr(config, "hidden_size", None) or config.d_model)}  # as TextEncoder.hidden_size
+            "hidden_size": feature_width(config)}
 
 
 def encoder_records(config: PrepareConfig, s3_options: dict | None = None) -> dict[str, dict[str, Any] | None]:
