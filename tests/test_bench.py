@@ -87,3 +87,22 @@ def test_a_failing_optional_contender_is_reported_and_the_other_rows_still_come_
     assert "64² ours FP8: failed, left out (RuntimeError: _scaled_mm: scaling mode unsupported here)" in stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["size"], r.get("fp8", False)) for r in rows] == [(64, False), (128, False)]
+
+
+def test_schedules_bench_ranks_schedules_against_uniform_in_one_run(tmp_path):
+    from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
+
+    model = make_tiny_model_folder(tmp_path / "model", make_tiny_text_encoder(tmp_path / "te"),
+                                   make_tiny_vae(tmp_path / "vae"))
+    stdout, rows = run_bench(["schedules", "--model", model, "--no-ema", "--device", "cpu", "--prompts", "a red cat", "a dog",
+                              "--seeds", "1", "--size", "32", "--steps", "2", "4", "--reference-steps", "20",
+                              "--centres", "0.5", "--steepness", "0", "3", "--shifts", "2", "4"], tmp_path)
+    assert stdout.startswith("device: CPU")
+    names = [(r["schedule"], r.get("orientation"), r.get("shift")) for r in rows]
+    assert names[:3] == [("uniform", None, None), ("rational", None, 2.0), ("rational", None, 4.0)]
+    # 2 orientations × a, b ∈ {0, 3}, the a = b = 0 (uniform) setting measured once: 7 sigmoid rows
+    assert sum(r["schedule"] == "sigmoid" for r in rows) == 7
+    for row in rows:
+        assert len(row["errors"]) == 2 and all(e > 0 for e in row["errors"])
+        assert row["vs_uniform"] == pytest.approx([e / u for e, u in zip(row["errors"], rows[0]["errors"])])
+    assert "best:" in stdout

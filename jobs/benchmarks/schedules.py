@@ -37,6 +37,9 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs.bench schedules", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder (with its text encoder and VAE references)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="the folder's EMA weights (what jobs.export writes and the demo serves); --no-ema: raw")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10], help="solver steps to compare")
     parser.add_argument("--solver", default="midpoint")
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -63,11 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
         args.prompts = [p for p, _ in demo_prompts()]
     n = len(args.prompts) * args.seeds
-    sampler = Sampler.from_pretrained(args.model, ema=True, config={"guidance": args.guidance, "batch_size": n})
+    device = torch.device(args.device)
+    sampler = Sampler.from_pretrained(args.model, ema=args.ema, config={"guidance": args.guidance, "batch_size": n},
+                                      device=device)
     sampler.vae = None  # latents only: the metric never decodes
     began = time.perf_counter()
     ref = latents(sampler, args.prompts, args.seeds, args.size, args.reference_steps, "rk4", ScheduleConfig("uniform"))
-    print(f"device cpu, {n} samples at {args.size}², CFG {args.guidance}, {args.solver}; reference RK4 × "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name} | {n} samples at {args.size}², CFG {args.guidance}, {args.solver}; reference RK4 × "
           f"{args.reference_steps} steps ({4 * args.reference_steps} NFE, {time.perf_counter() - began:.1f} s), "
           f"latent RMS {float(ref.pow(2).mean().sqrt()):.3f}")
 
