@@ -11,16 +11,8 @@ import sys
 import typing
 from typing import Any, TypeVar
 
-from models.config_io import (
-    PRESET_KEY,
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_yaml,
-    merge,
-    parse_override,
-    to_dict,
-)
+from models import config_io
+from models.config_io import ConfigError, parse_override
 
 T = TypeVar("T")
 
@@ -99,45 +91,9 @@ def make_parser(prog: str, description: str, config_cls: type | None = None,
 
 def resolve_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any] | None = None,
                    base: T | None = None) -> T:
-    """defaults (or ``base``) ← ``--config`` file ← section presets (``--set sampler=official``) ← named flags (dotted
-    keys, None = not given) ← other ``--set`` overrides. A preset replaces its whole section, so it goes before the
-    flags: ``--steps 20 --set sampler=official`` is the official sampling with 20 steps."""
-    data = to_dict(base) if base is not None else {}
-    if getattr(args, "config", None):
-        data = merge(data, load_yaml(args.config))
-    overrides = list(getattr(args, "overrides", None) or [])
-    presets = [item for item in overrides if _names_a_preset(cls, item)]
-    apply_overrides(data, presets)
-    for key, value in (flags or {}).items():
-        if value is not None:
-            apply_overrides_value(data, key, value)
-    apply_overrides(data, [item for item in overrides if item not in presets])
-    return from_dict(cls, data)
-
-
-def _names_a_preset(cls: type, item: str) -> bool:
-    """Whether ``--set`` ``item`` names a preset for a whole config section (a dataclass field whose class has
-    ``PRESETS``), e.g. ``sampler=official``."""
-    path, value = parse_override(item)
-    tp: Any = cls
-    for part in path:
-        if not dataclasses.is_dataclass(tp):
-            return False
-        tp = typing.get_type_hints(tp).get(part)
-    return isinstance(value, str) and dataclasses.is_dataclass(tp) and bool(getattr(tp, "PRESETS", None))
-
-
-def apply_overrides_value(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif isinstance(child, str):  # a section preset (--set sampler=official): the flag overrides one of its fields
-            child = node[part] = {PRESET_KEY: child}
-        node = child
-    node[parts[-1]] = value
+    """The job's config from its parsed arguments (``--config``, ``--set``) and named ``flags``: see
+    ``models.config_io.resolve_config`` for the order."""
+    return config_io.resolve_config(cls, base, getattr(args, "config", None), flags, getattr(args, "overrides", None))
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -240,21 +240,27 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_value(data: dict[str, Any], path: list[str], value: Any, item: str | None = None) -> None:
+    """Set ``data[path[0]]…[path[-1]] = value``, creating sections; a section given as a preset name earlier
+    (``sampler=official``) becomes ``{"preset": name}`` so that a later key overrides one of its fields."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str):
+            child = node[part] = {PRESET_KEY: child}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item or '.'.join(path)!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply ``--set dotted.key=value`` overrides to a nested dict (in place) and return it."""
     for item in overrides or []:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif isinstance(child, str):  # a preset name given earlier: later keys override its fields
-                child = node[part] = {PRESET_KEY: child}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_value(data, path, value, item)
     return data
 
 
@@ -280,12 +286,32 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(
-    cls: type[T], base: T | None = None, file: str | Path | None = None, overrides: list[str] | None = None
-) -> T:
-    """Defaults (or ``base``) ← YAML file ← ``--set`` overrides, validated into ``cls``."""
+def resolve_config(cls: type[T], base: T | None = None, file: str | Path | None = None,
+                   flags: dict[str, Any] | None = None, overrides: list[str] | None = None) -> T:
+    """The config every job runs with: defaults (or ``base``) ← YAML ``file`` ← section presets (``--set
+    sampler=official``) ← named ``flags`` (dotted keys; None = not given) ← the other ``--set`` ``overrides``. A preset
+    replaces its whole section, so it goes before the flags: ``--steps 20 --set sampler=official`` is the official
+    sampling with 20 steps."""
     data = to_dict(base) if base is not None else {}
     if file is not None:
         data = merge(data, load_yaml(file))
-    apply_overrides(data, overrides)
+    overrides = list(overrides or [])
+    presets = [item for item in overrides if _names_a_preset(cls, item)]
+    apply_overrides(data, presets)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_value(data, key.split("."), value)
+    apply_overrides(data, [item for item in overrides if item not in presets])
     return from_dict(cls, data)
+
+
+def _names_a_preset(cls: type, item: str) -> bool:
+    """Whether ``--set`` ``item`` names a preset for a whole config section (a dataclass field whose class has
+    ``PRESETS``), e.g. ``sampler=official``."""
+    path, value = parse_override(item)
+    tp: Any = cls
+    for part in path:
+        if not dataclasses.is_dataclass(tp):
+            return False
+        tp = typing.get_type_hints(tp).get(part)
+    return isinstance(value, str) and dataclasses.is_dataclass(tp) and bool(getattr(tp, "PRESETS", None))

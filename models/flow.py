@@ -31,7 +31,6 @@ from models.solvers import SOLVERS, SolveResult, check_solver, nfe_for, solve
 Latents = Union[torch.Tensor, list]
 T_SAMPLING = ("uniform", "lognorm", "shift")
 CAPTION_DROPOUT_PROB = 0.1  # official caption_dropout_prob (lumina-reference §5)
-OFFICIAL_CFG_CHANNELS = 3  # the official rule guides latent channels 0–2 only (lumina-reference §4.2)
 
 
 @dataclass
@@ -235,7 +234,6 @@ def velocity_fn(model: Callable, cap_feats: torch.Tensor | None = None, cap_mask
 
 __all__ = [
     "CAPTION_DROPOUT_PROB",
-    "OFFICIAL_CFG_CHANNELS",
     "SCHEDULES",
     "SOLVERS",
     "FlowConfig",

@@ -35,12 +35,6 @@ R = C.Reason
 
 
 # ---- images ------------------------------------------------------------------------------------------------------------
-def decode_image(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Encoded bytes → (HxWx3 uint8 at the size of the image's bucket, info). Raises Reject."""
-    img, info = decode_to_bucket(data, cfg, bucket_sizes)
-    return np.asarray(img), info
-
-
 def decode_to_bucket(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]) -> tuple[Image.Image, dict[str, Any]]:
     """Encoded bytes → (RGB PIL image at the size of its best-fit bucket, info). Raises Reject."""
     if not data:

@@ -126,10 +126,6 @@ class Stage:
                 rejects.append(reject_row(row, C.Reason.ERROR, f"{type(exc).__name__}: {exc}"))
         return kept, rejects
 
-    def process(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[dict]]:
-        rows, rejects = self.process_rows(rows_of(batch))
-        return batch_of(rows), rejects
-
 
 class StageChain:
     """Consecutive stages with the same resources, run back to back on one batch in one process (a task for model-free

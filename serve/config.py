@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from models.config_io import ConfigError
+from models.config_io import ConfigError, from_dict
 
 TOKEN_ENV = "SERVE_API_TOKEN"  # comma-separated bearer tokens
 
@@ -50,7 +50,9 @@ class ServeConfig:
     device: str = "auto"  # auto: cuda when present
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    sampler: dict = field(default_factory=dict)  # SamplerConfig overrides (steps, solver, schedule, guidance, …)
+    # SamplerConfig fields (steps, solver, schedule, guidance, …) over the model folder's defaults, or a preset:
+    # {preset: official}; checked against SamplerConfig here, so a typo fails --dry-run and `serve deploy`
+    sampler: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.models:
@@ -64,6 +66,9 @@ class ServeConfig:
             raise ConfigError(f"serve config: default_model {self.default_model!r} is not one of {list(self.models)}")
         if self.batching.max_batch_size < 1:
             raise ConfigError("serve config: batching.max_batch_size must be ≥ 1")
+        from models.sampler import SamplerConfig  # torch: only where a config is built
+
+        from_dict(SamplerConfig, self.sampler, _where="serve config: sampler")
 
     def tokens(self) -> list[str]:
         """Accepted bearer tokens: the config's, else the comma-separated SERVE_API_TOKEN."""

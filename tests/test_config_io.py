@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from models.config_io import ConfigError, apply_overrides, build_config, from_dict, to_dict
+from models.config_io import ConfigError, apply_overrides, from_dict, resolve_config, to_dict
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Root:
 def test_partial_section_keeps_the_fields_own_defaults():
     cfg = from_dict(Root, {"stage": {"resources": {"batch_size": 4}}})
     assert cfg.stage.resources == Resources(num_cpus=0.5, batch_size=4)
-    cfg = build_config(Root, overrides=["stage.resources.num_cpus=2"])
+    cfg = resolve_config(Root, overrides=["stage.resources.num_cpus=2"])
     assert cfg.stage.resources == Resources(num_cpus=2.0, batch_size=8)
 
 
@@ -48,7 +48,7 @@ def test_unknown_keys_and_wrong_types_fail_with_the_dotted_name():
 
 
 def test_overrides_parse_yaml_values_and_round_trip():
-    cfg = build_config(Root, overrides=["stage.tags=[a, b]", "stage.limit=null", "factors=[3, 4]"])
+    cfg = resolve_config(Root, overrides=["stage.tags=[a, b]", "stage.limit=null", "factors=[3, 4]"])
     assert cfg.stage.tags == ["a", "b"] and cfg.stage.limit is None and cfg.factors == (3.0, 4.0)
     assert from_dict(Root, to_dict(cfg)) == cfg
 
@@ -72,7 +72,7 @@ SCIENTIFIC = [("2e-4", 2e-4), ("1E5", 1e5), ("-3e+2", -300.0), (".5e1", 5.0), ("
 
 @pytest.mark.parametrize("text, number", SCIENTIFIC)
 def test_float_fields_take_scientific_notation_from_set(text, number):
-    cfg = build_config(Optim, overrides=[f"lr={text}", f"eps={text}", f"betas=[{text}, 0.95]", f"factors=[1, {text}]",
+    cfg = resolve_config(Optim, overrides=[f"lr={text}", f"eps={text}", f"betas=[{text}, 0.95]", f"factors=[1, {text}]",
                                          f"schedule=[{text}]", f"custom.gpu={text}"])
     assert cfg.lr == number and isinstance(cfg.lr, float)
     assert cfg.eps == number and isinstance(cfg.eps, float)
@@ -84,7 +84,7 @@ def test_float_fields_take_scientific_notation_from_a_yaml_file(tmp_path):
     path = tmp_path / "optim.yaml"
     path.write_text("lr: 2e-3\neps: 1E-8\nbetas: [9e-1, .999e0]\nfactors: [-3e+2, 1e1]\nschedule: [1e-4, 5e-5]\n"
                     "steps: 1e5\nname: 2e-4\nlabel: 1e3\ncustom: {gpu: 5e-1}\n")
-    cfg = build_config(Optim, file=path)
+    cfg = resolve_config(Optim, file=path)
     assert (cfg.lr, cfg.eps, cfg.betas, cfg.factors, cfg.schedule) == (2e-3, 1e-8, (0.9, 0.999), (-300.0, 10.0),
                                                                        [1e-4, 5e-5])
     assert cfg.custom == {"gpu": 0.5}
@@ -92,13 +92,13 @@ def test_float_fields_take_scientific_notation_from_a_yaml_file(tmp_path):
     assert cfg.steps == 100_000 and isinstance(cfg.steps, int)
     assert cfg.name == "2e-4" and cfg.label == "1e3"
     # a file overridden by --set, the way the jobs combine them
-    assert build_config(Optim, file=path, overrides=["lr=3E-4", "eps=null"]).lr == 3e-4
+    assert resolve_config(Optim, file=path, overrides=["lr=3E-4", "eps=null"]).lr == 3e-4
 
 
 def test_str_fields_keep_number_like_text_and_none_stays_none():
-    cfg = build_config(Optim, overrides=["name=2e-4", "label=1e3", "eps=null", "factors=null"])
+    cfg = resolve_config(Optim, overrides=["name=2e-4", "label=1e3", "eps=null", "factors=null"])
     assert cfg.name == "2e-4" and cfg.label == "1e3" and cfg.eps is None and cfg.factors is None
-    assert build_config(Optim, overrides=["label=12"]).label == 12  # a YAML int stays an int in `str | int`
+    assert resolve_config(Optim, overrides=["label=12"]).label == 12  # a YAML int stays an int in `str | int`
 
 
 @pytest.mark.parametrize("text", ["fast", "e-4", "2e", "2e-4x", "1_000.0", "inf", "nan", "0x10", "2e-4 5", "--1", "",
@@ -107,18 +107,30 @@ def test_non_numbers_still_fail_for_float_fields(text):
     for key in ("lr", "eps", "betas", "factors"):
         value = f'"{text}"' if key in ("lr", "eps") else f'["{text}", 1.0]'
         with pytest.raises(ConfigError, match=rf"^{key}(\[0\])?: (expected a number|.* out of range)"):
-            build_config(Optim, overrides=[f"{key}={value}"])
+            resolve_config(Optim, overrides=[f"{key}={value}"])
     with pytest.raises(ConfigError, match="expected a number"):
         from_dict(Optim, {"lr": True})
 
 
 def test_int_fields_take_whole_numbers_only():
-    assert build_config(Optim, overrides=["steps=1e5"]).steps == 100_000
-    assert build_config(Optim, overrides=["steps=2.5E3"]).steps == 2500
-    assert build_config(Optim, overrides=["steps=1.0e+5"]).steps == 100_000  # a YAML 1.1 float, whole
+    assert resolve_config(Optim, overrides=["steps=1e5"]).steps == 100_000
+    assert resolve_config(Optim, overrides=["steps=2.5E3"]).steps == 2500
+    assert resolve_config(Optim, overrides=["steps=1.0e+5"]).steps == 100_000  # a YAML 1.1 float, whole
     for text in ("1.5e-3", "2.5", "1e-1"):
         with pytest.raises(ConfigError, match=r"steps: expected an integer, got .* \(not a whole number\)"):
-            build_config(Optim, overrides=[f"steps={text}"])
+            resolve_config(Optim, overrides=[f"steps={text}"])
     for text in ("many", "true", "1e1000"):
         with pytest.raises(ConfigError, match="^steps: "):
-            build_config(Optim, overrides=[f"steps={text}"])
+            resolve_config(Optim, overrides=[f"steps={text}"])
+
+
+def test_serve_sampler_settings_are_checked_when_the_config_is_built():
+    """A typo in the serve config's sampler section fails --dry-run / `serve deploy`, not a replica's start."""
+    from serve.config import ServeConfig
+
+    models = {"m": {"path": "folder"}}
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) serve config: sampler.stpes"):
+        from_dict(ServeConfig, {"models": models, "sampler": {"stpes": 3}})
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        from_dict(ServeConfig, {"models": models, "sampler": {"preset": "fast"}})
+    assert from_dict(ServeConfig, {"models": models, "sampler": {"preset": "official", "steps": 9}}).sampler["steps"] == 9

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from models.config_io import ConfigError, build_config, from_dict, to_dict
+from models.config_io import ConfigError, resolve_config, from_dict, to_dict
 from pipelines import constants as C
 from pipelines.buckets import best_image_bucket, bucket_table, image_bucket_sizes, mel_frames, resize_to_bucket
 from pipelines.config import PrepareConfig
-from pipelines.decode import decode_audio, decode_image, decode_points
+from pipelines.decode import decode_audio, decode_points, decode_to_bucket
 from pipelines.encode import log_mel
 from pipelines.filters import DedupIndex
-from pipelines.ledger import Reject, batch_of
+from pipelines.ledger import Reject, meta_of
 from pipelines.sources import expand_tar, key_of, list_inputs
 from tests.pipelines_fixtures import BAD_FILES, make_image, write_bad_files, write_images
 
@@ -77,7 +77,7 @@ def test_corrupted_files_get_their_reasons(tmp_path):
         ext = name.rsplit(".", 1)[1]
         with pytest.raises(Reject) as info:
             if ext in C.IMAGE_EXTENSIONS:
-                decode_image(data, cfg.decode.image, sizes)
+                decode_to_bucket(data, cfg.decode.image, sizes)
             elif ext in C.AUDIO_EXTENSIONS:
                 decode_audio(data, cfg.decode.audio)
             else:
@@ -137,12 +137,12 @@ def test_sources_folder_sidecars_lists_and_tars(tmp_path):
 
 
 def test_config_is_strict_and_round_trips(tmp_path):
-    cfg = build_config(PrepareConfig, overrides=["inputs=[a]", "output=b", "bucket.image.max_patches=256"])
+    cfg = resolve_config(PrepareConfig, overrides=["inputs=[a]", "output=b", "bucket.image.max_patches=256"])
     assert from_dict(PrepareConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError):
-        build_config(PrepareConfig, overrides=["filter.no_such_rule=1"])
+        resolve_config(PrepareConfig, overrides=["filter.no_such_rule=1"])
     with pytest.raises(ConfigError):
-        build_config(PrepareConfig, overrides=["write.samples_per_shard=many"])
+        resolve_config(PrepareConfig, overrides=["write.samples_per_shard=many"])
     with pytest.raises(ConfigError):
         PrepareConfig(inputs=["a"], output="b", filter=from_dict(PrepareConfig, {}).filter.__class__(
             aesthetic_model="x")).validate()
@@ -160,9 +160,9 @@ def test_score_filter_thresholds(tmp_path):
     rows = [{C.KEY: f"{i:016x}", C.SOURCE: f"s{i}", C.MODALITY: C.IMAGE, C.CAPTION: cap, C.META: "{}",
              C.PAYLOAD: make_image(rng, 48, 40)} for i, cap in enumerate(["a photo of the cat", ""])]
     stage = ScoreFilter(to_dict(cfg), C.IMAGE)
-    out, rejects = stage.process(batch_of(rows))
+    out, rejects = stage.process_rows(rows)
     assert [r["reason"] for r in rejects] == [C.Reason.LOW_CLIP_SCORE]
-    kept = json.loads(out[C.META][0])
+    kept = meta_of(out[0])  # parsed in place by the stage (a chain serialises it once, when the batch leaves)
     assert "aesthetic" in kept["scores"] and "clip" not in kept["scores"]  # no caption, no similarity
 
 

@@ -243,13 +243,14 @@ def test_shards_of_different_encoders_are_refused(tmp_path):
 
 def test_class_conditional_task_builds_a_loss():
     """The class task: labels from the json metadata, dropped to the null class; the same flow loss as text-to-image."""
-    from jobs.training.loop import ClassConditional
     from jobs.training.parallelize import build_model
+    from jobs.training.tasks import TASKS, ClassConditional
     from models.flow import flow_matching_loss
 
     cfg = from_dict(TrainConfig, {"model": {"preset": "tiny-class"}, "train": {"task": "class"},
                                   "flow": {"caption_dropout": 0.5}})
-    task = ClassConditional(cfg, torch.device("cpu"))
+    assert TASKS["class"] is ClassConditional  # what train.task=class dispatches to
+    task = ClassConditional(cfg, None, torch.device("cpu"))  # labels need no data plan
     samples = [{"key": f"{i:016x}", "tensor": np.random.default_rng(i).normal(size=(4, 16, 16)).astype(np.float16),
                 "meta": {"member": C.LATENT_MEMBER, "label": i % 3}} for i in range(8)]
     batch = task.build(samples, epoch=0)

@@ -94,8 +94,9 @@ def fit(cfg: TrainConfig):
 def reference_run(cfg: TrainConfig, worlds: list[int]):
     """Single process, no Ray, no DeepSpeed: plain torch AdamW with the same hyper-parameters, model init and data
     order (the planner's global batches; ``worlds[i]`` is the world size at step i + 1). Returns losses, weights, EMA."""
-    from jobs.training.loop import make_task, training_forward
+    from jobs.training.loop import training_forward
     from jobs.training.parallelize import build_model
+    from jobs.training.tasks import make_task
     from models.flow import flow_matching_loss
 
     plan = DataPlan.from_manifest(cfg.data.uri)
@@ -180,7 +181,7 @@ def prepared_text_encoder(cfg: TrainConfig) -> str:
 def test_two_workers_zero3_loss_drops_and_matches_single_process(two_workers):
     cfg, result, run_dir = two_workers
     # precomputed features, no text encoder on the workers: dropped captions get the "" features jobs.prepare stored
-    from jobs.training.loop import make_task
+    from jobs.training.tasks import make_task
     from models.text_encoder import TextEncoder
 
     assert cfg.data.text_encoder is None and cfg.flow.caption_dropout > 0
@@ -312,15 +313,40 @@ def test_a_deterministic_worker_error_stops_the_run_at_once(prepared, tmp_path):
     assert len(list((tmp_path / "attempts").iterdir())) == 1
 
 
+class FailOnce:
+    """Test-side step callback: rank 1 raises after step ``FAIL_AFTER`` once per run (a marker file in the run folder
+    keeps the restarted attempt going)."""
+
+    def __call__(self, event) -> None:
+        marker = Path(event.run_dir) / f"injected-failure-{event.step}"
+        if event.step == FAIL_AFTER and event.rank == event.world - 1 and not marker.exists():
+            marker.write_text(f"rank {event.rank} failed after step {event.step}\n")
+            raise RuntimeError(f"injected failure after step {event.step} on rank {event.rank}")
+
+
+FAIL_AFTER = 6
+
+
+def loop_failing_once(loop_config):
+    from jobs.training.loop import run_worker
+
+    run_worker(from_dict(TrainConfig, loop_config["config"]), callbacks=[FailOnce()])
+
+
 def test_worker_failure_resumes_exactly_once(prepared, two_workers, tmp_path):
     """Rank 1 dies after step 6 (checkpoint at 4): Ray Train restarts the group, both resume from step 4; steps 5–6
     are redone with the same samples, and the losses equal the uninterrupted run's."""
+    from jobs.training.trainer import build_trainer, validate
+
     steps = 8
-    cfg = make_config(prepared, tmp_path, "fault", steps=steps, train={"fail_at_step": 6})
-    result = fit(cfg)
-    assert result.metrics["step"] == steps
+    cfg = make_config(prepared, tmp_path, "fault", steps=steps)
+    validate(cfg)
+    trainer = build_trainer(cfg)
+    trainer.train_loop_per_worker = loop_failing_once
+    result = trainer.fit()
+    assert result.error is None and result.metrics["step"] == steps
     run_dir = tmp_path / "fault"
-    assert (run_dir / "injected-failure-6").exists()
+    assert (run_dir / f"injected-failure-{FAIL_AFTER}").exists()
     files = sorted((run_dir / "samples").glob("*.jsonl"))
     assert len(files) == 4  # two attempts × two ranks
     assert_exactly_once(recorded_steps(run_dir), expected_steps(cfg, [2] * steps))

@@ -14,7 +14,6 @@ from models.config_io import ConfigError
 from models.flow import FlowConfig
 from models.presets import PRESETS, NextDiTConfig, preset
 
-TASKS = ("t2i", "class")  # text-to-image (default) and class-conditional; audio / points plug in later (loop.TASKS)
 PRECISIONS = ("auto", "bf16", "fp32")
 TEXT_SOURCES = ("auto", "shards", "online")
 LORA_DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -126,10 +125,7 @@ class LoopConfig:
     compile: bool = False
     log_every: int = 10
     ckpt_every: int = 1000
-    # Testing hooks: raise once after this step (a marker in storage keeps it from firing again after the restart) and
-    # record every consumed sample key under the run directory.
-    fail_at_step: int = 0
-    fail_rank: int = -1  # -1: the last rank
+    # Data lineage: the sample keys every rank consumed at every step, under {run}/samples/ (loop.SampleRecorder).
     record_samples: bool = False
 
 
@@ -181,6 +177,8 @@ class TrainConfig:
             raise ConfigError("--storage (run.storage) is required: a local path or s3:// URI for checkpoints")
         if self.model.preset not in PRESETS:
             raise ConfigError(f"unknown model preset {self.model.preset!r}; choose one of {', '.join(PRESETS)}")
+        from jobs.training.tasks import TASKS  # the registry (tasks.py); torch is there on the driver and workers
+
         if self.train.task not in TASKS:
             raise ConfigError(f"train.task must be one of {list(TASKS)}, got {self.train.task!r}")
         if self.train.precision not in PRECISIONS:

@@ -244,16 +244,3 @@ class ShardedEMA:
                 local.reshape(-1).copy_(full[start:start + local.numel()].to(local.device))
             else:
                 local.copy_(full.reshape(local.shape).to(local.device))
-
-
-@torch.no_grad()
-def full_parameters(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the trainable parameters on CPU, on every rank (a collective under ZeRO-3)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p) if is_zero3(p) else p.detach()
-            out[name] = full.float().cpu().clone()
-    return out
