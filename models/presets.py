@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from models.config_io import ConfigError, from_dict
 
 CONDITIONINGS = ("text", "class")
-# The official recipe's aspect-ratio limit of its training crops (lumina-reference §7, imgproc.py): buckets up to 4:1
+# The official recipe's aspect-ratio limit of its training crops (docs/sampling.md, "Resolution extrapolation"): buckets up to 4:1
 # within the token budget. pipelines' bucket config takes its default from here.
 OFFICIAL_MAX_ASPECT = 4.0
 
