@@ -1,5 +1,6 @@
-"""The CLI convention shared by every job (architecture.md): a few named flags, ``--config FILE.yaml``,
-``--set dotted.key=value`` (repeatable), ``--dry-run``; unknown keys and wrong types fail before any work starts."""
+"""The CLI convention shared by every job (docs/architecture.md#the-cli-convention): a few named flags,
+``--config FILE.yaml``, ``--set dotted.key=value`` (repeatable), ``--dry-run``; unknown keys and wrong types fail before
+any work starts."""
 
 from __future__ import annotations
 

@@ -9,9 +9,25 @@ from __future__ import annotations
 import logging
 
 from jobs.cli import make_parser, run_main, setup_logging
-from models.checkpoint import FORMATS, CheckpointError, convert_checkpoint
+from models.checkpoint import FORMATS, fetched, has_ema, read_checkpoint, write_checkpoint
+from models.formats import CheckpointError
+from models.nextdit import NextDiT
+from models.presets import NextDiTConfig
 
 log = logging.getLogger("jobs.convert")
+
+
+def convert_checkpoint(src: str, dst: str, fmt: str) -> NextDiTConfig:
+    """Rewrite any supported checkpoint (local or s3://) in format ``fmt`` at ``dst``; EMA weights travel along
+    (diffusers has no slot for them). Our folder's metadata (text encoder / VAE references) is kept when writing ours."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    with fetched(src) as local:  # fetched once for both the raw and the EMA weights
+        cfg, state, metadata = read_checkpoint(local)
+        ema_state = read_checkpoint(local, ema=True).state if has_ema(local) and fmt != "diffusers" else None
+    NextDiT.from_state_dict(cfg, state, device="meta")  # validates keys and shapes before anything is written
+    write_checkpoint(cfg, state, dst, fmt, ema_state, metadata)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

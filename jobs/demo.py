@@ -28,7 +28,8 @@ from models.config_io import ConfigError, from_dict, to_dict
 
 log = logging.getLogger("jobs.demo")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_VAE = REPO_ROOT / "assets" / "tiny-vae"  # trained by jobs.train_vae on the demo shapes (docs/demo.md)
+# trained by jobs.train_vae on the demo shapes (docs/training.md#the-demos-vae)
+SHIPPED_VAE = REPO_ROOT / "assets" / "tiny-vae"
 
 
 @dataclass
@@ -100,10 +101,10 @@ def prepare(cfg: DemoConfig, data: Path, curated: Path, text_encoder: str, vae: 
 
 
 def train(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str, vae: str):
-    from jobs.training.config import TrainConfig
-    from jobs.training.trainer import train as run_training
+    from jobs.training.config import TrainJobConfig
+    from jobs.training.driver import train as run_training
 
-    config = from_dict(TrainConfig, {
+    config = from_dict(TrainJobConfig, {
         "data": {"uri": str(curated), "text_encoder": text_encoder},
         "model": {"preset": "tiny", "text_encoder": text_encoder, "vae": vae},
         "optim": {"lr": cfg.lr},

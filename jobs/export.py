@@ -1,7 +1,8 @@
 """``python -m jobs.export CHECKPOINT_URI OUT_DIR [--ema/--no-ema]``
 
 Turns a training checkpoint (a Ray Train checkpoint folder, or a run folder: its latest checkpoint; local or s3://) into
-a model folder (architecture.md "Checkpoints"): config.json + model.safetensors (raw weights) + ema.safetensors, with the
+a model folder (docs/architecture.md#model-folder): config.json + model.safetensors (raw weights) +
+ema.safetensors, with the
 text-encoder / VAE references, loadable by NextDiT.from_pretrained and the Sampler and convertible with jobs.convert.
 A LoRA run exports a peft adapter folder instead (EMA adapters under ema/), applied on top of model.init_from.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 
 from jobs.cli import make_parser, run_main, setup_logging
 
@@ -54,14 +54,15 @@ def export(checkpoint_uri: str, out_dir: str, ema: bool = True) -> str:
     import os
 
     from jobs.training import checkpointing
-    from models.checkpoint import build_model, write_checkpoint
+    from models.checkpoint import write_checkpoint
     from models.config_io import from_dict
+    from models.nextdit import NextDiT
     from models.presets import NextDiTConfig
-    from models.storage import filesystem, is_remote
+    from models.storage import local_copy, staged_output
 
     uri = checkpointing.latest_checkpoint(checkpoint_uri)
     log.info("exporting %s", uri)
-    with checkpointing.local_copy(uri) as folder:
+    with local_copy(uri) as folder:
         raw, ema_state, state = checkpointing.consolidate(folder)
         with open(os.path.join(folder, checkpointing.CONFIG_FILE)) as f:
             train_config = json.load(f)
@@ -70,20 +71,12 @@ def export(checkpoint_uri: str, out_dir: str, ema: bool = True) -> str:
         log.warning("the checkpoint has no EMA (ema.enabled was off): exporting raw weights only")
     ema_state = ema_state if ema else None
 
-    def write(local: str) -> None:
-        if state.get("lora"):
+    if state.get("lora"):
+        with staged_output(out_dir) as local:
             _write_adapter(train_config, raw, ema_state, local)
-            return
-        build_model(cfg, raw, device="meta")  # validates names and shapes before anything is written
-        write_checkpoint(cfg, raw, local, "ours", ema_state, references(train_config, state))
-
-    if is_remote(out_dir):
-        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-            write(tmp)
-            fs, remote = filesystem(out_dir)
-            fs.put(tmp.rstrip("/") + "/", remote, recursive=True)
     else:
-        write(out_dir)
+        NextDiT.from_state_dict(cfg, raw, device="meta")  # validates names and shapes before anything is written
+        write_checkpoint(cfg, raw, out_dir, "ours", ema_state, references(train_config, state))
     return uri
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from jobs.cli import make_parser, resolve_config, run_main, setup_logging
 from models.config_io import ConfigError, from_dict, to_dict
-from models.sampler import GenerationRequest, SamplerConfig, check_size, parse_size
+from models.geometry import check_size, parse_size
+from models.sampler import GenerationRequest, SamplerConfig
 from models.schedules import make_schedule
 from models.solvers import check_solver
 from models.text_encoder import TextEncoderConfig
@@ -78,7 +79,8 @@ def build_requests(cfg: GenerateConfig, rows: list[dict] | None = None) -> list[
                                                                                     cfg.negative_prompt),
                     "seed": seed, "width": row.get("width", width), "height": row.get("height", height)}
             if item["width"] is not None or item["height"] is not None:
-                check_size(item["width"] or item["height"], item["height"] or item["width"], cfg.sampler.max_side)
+                check_size(item["width"] or item["height"], item["height"] or item["width"], cfg.sampler.max_side,
+                           max_pixels=cfg.sampler.max_pixels)
             out.append(item)
     return out
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 
 from jobs.cli import make_parser, resolve_config, run_main, setup_logging
-from jobs.training.config import TrainConfig
+from jobs.training.config import TrainJobConfig
 from models.presets import PRESETS
 
 log = logging.getLogger("jobs.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser("jobs.train", __doc__.split("\n\n")[1], TrainConfig, set_example="optim.lr=2e-4")
+    parser = make_parser("jobs.train", __doc__.split("\n\n")[1], TrainJobConfig, set_example="optim.lr=2e-4")
     parser.add_argument("--data", metavar="URI", help="a jobs.prepare output folder (local or s3://)")
     parser.add_argument("--storage", metavar="URI", help="where checkpoints go: local path or s3://bucket/prefix")
     parser.add_argument("--workers", type=int, metavar="N", help="Ray Train workers (one per GPU)")
@@ -27,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, bf16")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    config = resolve_config(TrainConfig, args, {
+    config = resolve_config(TrainJobConfig, args, {
         "data.uri": args.data, "run.storage": args.storage, "scaling.workers": args.workers,
         "model.preset": args.preset, "train.steps": args.steps, "data.text_encoder": args.text_encoder,
         "scaling.gpu": args.gpu,
     })
 
-    from jobs.training.trainer import describe, train, validate
+    from jobs.training.driver import describe, train, validate
 
     if args.dry_run:
         print(describe(config, validate(config, write_probe=False)))

@@ -113,8 +113,9 @@ def pool_tokens(x: torch.Tensor, grids: list[tuple[int, ...]], kernel: int,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Average-pool tokens (B, N, H, D) over kernel×kernel spatial windows of each sample's own (F, h, w) grid.
 
-    Time-Aware Context Drop (paper §"Time-Aware Context Drop", our §14 decision): keys and values after QK-norm and RoPE
-    are merged, queries keep every token. Windows at the grid's edge average only the tokens they cover.
+    Time-Aware Context Drop (paper §2.3; docs/design-decisions.md#time-aware-context-drop): keys and values after
+    QK-norm and RoPE are merged, queries keep every token. Windows at the grid's edge average only the tokens they
+    cover.
     Returns the pooled tokens, right-padded to the longest sample, and their mask (None when nothing is padded).
     """
     pooled = []

@@ -2,7 +2,7 @@
 
 Every config in the project (model, flow, data, training, serving) is a dataclass tree. This module is the single place
 that turns untyped input (YAML files, ``--set key=value`` flags, dicts that crossed a Ray boundary) into those trees, and
-it fails loudly on unknown keys and wrong types before any work starts (architecture.md, "The CLI convention").
+it fails loudly on unknown keys and wrong types before any work starts (docs/architecture.md#the-cli-convention).
 """
 
 from __future__ import annotations

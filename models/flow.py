@@ -1,11 +1,13 @@
 """Flow matching: the ONE place for the time convention, interpolation, t sampling, loss, caption dropout and CFG.
 
-The trainer, ``jobs.generate`` and the Serve replica all import this module (style.md practice 1), so training and
-inference cannot drift. Schedules and solvers live beside it (models/schedules.py, models/solvers.py) and are re-exported.
+The trainer, ``jobs.generate`` and the Serve replica all import this module (docs/architecture.md#dependency-rules), so
+training and inference cannot drift. Schedules and solvers live beside it (models/schedules.py, models/solvers.py) and
+are re-exported.
 
-Convention (paper §3 "Flow matching"; lumina-reference §3, §13.1, our §14): t = 0 is pure noise, t = 1 is data,
-x_t = t·x1 + (1−t)·x0 with x1 the data latent and x0 ~ N(0, I), the model predicts the velocity u = x1 − x0, and sampling
-integrates dx/dt = v(x, t) from t = 0 to t = 1. The model's t input is the same t in [0, 1] (no ×1000).
+Convention (docs/design-decisions.md#time-convention; docs/official-formats.md#flow-matching-and-sampling): t = 0 is
+pure noise, t = 1 is data, x_t = t·x1 + (1−t)·x0 with x1 the data latent and x0 ~ N(0, I), the model predicts the
+velocity u = x1 − x0, and sampling integrates dx/dt = v(x, t) from t = 0 to t = 1. The model's t input is the same t in
+[0, 1] (no ×1000).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from models.solvers import SOLVERS, SolveResult, check_solver, nfe_for, solve
 
 Latents = Union[torch.Tensor, list]
 T_SAMPLING = ("uniform", "lognorm", "shift")
-CAPTION_DROPOUT_PROB = 0.1  # official caption_dropout_prob (lumina-reference §5)
+CAPTION_DROPOUT_PROB = 0.1  # official caption_dropout_prob (docs/official-formats.md#text-encoder)
 
 
 @dataclass
 class FlowConfig:
-    """Training-time flow-matching settings (paper §3; official ``--snr_type`` in lumina-reference §3)."""
+    """Training-time flow-matching settings (the official ``--snr_type``:
+    docs/official-formats.md#flow-matching-and-sampling)."""
 
     # "uniform": t ~ U(0,1) (official default); "lognorm": t = sigmoid(N(mean, std)); "shift": u ~ U(0,1),
     # t = s·u / (1 + (s−1)·u) — with t = 1 = data, s > 1 pushes t toward the data end (the official "shift_s").
@@ -92,7 +95,7 @@ def velocity_target(x0: Latents, x1: Latents) -> Latents:
 
 def per_sample_loss(pred: Latents, target: Latents) -> torch.Tensor:
     """(B,) fp32: mean over all elements of (pred − target)² per sample; a list batch gives one scalar per image, so every
-    image weighs the same whatever its resolution (lumina-reference §3)."""
+    image weighs the same whatever its resolution (docs/official-formats.md#flow-matching-and-sampling)."""
     if isinstance(pred, torch.Tensor):
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     return torch.stack([(p.float() - u.float()).pow(2).mean() for p, u in zip(pred, target)])
@@ -109,7 +112,8 @@ def flow_matching_loss(model: Callable, x1: Latents, *model_args, t: torch.Tenso
                        generator: torch.Generator | None = None, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch loss, per-sample losses) of ``model(x_t, t, *model_args, **model_kwargs)`` against x1 − x0.
 
-    The batch loss is the sum of per-sample losses over the local batch size (lumina-reference §3: sum / batch)."""
+    The batch loss is the sum of per-sample losses over the local batch size, as the official code
+    (docs/official-formats.md#flow-matching-and-sampling)."""
     batch = x1.shape[0] if isinstance(x1, torch.Tensor) else len(x1)
     ref = x1 if isinstance(x1, torch.Tensor) else x1[0]
     if t is None:
@@ -166,7 +170,8 @@ def apply_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float, cha
     """v = v_u + g·(v_c − v_u). ``channel_dim`` is 1 for a (B, C, …) batch, 0 for one (C, …) sample.
 
     ``channels=None`` guides every channel (our default); ``channels=3`` is the official rule: only the first 3 latent
-    channels are guided and the rest keep the conditional prediction (lumina-reference §4.2, for bit-faithful images).
+    channels are guided and the rest keep the conditional prediction, for bit-faithful official images
+    (docs/design-decisions.md#cfg-on-every-channel).
     """
     guided = v_uncond + guidance * (v_cond - v_uncond)
     if channels is None:
@@ -180,7 +185,7 @@ def velocity_fn(model: Callable, cap_feats: torch.Tensor | None = None, cap_mask
                 guidance: float = 1.0, cfg_channels: int | None = None, dtype: torch.dtype | None = None, *,
                 labels: torch.Tensor | None = None, uncond_labels: torch.Tensor | None = None,
                 **forward_kwargs) -> Callable[[Latents, float], Latents]:
-    """The ODE right-hand side v(x, t) of a text- or class-conditioned Next-DiT, with CFG (paper §3).
+    """The ODE right-hand side v(x, t) of a text- or class-conditioned Next-DiT, with CFG.
 
     The conditioning is either caption features (``cap_feats`` (B, L, D), ``cap_mask`` (B, L); the unconditional branch
     ``uncond_feats`` / ``uncond_mask``, usually the negative prompt's) or class labels (``labels`` (B,) LongTensor; the

@@ -1,8 +1,8 @@
 """FP8 inference for Next-DiT: the transformer blocks' projections as float8 (e4m3) matmuls.
 
 At 1024² a CFG-pair forward of the 2B model is ~32 TFLOP, three quarters of it in the blocks' projections (q/k/v/o,
-caption k/v, SwiGLU w1/w2/w3); on Hopper an FP8 matmul has about twice the bf16 throughput (anchors.md: the bf16
-floor alone is 42 ms against a 50 ms target). Scaling follows the usual recipe for inference (rowwise scaling):
+caption k/v, SwiGLU w1/w2/w3); on Hopper an FP8 matmul has about twice the bf16 throughput (docs/benchmarks.md#anchors:
+the bf16 floor alone is 42 ms against a 50 ms target). Scaling follows the usual recipe for inference (rowwise scaling):
 
 - weights: quantized once, one scale per output channel, ``s_w[n] = max|W[n, :]| / 448``;
 - activations: quantized on the fly, one scale per token, ``s_x[m] = max|x[m, :]| / 448``;

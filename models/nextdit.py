@@ -1,7 +1,9 @@
-"""Next-DiT: the Lumina-Next flow-based diffusion transformer (paper §3 "Next-DiT"; lumina-reference §1).
+"""Next-DiT: the Lumina-Next flow-based diffusion transformer (paper §2.1; the official constants:
+docs/official-formats.md#architecture-constants).
 
-One small class per idea, DiT-style. The state-dict names are the official ones (lumina-reference §8.1), so the official
-checkpoint layout is our own; checkpoint.py maps the diffusers layout onto it.
+One small class per idea, DiT-style. The state-dict names are the official ones
+(docs/official-formats.md#checkpoint-layout), so the official checkpoint layout is our own; checkpoint.py maps the
+diffusers layout onto it.
 
 Call: ``model(x, t, cap_feats, cap_mask)`` with x a (B,C,H,W) / (B,C,F,H,W) tensor or a list of (C,[F,]H_i,W_i) tensors of
 different sizes, t in [0,1] (0 noise, 1 data). Returns the velocity in the same form (the first C output channels).
@@ -21,14 +23,14 @@ from models.attention import attention, pool_tokens
 from models.presets import NextDiTConfig
 from models.rope import NDRotaryEmbedding, RopeScaling, apply_rope
 
-TIMESTEP_FREQ_DIM = 256  # sinusoidal features of t before the MLP (lumina-reference §1.1)
+TIMESTEP_FREQ_DIM = 256  # sinusoidal features of t before the MLP (docs/official-formats.md#architecture-constants)
 TIMESTEP_MAX_PERIOD = 10000.0
 FINAL_NORM_EPS = 1e-6
 
 
 @dataclass
 class ContextDrop:
-    """Time-Aware Context Drop (paper §"Time-Aware Context Drop"; our §14 decision).
+    """Time-Aware Context Drop (paper §2.3; our form of it: docs/design-decisions.md#time-aware-context-drop).
 
     Self-attention keys/values are average-pooled over ``kernel``×``kernel`` windows in the first round((1−t)·L) of the
     L blocks (all blocks at the noisy start, none at the clean end); queries keep every token. Active only for samples
@@ -160,7 +162,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: NextDiTConfig):
         super().__init__()
-        # The ImageNet variant's pre-norms are parameter-free (lumina-reference §1.5, "PFRMSNorm").
+        # The ImageNet variant's pre-norms are parameter-free (docs/official-formats.md#size-configs).
         pre_affine = cfg.conditioning == "text"
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
@@ -186,7 +188,7 @@ class TransformerBlock(nn.Module):
 class FinalLayer(nn.Module):
     """LayerNorm (no affine) modulated by the condition, then a linear to p·p·C_out.
 
-    T2I: scale only (no shift); the ImageNet variant has shift and scale (lumina-reference §1.1.7, §1.5).
+    T2I: scale only (no shift); the ImageNet variant has shift and scale (docs/official-formats.md#size-configs).
     """
 
     def __init__(self, cfg: NextDiTConfig):
@@ -288,7 +290,8 @@ class NextDiT(nn.Module):
         return out.reshape(c_out, frames, h * p, w * p)[: self.config.in_channels]
 
     def rope_tables(self, grids, t, scaling, n_tokens, device):
-        """Unit complex rotations e^{iφ} (B, N, hd/2). Pad positions copy the last valid position (lumina-reference §1.1.2)."""
+        """Unit complex rotations e^{iφ} (B, N, hd/2). Pad positions copy the last valid position
+        (docs/official-formats.md#architecture-constants)."""
         time_dependent = scaling is not None and scaling.mode in ("time_aware", "official_switch")
         cache, rows = {}, []
         for grid, t_i in zip(grids, t.tolist()):
@@ -304,7 +307,7 @@ class NextDiT(nn.Module):
 
     def attention_scale(self, lengths: list[int], device,
                         proportional: bool | None = None) -> float | torch.Tensor | None:
-        """Proportional attention (paper §"Resolution extrapolation"): sqrt(log_{N_base} N / hd) with N each sample's
+        """Proportional attention (docs/official-formats.md#rope): sqrt(log_{N_base} N / hd) with N each sample's
         own tokens; None (the default 1/sqrt(hd)) when ``proportional`` is off (None: the config's switch)."""
         if not (self.config.proportional_attn if proportional is None else proportional):
             return None
@@ -380,17 +383,50 @@ class NextDiT(nn.Module):
             outputs = [o.squeeze(1) for o in outputs]
         return outputs if is_list else torch.stack(outputs)
 
-    # Checkpoint I/O lives in models/checkpoint.py; these are the public entry points.
+    # Checkpoint files are models/checkpoint.py's (it never imports this module); these are the entry points.
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "NextDiT":
-        from models.checkpoint import load_model
+    def from_pretrained(cls, path: str, ema: bool = False, device="cpu", dtype: torch.dtype | None = None) -> NextDiT:
+        """Load our model folder, an official consolidated checkpoint or a diffusers folder (local or s3://); ``ema``:
+        its EMA weights. The folder's metadata (text encoder / VAE references) is ``checkpoint.read_checkpoint``'s."""
+        from models.checkpoint import read_checkpoint
 
-        return load_model(path, **kwargs)
+        cfg, state, _ = read_checkpoint(path, ema=ema)
+        return cls.from_state_dict(cfg, state, device, dtype)
 
-    def save_pretrained(self, path: str, **kwargs) -> None:
-        from models.checkpoint import save_model
+    @classmethod
+    def from_state_dict(cls, cfg: NextDiTConfig, state: dict[str, torch.Tensor], device="cpu",
+                        dtype: torch.dtype | None = None) -> NextDiT:
+        """A model with exactly these weights; missing, unexpected or mis-shaped keys raise a ``CheckpointError``.
+        ``device="meta"`` only checks them."""
+        from models.formats import CheckpointError
 
-        save_model(self, path, **kwargs)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                      for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or mismatched:
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}")
+            if unexpected:
+                parts.append(f"unexpected keys: {', '.join(unexpected[:20])}{' …' if len(unexpected) > 20 else ''}")
+            if mismatched:
+                parts.append(f"shape mismatches: {', '.join(mismatched[:10])}")
+            raise CheckpointError("checkpoint does not match the model config; " + "; ".join(parts))
+        model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=True, assign=True)
+        # Non-persistent buffers (RoPE pair layout) are not in the state dict: rebuild them off the meta device.
+        model.rope = NDRotaryEmbedding.for_model(cfg)
+        return model.to(device)
+
+    def save_pretrained(self, path: str, fmt: str = "ours", ema_state: dict[str, torch.Tensor] | None = None,
+                        metadata: dict | None = None) -> None:
+        """Write the model (local or s3://) in ``fmt``: ours, official or diffusers."""
+        from models.checkpoint import write_checkpoint
+
+        write_checkpoint(self.config, self.state_dict(), path, fmt, ema_state, metadata)
 
 
 def masked_mean(cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:

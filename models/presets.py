@@ -1,4 +1,4 @@
-"""Next-DiT configuration and the registry of size presets (lumina-reference §1.5).
+"""Next-DiT configuration and the registry of size presets (docs/official-formats.md#size-configs).
 
 The defaults reproduce the official Lumina-Next T2I model: patch 2, 4 latent channels, learn_sigma, QK-norm, RoPE θ 10⁴,
 proportional attention with a 4096-token base (1024-px training: 64×64 tokens).
@@ -89,7 +89,7 @@ class NextDiTConfig:
 
     @property
     def cond_dim(self) -> int:
-        """Width of the adaLN conditioning vector: min(dim, 1024) (lumina-reference §1.1)."""
+        """Width of the adaLN conditioning vector: min(dim, 1024) (docs/official-formats.md#architecture-constants)."""
         return min(self.dim, 1024)
 
     @property
@@ -125,7 +125,8 @@ class NextDiTConfig:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU width: int(2·4·dim/3), times the multiplier, rounded up to multiple_of (lumina-reference §1.4)."""
+        """SwiGLU width: int(2·4·dim/3), times the multiplier, rounded up to multiple_of
+        (docs/official-formats.md#architecture-constants)."""
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -149,7 +150,8 @@ _TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, cap_fe
 
 # One registry of every preset; CLIs validate --preset against its keys.
 PRESETS: dict[str, dict] = {
-    # Lumina-Next T2I (Gemma-2B captions). The released checkpoints are the GQA variant (lumina-reference §1.5).
+    # Lumina-Next T2I (Gemma-2B captions). The released checkpoints are the GQA variant
+    # (docs/official-formats.md#size-configs).
     "2B": dict(dim=2304, n_layers=24, n_heads=32, n_kv_heads=None, cap_feat_dim=2048),
     "2B-GQA": dict(dim=2304, n_layers=24, n_heads=32, n_kv_heads=8, cap_feat_dim=2048),
     # Next-DiT ImageNet 256 px (class-conditional, 1000 classes + null): square 256-px centre crops, 16×16 tokens.

@@ -1,6 +1,7 @@
 """N-D rotary position embedding (frames × height × width) with resolution-extrapolation scaling.
 
-Lumina-Next (paper §"Next-DiT", "Resolution extrapolation"; lumina-reference §2 and §14):
+Lumina-Next (paper §2.1, §2.2; the official tables: docs/official-formats.md#rope; our modes and factors:
+docs/design-decisions.md#rope-scaling-modes, docs/design-decisions.md#per-axis-extrapolation-factor):
 - each axis owns ``d_axis`` real channels = d_axis/2 complex pairs with base frequencies ω_k = θ^(−2k/d_axis);
 - pairs are interleaved round-robin over the axes that have channels (h, w, h, w, … for images, exactly the official
   layout), positions are integer token indices starting at 0;
@@ -31,7 +32,7 @@ import torch
 
 ROPE_MODES = ("none", "pi", "ntk", "freq_aware", "time_aware", "official_switch")
 SCALE_POLICIES = ("per_axis", "area")
-OFFICIAL_SWITCH_WATERSHED = 0.3  # lumina-reference §2.2: the demo's default time-aware watershed
+OFFICIAL_SWITCH_WATERSHED = 0.3  # the official demo's default time-aware watershed (docs/official-formats.md#rope)
 
 
 @dataclass
@@ -39,7 +40,8 @@ class RopeScaling:
     """How RoPE frequencies change above the training size (inference-time; every field has the paper default)."""
 
     mode: str = "time_aware"
-    # per_axis: s_axis = max(1, tokens_axis / most tokens trained on that axis) (ours, §14); area: one
+    # per_axis: s_axis = max(1, tokens_axis / most tokens trained on that axis) (ours,
+    # docs/design-decisions.md#per-axis-extrapolation-factor); area: one
     # s = max(1, sqrt(token area / trained area)) on every spatial axis (the official rule, for official images).
     policy: str = "per_axis"
     # Explicit per-axis factors (frames, height, width) replace the computed ones when given.

@@ -1,7 +1,7 @@
 """The ``Sampler``: prompts → images and metadata. Shared by ``jobs.generate`` and the Serve replicas.
 
-Pipeline per request (paper §"Optimized Time Schedule with Higher-Order Solvers", §"Resolution extrapolation",
-§"Time-Aware Context Drop"; lumina-reference §4, our §14):
+Pipeline per request (paper §2.3, §2.2; docs/official-formats.md#flow-matching-and-sampling,
+docs/design-decisions.md#default-sampler, docs/design-decisions.md#time-aware-context-drop):
 1. the prompt and the negative prompt (default "") are encoded by the text encoder (Gemma hidden_states[-2], right padding);
 2. the initial noise z ~ N(0, I) of shape (C, H/8, W/8) comes from the request's own ``torch.Generator(seed)`` on the CPU;
 3. the flow ODE is integrated from t = 0 to 1 on the schedule's grid with the chosen solver; every evaluation is one
@@ -55,16 +55,17 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from models.checkpoint import read_checkpoint
 from models.config_io import expand_preset, from_dict, merge, to_dict
 from models.flow import pad_captions, solve, velocity_fn
+from models.geometry import MAX_SIDE, check_size, image_size, latent_size, pixels_per_token
 from models.nextdit import ContextDrop, NextDiT
 from models.rope import RopeScaling
 from models.schedules import OFFICIAL_SHIFT, ScheduleConfig, make_schedule
 from models.solvers import ADAPTIVE_SOLVERS, check_solver
 from models.text_encoder import TextEncoder, TextEncoderConfig
-from models.vae import VAE_DOWNSAMPLE, ImageVAE, VAEConfig, images_to_uint8
+from models.vae import ImageVAE, VAEConfig, images_to_uint8
 
-MAX_SIDE = 2048  # default upper bound on either image side in pixels
 CAPTION_PAD = 1  # masked caption positions added to every text solve: attention never runs unmasked (module docstring)
 STEPS_MEANING = "solver steps = grid intervals (the official num_sampling_steps N is steps + 1 grid points)"
 
@@ -96,7 +97,8 @@ class SamplerConfig:
     context_drop_kernel: int = 2
     width: int | None = None  # default size in pixels; None: the model's training size
     height: int | None = None
-    max_side: int = MAX_SIDE
+    max_side: int = MAX_SIDE  # largest width or height a request may ask for
+    max_pixels: int | None = None  # largest width × height; None: max_side² bounds it
     # FP8 (e4m3) block projections for inference (models/fp8.py): CUDA compute capability ≥ 8.9; outputs move by
     # ~1e-2 relative, the projections' matmul rate doubles on Hopper
     fp8: bool = False
@@ -120,8 +122,10 @@ class SamplerConfig:
             raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.context_drop_kernel < 2:
             raise ValueError(f"context_drop_kernel must be ≥ 2, got {self.context_drop_kernel}")
-        if self.max_side < 16:
-            raise ValueError(f"max_side must be ≥ 16, got {self.max_side}")
+        if self.max_side < pixels_per_token():
+            raise ValueError(f"max_side must be ≥ {pixels_per_token()}, got {self.max_side}")
+        if self.max_pixels is not None and self.max_pixels < pixels_per_token() ** 2:
+            raise ValueError(f"max_pixels must be ≥ {pixels_per_token() ** 2} or null, got {self.max_pixels}")
 
 
 @dataclass
@@ -151,8 +155,8 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """A fully resolved request."""
+class ResolvedRequest:
+    """A request validated and with every default filled in (``Sampler.resolve``)."""
 
     index: int
     prompt: str
@@ -174,28 +178,6 @@ class _Plan:
         so text and class requests never share one."""
         return (self.height, self.width, caption_length, self.steps, self.solver, repr(self.schedule),
                 self.guidance, self.cfg_channels, repr(self.rope), repr(self.context_drop))
-
-
-def size_multiple(patch_size: int = 2) -> int:
-    return VAE_DOWNSAMPLE * patch_size
-
-
-def check_size(width: int, height: int, max_side: int = MAX_SIDE, multiple: int = 16) -> None:
-    """Sizes are positive multiples of ``multiple`` (VAE /8 × patch 2 = 16 px) and at most ``max_side``."""
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value < multiple or value % multiple:
-            raise ValueError(f"{name} {value} must be a positive multiple of {multiple} pixels")
-        if value > max_side:
-            raise ValueError(f"{name} {value} exceeds the maximum of {max_side} pixels")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' → (width, height)."""
-    try:
-        w, h = str(text).lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise ValueError(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 1024x768") from None
 
 
 class Sampler:
@@ -243,12 +225,13 @@ class Sampler:
 
         A class-conditional model loads no text encoder (a ``text_encoder`` argument is an error; one recorded in the
         metadata is ignored) and reads its optional ``class_names`` from the metadata."""
-        model = NextDiT.from_pretrained(model_path, ema=ema, device=device, dtype=dtype)
+        cfg, state, meta = read_checkpoint(model_path, ema=ema)
+        model = NextDiT.from_state_dict(cfg, state, device, dtype)
+        del state
         if adapter is not None:  # a LoRA fine-tune of this base model (jobs.export of a lora run)
-            from models.adapters import apply_adapter
+            from models.lora import apply_adapter
 
             model = apply_adapter(model, adapter)
-        meta = getattr(model, "checkpoint_metadata", {}) or {}
         te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
                                              model_path)
         vae_cfg = resolve_vae_config(vae if vae is not None else meta.get("vae"), model_path)
@@ -266,7 +249,7 @@ class Sampler:
         if isinstance(vae, ImageVAE):
             autoencoder = vae
         elif vae_cfg is not None and vae_cfg.path:
-            # Decoding runs in fp32 (lumina-reference §6).
+            # Decoding runs in fp32 (docs/official-formats.md#vae-scaling-factors).
             autoencoder = ImageVAE.from_pretrained(vae_cfg.path, vae_cfg.scaling_factor, vae_cfg.shift_factor, device)
         else:
             raise ValueError(f"no VAE given and none recorded in {model_path}'s metadata")
@@ -281,11 +264,11 @@ class Sampler:
 
     def default_size(self) -> tuple[int, int]:
         cfg = self.model.config
-        side = lambda tokens: tokens * cfg.patch_size * VAE_DOWNSAMPLE
-        return (self.config.width or side(cfg.train_grid[2]), self.config.height or side(cfg.train_grid[1]))
+        height, width = image_size(cfg.train_grid[1], cfg.train_grid[2], cfg.patch_size)
+        return self.config.width or width, self.config.height or height
 
     # ------------------------------------------------------------------------------------------------------------
-    def resolve(self, requests: list[GenerationRequest]) -> list[_Plan]:
+    def resolve(self, requests: list[GenerationRequest]) -> list[ResolvedRequest]:
         """Validate every request and fill in the defaults; raises ValueError before any work starts."""
         if not requests:
             raise ValueError("no prompts: give at least one generation request")
@@ -295,8 +278,9 @@ class Sampler:
             if not isinstance(req.prompt, str):
                 raise ValueError(f"request {i}: the prompt must be a string, got {type(req.prompt).__name__}")
             default_w, default_h = self.default_size()
-            width, height = req.width or default_w, req.height or default_h
-            check_size(width, height, cfg.max_side, size_multiple(self.model.config.patch_size))
+            width = default_w if req.width is None else req.width
+            height = default_h if req.height is None else req.height
+            check_size(width, height, cfg.max_side, self.model.config.patch_size, cfg.max_pixels)
             steps = cfg.steps if req.steps is None else req.steps
             if steps < 1:
                 raise ValueError(f"request {i}: steps must be ≥ 1, got {steps}")
@@ -330,8 +314,8 @@ class Sampler:
                     raise ValueError(f"request {i}: a class-conditional model takes no negative prompt (its "
                                      "unconditional branch is the null class)")
                 negative = ""
-            plans.append(_Plan(i, req.prompt, negative, width, height, int(seed), steps, solver, schedule, guidance,
-                               channels, req.rope_scaling or cfg.rope, drop, label))
+            plans.append(ResolvedRequest(i, req.prompt, negative, width, height, int(seed), steps, solver, schedule,
+                                         guidance, channels, req.rope_scaling or cfg.rope, drop, label))
         return plans
 
     def _class_label(self, i: int, req: GenerationRequest) -> int | None:
@@ -386,7 +370,7 @@ class Sampler:
             if self.text_encoder is None:
                 raise ValueError("this sampler has no text encoder")
             self._encode([t for p in plans for t in (p.prompt, p.negative_prompt)], cache)
-        groups: dict[tuple, list[_Plan]] = {}
+        groups: dict[tuple, list[ResolvedRequest]] = {}
         for plan in plans:
             length = None  # class requests: no caption
             if text:
@@ -405,7 +389,7 @@ class Sampler:
                     progress(len(chunk))
         return results  # type: ignore[return-value]
 
-    def _conditioning(self, padded: list[_Plan], caption_length: int | None, cache: dict) -> dict:
+    def _conditioning(self, padded: list[ResolvedRequest], caption_length: int | None, cache: dict) -> dict:
         """The ``velocity_fn`` conditioning keywords of one solve's slots (captions or class labels, on the device)."""
         device = self.device
         guided = padded[0].guidance != 1.0  # g = 1 is the conditional velocity alone: no unconditional branch to run
@@ -424,13 +408,13 @@ class Sampler:
         return {"cap_feats": feats.to(device), "cap_mask": mask.to(device), "uncond_feats": uncond_feats,
                 "uncond_mask": uncond_mask}
 
-    def _solve(self, chunk: list[_Plan], slots: int, caption_length: int | None,
+    def _solve(self, chunk: list[ResolvedRequest], slots: int, caption_length: int | None,
                cache: dict) -> list[GenerationResult]:
         began = time.perf_counter()
         first = chunk[0]
         cfg_model = self.model.config
         device = self.device
-        shape = (cfg_model.in_channels, first.height // VAE_DOWNSAMPLE, first.width // VAE_DOWNSAMPLE)
+        shape = (cfg_model.in_channels, *latent_size(first.height, first.width))
         padded = list(chunk)
         if self.config.pad_batches and len(chunk) < slots:  # dummy slots: same shapes whatever the batch holds
             padded += [chunk[-1]] * (slots - len(chunk))

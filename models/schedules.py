@@ -1,9 +1,10 @@
 """Time schedules: where on t ∈ [0, 1] (0 = noise, 1 = data) the ODE solver evaluates the velocity.
 
-Paper §"Optimized Time Schedule with Higher-Order Solvers" (lumina-reference §4.1, our §14 decision). A schedule is a
-monotone map f: [0, 1] → [0, 1] with f(0) = 0 and f(1) = 1; a solver with ``steps`` intervals runs on the grid
-t_i = f(i / steps), i = 0 … steps. The paper's error analysis finds the discretisation error of a flow model largest near
-noise and second largest near data, so good schedules take small steps at both ends:
+Paper §2.3 (the official rational shift: docs/official-formats.md#flow-matching-and-sampling; our sigmoid:
+docs/design-decisions.md#sigmoid-schedule). A schedule is a monotone map f: [0, 1] → [0, 1] with f(0) = 0 and
+f(1) = 1; a solver with ``steps`` intervals runs on the grid t_i = f(i / steps), i = 0 … steps. The paper's error
+analysis finds the discretisation error of a flow model largest near noise and second largest near data, so good
+schedules take small steps at both ends:
 
 - ``uniform``: f(u) = u;
 - ``rational``: the official time shift f(u) = u / (s − (s−1)·u), default s = 4 (small steps near noise; s = 1 is uniform);
@@ -11,7 +12,7 @@ noise and second largest near data, so good schedules take small steps at both e
   is continuous at (c, c) and hits 0 and 1 exactly. Two orientations, because the paper's words and its error analysis
   point opposite ways: ``fine_ends`` takes small steps at both ends and coarse ones in the middle (where the error
   analysis puts the largest error: near noise, then near data); ``coarse_ends`` is its inverse map, large steps at the
-  start and end and small ones in between (the paper's description of its sigmoid schedule, §2.3). a, b → 0 gives
+  start and end and small ones in between (the paper's description of its sigmoid schedule, paper §2.3). a, b → 0 gives
   uniform in both. Orientation and constants come from a measured sweep on the model jobs.demo trains (docs/sampling.md).
 
 Grid convention: ``steps`` is the number of solver intervals, so the grid has steps + 1 points. The official
@@ -27,7 +28,7 @@ import torch
 
 SCHEDULES = ("uniform", "rational", "sigmoid")
 ORIENTATIONS = ("fine_ends", "coarse_ends")
-OFFICIAL_SHIFT = 4.0  # infer yaml `t_shift: 4`, demo default (lumina-reference §4.1)
+OFFICIAL_SHIFT = 4.0  # infer yaml `t_shift: 4`, demo default (docs/official-formats.md#flow-matching-and-sampling)
 
 # Measured defaults of the sigmoid schedule: the best (c, a, b, orientation) of the sweep in docs/sampling.md (5 and
 # 10 midpoint steps against a 1000-NFE reference on the model jobs.demo trains): fine steps near noise over most of the
@@ -90,8 +91,8 @@ class RationalSchedule(Schedule):
 
 @dataclass
 class SigmoidSchedule(Schedule):
-    """Piecewise sigmoid (§14), ``fine_ends``: for u ≤ c, t = c·(σ(a(u−c)) − σ(−ac)) / (½ − σ(−ac));
-    for u ≥ c, t = c + (1−c)·(σ(b(u−c)) − ½) / (σ(b(1−c)) − ½).
+    """Piecewise sigmoid (docs/design-decisions.md#sigmoid-schedule), ``fine_ends``:
+    for u ≤ c, t = c·(σ(a(u−c)) − σ(−ac)) / (½ − σ(−ac)); for u ≥ c, t = c + (1−c)·(σ(b(u−c)) − ½) / (σ(b(1−c)) − ½).
 
     Each piece is convex (below c) or concave (above c), so the slope is smallest at u = 0 and u = 1: fine steps at
     both ends. ``coarse_ends`` is the inverse map (u and t swap roles), so its slope is largest at both ends: the

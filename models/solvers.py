@@ -1,6 +1,6 @@
 """ODE solvers for the flow ODE dx/dt = v(x, t), integrated from t = 0 (noise) to t = 1 (data).
 
-Paper §"Optimized Time Schedule with Higher-Order Solvers": the flow ODE has no semi-linear structure, so classic explicit
+Paper §2.3 (docs/design-decisions.md#default-sampler): the flow ODE has no semi-linear structure, so classic explicit
 Runge–Kutta methods apply directly on any time grid; Algorithm 1 is the midpoint method over the sigmoid schedule's grid.
 Fixed-grid methods are ours (Euler, midpoint, Heun, RK4); ``dopri5`` is adaptive, through torchdiffeq (the official
 sampler's library), and ignores the grid except for its end points.

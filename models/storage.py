@@ -1,15 +1,24 @@
 """fsspec access to local paths and object stores (s3://) with the standard AWS variables.
 
 Every job that takes a URI goes through here, so S3 settings (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
-`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`) are honoured the same way everywhere.
+`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`) are honoured the same way everywhere. Remote files are staged here too: read
+through ``local_copy`` (one use) or ``local_path`` (a cached copy, for models many workers load), written through
+``staged_output`` (write locally, then upload).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
+
+COMPLETE_MARKER = ".complete"  # written last into a cached copy: its presence means the copy is whole
 
 
 def storage_options(url: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -35,9 +44,10 @@ def storage_options(url: str, extra: dict[str, Any] | None = None) -> dict[str, 
 
 
 def filesystem(url: str, extra: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for a local path or URL."""
+    """(filesystem, path within it without a trailing slash) for a local path or URL: the one way every layer opens a
+    URL. ``extra``: options over the environment's (the pipelines pass the ones the driver resolved)."""
     fs, path = fsspec.core.url_to_fs(str(url), **storage_options(str(url), extra))
-    return fs, path
+    return fs, path.rstrip("/") or path
 
 
 def is_remote(url: str) -> bool:
@@ -58,37 +68,75 @@ def local_path(uri: str, cache_dir: str | None = None) -> str:
     Remote folders are copied once into a content-addressed cache (``$LUMINA_CACHE`` or ``~/.cache/lumina-ray``) and
     reused: every worker of a job that loads ``encode.vae=s3://…`` downloads it once per machine. A copy is complete
     only when its marker file exists, so an interrupted download is redone, never half-used. Local paths and hub ids are
-    returned unchanged.
+    returned unchanged. (A copy for one use, removed after it, is ``local_copy``.)
     """
-    import hashlib
-    import shutil
-    import tempfile
-
     if not is_remote(str(uri)):
         return str(uri)
     root = cache_dir or os.environ.get("LUMINA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lumina-ray")
     target = os.path.join(root, "models", hashlib.sha256(str(uri).encode()).hexdigest()[:24])
-    marker = os.path.join(target, ".complete")
-    if os.path.exists(marker):
-        return target
     fs, remote = filesystem(str(uri))
-    if not fs.exists(remote):
-        raise FileNotFoundError(f"no model at {uri}")
+    leaf = "" if fs.isdir(remote) else os.path.basename(remote.rstrip("/"))
+    if os.path.exists(os.path.join(target, COMPLETE_MARKER)):
+        return os.path.join(target, leaf) if leaf else target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix="download-", dir=os.path.dirname(target))
     try:
-        if fs.isdir(remote):
-            fs.get(remote.rstrip("/") + "/", staging + "/", recursive=True)
-        else:
-            fs.get(remote, os.path.join(staging, os.path.basename(remote)))
-        open(os.path.join(staging, ".complete"), "w").close()
+        download(fs, remote, staging)
+        open(os.path.join(staging, COMPLETE_MARKER), "w").close()
         try:
             os.rename(staging, target)
         except OSError:  # another worker finished first: use its copy
-            shutil.rmtree(staging, ignore_errors=True)
+            pass
     finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-    if fs.isdir(remote):
-        return target
-    return os.path.join(target, os.path.basename(remote))
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(target, leaf) if leaf else target
+
+
+@contextmanager
+def local_copy(uri: str, include: Callable[[str], bool] | None = None) -> Iterator[str]:
+    """A local path with the file or folder at ``uri`` for the duration of the block: ``uri`` itself when local, else
+    a temporary download, removed afterwards. ``include(relative_path)`` picks which files of a remote folder to fetch
+    (default: all)."""
+    if not is_remote(str(uri)):
+        yield str(uri)
+        return
+    fs, remote = filesystem(str(uri))
+    with tempfile.TemporaryDirectory(prefix="lumina-") as tmp:
+        yield download(fs, remote, tmp, include)
+
+
+@contextmanager
+def staged_output(uri: str) -> Iterator[str]:
+    """A local folder whose files end up at ``uri``: the folder ``uri`` itself when local, else a temporary folder that
+    is uploaded when the block ends without an error (so a failed write leaves nothing behind in the bucket)."""
+    if not is_remote(str(uri)):
+        os.makedirs(str(uri), exist_ok=True)
+        yield str(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="lumina-out-") as tmp:
+        yield tmp
+        fs, remote = filesystem(str(uri))
+        fs.put(tmp.rstrip("/") + "/", remote, recursive=True)
+
+
+def download(fs: fsspec.AbstractFileSystem, remote: str, dest: str,
+             include: Callable[[str], bool] | None = None) -> str:
+    """Copy the file or folder ``remote`` of ``fs`` into the local folder ``dest``; returns the local path of what was
+    copied (``dest`` for a folder, ``dest/NAME`` for a file)."""
+    if not fs.exists(remote):
+        raise FileNotFoundError(f"nothing at {fs.unstrip_protocol(remote)}")
+    if not fs.isdir(remote):
+        local = os.path.join(dest, os.path.basename(remote.rstrip("/")))
+        fs.get(remote, local)
+        return local
+    root = remote.rstrip("/")
+    if include is None:
+        fs.get(root + "/", dest + "/", recursive=True)
+        return dest
+    for path in fs.find(root):
+        relative = os.path.relpath(path, root)
+        if include(relative):
+            local = os.path.join(dest, relative)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get(path, local)
+    return dest

@@ -1,8 +1,8 @@
 """Text encoders through transformers: decoder-only LLMs (Gemma-2B by default; Qwen, InternLM, any ``AutoModel``) and T5
 encoders (for audio / music).
 
-Lumina-Next conditions on an LLM's hidden states (paper §"Next-DiT", multilingual generation with decoder LLMs;
-lumina-reference §5, §13.7):
+Lumina-Next conditions on an LLM's hidden states (paper §3.3, multilingual generation with decoder LLMs;
+docs/official-formats.md#text-encoder, docs/design-decisions.md#text-encoders-and-caption-width):
 - features = ``hidden_states[-2]`` of Gemma-2B: the output of the second-to-last decoder layer, *before* the final norm;
 - **right padding** (forced here: Gemma's saved tokenizer pads left), padding to the longest prompt rounded up to a
   multiple of 8, at most 256 tokens, truncation;

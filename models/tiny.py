@@ -1,16 +1,21 @@
-"""Tiny random text encoders built locally (never downloaded): the demo's text encoder and the tests'.
+"""Tiny random models built locally (never downloaded): the demo's text encoder, the serve benchmark's CPU smoke models
+and the tests' (tests/tiny_models.py imports them from here; this module owns the vocabulary).
 
 A decoder-only LLM (Gemma architecture, 2 layers) with a word-level tokenizer that adds <bos> like Gemma's, or a T5
 encoder whose tokenizer appends </s>. Random weights still give every word its own features, which is all a model
-trained on those features needs to tell "red" from "blue".
+trained on those features needs to tell "red" from "blue". Also a tiny /8 VAE and a tiny Next-DiT model folder in our
+format that references them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
+
+if TYPE_CHECKING:
+    from models import NextDiT, NextDiTConfig
 
 BASE_WORDS = (
     "a an the of on in with and is at by to from under over near "
@@ -20,6 +25,7 @@ BASE_WORDS = (
     "circle square triangle background tone pitched low middle high sphere cube cylinder"
 ).split()
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+TINY_TEXT_DIM = 32  # = preset("tiny").cap_feat_dim: the default width of the tiny text encoders
 
 
 def vocabulary(extra_text: Iterable[str] = ()) -> list[str]:
@@ -59,7 +65,8 @@ def word_level_tokenizer(words: list[str], style: str = "gemma"):
     return tokenizer, vocab
 
 
-def make_tiny_text_encoder(path, hidden_size: int = 32, seed: int = 0, words: list[str] | None = None) -> str:
+def make_tiny_text_encoder(path, hidden_size: int = TINY_TEXT_DIM, seed: int = 0,
+                           words: list[str] | None = None) -> str:
     """A tiny random GemmaModel + tokenizer saved in ``path``; returns the path."""
     from transformers import GemmaConfig, GemmaModel
 
@@ -75,7 +82,7 @@ def make_tiny_text_encoder(path, hidden_size: int = 32, seed: int = 0, words: li
     return str(path)
 
 
-def make_tiny_t5(path, d_model: int = 32, seed: int = 0, words: list[str] | None = None) -> str:
+def make_tiny_t5(path, d_model: int = TINY_TEXT_DIM, seed: int = 0, words: list[str] | None = None) -> str:
     """A tiny random T5EncoderModel + tokenizer saved in ``path``; returns the path."""
     from transformers import T5Config, T5EncoderModel
 
@@ -85,4 +92,61 @@ def make_tiny_t5(path, d_model: int = 32, seed: int = 0, words: list[str] | None
     torch.manual_seed(seed)
     T5EncoderModel(config).eval().save_pretrained(Path(path))
     tokenizer.save_pretrained(Path(path))
+    return str(path)
+
+
+def make_tiny_vae(path, seed: int = 0, scaling_factor: float = 0.13025) -> str:
+    """A tiny random AutoencoderKL (/8, 4 latent channels) in ``path``; returns the path."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        sample_size=64, scaling_factor=scaling_factor,
+    )
+    vae.eval().save_pretrained(path)
+    return str(path)
+
+
+def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter non-zero random values (the zero-init gates would hide most of the network)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + std * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=gen) * (4 if "gate" in name else 1))
+    return module
+
+
+def random_nextdit(cfg: NextDiTConfig, seed: int = 0) -> NextDiT:
+    """A NextDiT of ``cfg`` in eval mode with every weight random and non-zero (see ``randomise``)."""
+    from models import NextDiT
+
+    torch.manual_seed(seed)
+    return randomise(NextDiT(cfg).eval(), seed)
+
+
+def make_tiny_model_folder(path, text_encoder: str | None = None, vae: str | None = None, model=None,
+                           sampler: dict | None = None, seed: int = 0, preset_name: str = "tiny",
+                           class_names: list[str] | None = None) -> str:
+    """A tiny Next-DiT (random non-zero weights of ``preset_name``, e.g. "tiny-class", unless ``model`` is given) saved
+    in our format, with metadata ``text_encoder`` / ``vae`` (paths), optional ``sampler`` defaults and optional
+    ``class_names`` (class-conditional models); returns the path."""
+    from models import preset
+
+    if model is None:
+        model = random_nextdit(preset(preset_name), seed=seed)
+    metadata = {}
+    if class_names is not None:
+        metadata["class_names"] = list(class_names)
+    if text_encoder is not None:
+        metadata["text_encoder"] = {"path": str(text_encoder), "kind": "decoder", "layer": -2}
+    if vae is not None:
+        metadata["vae"] = {"path": str(vae), "scaling_factor": 0.13025, "shift_factor": 0.0}
+    if sampler is not None:
+        metadata["sampler"] = sampler
+    model.save_pretrained(str(path), fmt="ours", metadata=metadata)
     return str(path)

@@ -1,6 +1,7 @@
 """Image VAE: a diffusers ``AutoencoderKL`` loaded from a path, with Lumina's latent scale and shift.
 
-lumina-reference §6: the official model uses the SDXL VAE with z = (sample − shift)·scale, scale 0.13025, shift 0;
+docs/official-formats.md#vae-scaling-factors:
+the official model uses the SDXL VAE with z = (sample − shift)·scale, scale 0.13025, shift 0;
 training encodes with ``latent_dist.sample()``, decoding runs in fp32. The constants of the known VAEs live here once.
 """
 
@@ -10,14 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-# Known VAE latent normalisations (lumina-reference §6). Keys are the names users pass as `vae_kind`.
+from models.geometry import VAE_DOWNSAMPLE
+
+# Known VAE latent normalisations (docs/official-formats.md#vae-scaling-factors); keys are `vae_kind` names.
 VAE_LATENT_NORMALISATION: dict[str, tuple[float, float]] = {
     "sdxl": (0.13025, 0.0),
     "sd": (0.18215, 0.0),
     "sd3": (1.5305, 0.0609),
 }
 DEFAULT_VAE_KIND = "sdxl"
-VAE_DOWNSAMPLE = 8  # every supported AutoencoderKL halves the resolution three times
 
 
 @dataclass

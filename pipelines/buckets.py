@@ -1,4 +1,5 @@
-"""Resolution, duration and point-count buckets (architecture.md "Buckets"; lumina-reference §7, imgproc.py).
+"""Resolution, duration and point-count buckets (docs/official-formats.md#buckets;
+docs/design-decisions.md#deterministic-buckets).
 
 Image buckets are every (h_p·16, w_p·16) pixel size with h_p·w_p ≤ max_patches and aspect ≤ max_aspect, enumerated like
 the official ``imgproc.py`` (for each width the largest height that fits). Unlike the official random top-4 choice, an
@@ -17,9 +18,10 @@ import numpy as np
 from PIL import Image
 
 from models.config_io import from_dict
+from models.geometry import DEFAULT_PATCH_SIZE, image_size, token_grid
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
-from pipelines.ledger import Reject, Stage, meta_of
+from pipelines.stage import Reject, Stage, meta_of
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,10 @@ class Bucket:
 
 # ---- images ------------------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=32)
-def image_bucket_sizes(max_patches: int, max_aspect: float, patch: int = C.PATCH_PIXELS) -> tuple[tuple[int, int], ...]:
-    """(H, W) pixel sizes of every image bucket, by decreasing width (official enumeration order)."""
+def image_bucket_sizes(max_patches: int, max_aspect: float,
+                       patch_size: int = DEFAULT_PATCH_SIZE) -> tuple[tuple[int, int], ...]:
+    """(H, W) pixel sizes of every image bucket, by decreasing width (official enumeration order). ``max_patches``
+    counts tokens (``models.geometry``: a token is ``patch_size`` latent cells, 16 pixels at patch 2, per side)."""
     sizes = []
     for w_p in range(max_patches, 0, -1):
         h_p = max_patches // w_p
@@ -43,13 +47,13 @@ def image_bucket_sizes(max_patches: int, max_aspect: float, patch: int = C.PATCH
         h_p = min(h_p, math.floor(w_p * max_aspect))
         if h_p < 1 or w_p / h_p > max_aspect:
             continue
-        sizes.append((h_p * patch, w_p * patch))
+        sizes.append(image_size(h_p, w_p, patch_size))
     return tuple(sizes)
 
 
-def image_micro_batch(size: tuple[int, int], batch_tokens: int, patch: int = C.PATCH_PIXELS) -> int:
-    tokens = (size[0] // patch) * (size[1] // patch)
-    return max(1, batch_tokens // tokens)
+def image_micro_batch(size: tuple[int, int], batch_tokens: int, patch_size: int = DEFAULT_PATCH_SIZE) -> int:
+    rows, columns = token_grid(size[0], size[1], patch_size)
+    return max(1, batch_tokens // (rows * columns))
 
 
 def image_bucket_name(size: tuple[int, int]) -> str:
@@ -127,37 +131,52 @@ def mel_frames(num_samples: int) -> int:
     return num_samples // C.HOP_LENGTH + 1
 
 
+def micro_batch_for(modality: str, size: tuple, config: PrepareConfig) -> int:
+    """The micro-batch size of a bucket from its size (the ``BUCKET_SIZE`` column: image (H, W) pixels, audio
+    (seconds,), points (count,)): about the same tokens, seconds or points in every bucket's batches."""
+    b = config.bucket
+    if modality == C.IMAGE:
+        return image_micro_batch(size, b.image.batch_tokens)
+    if modality == C.AUDIO:
+        return max(1, int(b.audio_batch_seconds // size[0]))
+    return max(1, b.point_batch_points // size[0])
+
+
+def bucket_size(row: dict) -> tuple:
+    """The row's ``BUCKET_SIZE`` as a tuple of Python numbers (between operators it is a numpy row)."""
+    return tuple(np.asarray(row[C.BUCKET_SIZE]).tolist())
+
+
 def bucket_table(config) -> list[Bucket]:
     """Every bucket the config allows, for --dry-run, docs and the trainer's sampler."""
     table = []
     img = config.bucket.image
     for size in image_bucket_sizes(img.max_patches, img.max_aspect):
-        table.append(Bucket(C.IMAGE, image_bucket_name(size), size, image_micro_batch(size, img.batch_tokens)))
+        table.append(Bucket(C.IMAGE, image_bucket_name(size), size, micro_batch_for(C.IMAGE, size, config)))
     for d in sorted(config.bucket.audio_durations_s):
-        mb = max(1, int(config.bucket.audio_batch_seconds // d))
+        mb = micro_batch_for(C.AUDIO, (d,), config)
         table.append(Bucket(C.AUDIO, audio_bucket_name(d), (round(d * C.SAMPLE_RATE),), mb))
     for n in sorted(config.bucket.point_counts):
-        table.append(Bucket(C.POINTS, points_bucket_name(n), (n,), max(1, config.bucket.point_batch_points // n)))
+        table.append(Bucket(C.POINTS, points_bucket_name(n), (n,), micro_batch_for(C.POINTS, (n,), config)))
     return table
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------------------
 class Bucketize(Stage):
-    """Assign each sample its bucket and bring its payload to the bucket's size: image resize-to-cover + centre crop,
-    audio centre crop to the bucket duration, point subsample (seeded by key, so reruns agree)."""
+    """Assign each sample its bucket (name in ``BUCKET``, numbers in ``BUCKET_SIZE``) and bring its payload to the
+    bucket's size: images keep the bucket the decode stage chose and decoded them to (``decode.decode_to_bucket``),
+    audio is centre-cropped to the bucket duration, points subsampled (seeded by key, so reruns agree)."""
 
     stage = C.STAGE_BUCKET
 
     def __init__(self, config: dict):
         self.config = from_dict(PrepareConfig, config)
-        b = self.config.bucket.image
-        self.sizes = image_bucket_sizes(b.max_patches, b.max_aspect)
 
     def process_row(self, row: dict) -> dict:
         modality, payload, meta = row[C.MODALITY], row[C.PAYLOAD], meta_of(row)
         if modality == C.IMAGE:
-            size = best_image_bucket(meta["width"], meta["height"], self.sizes)
-            row[C.PAYLOAD] = resize_to_bucket(payload, size)
+            size = bucket_size(row)
+            row[C.PAYLOAD] = resize_to_bucket(payload, size)  # a no-op: decoded at this size
             row[C.BUCKET] = image_bucket_name(size)
         elif modality == C.AUDIO:
             duration = best_audio_duration(len(payload) / C.SAMPLE_RATE, self.config.bucket.audio_durations_s)
@@ -166,7 +185,7 @@ class Bucketize(Stage):
             n = round(duration * C.SAMPLE_RATE)
             start = (len(payload) - n) // 2  # centre crop: keeps the middle of the clip
             row[C.PAYLOAD] = np.ascontiguousarray(payload[start:start + n])
-            row[C.BUCKET] = audio_bucket_name(duration)
+            row[C.BUCKET], row[C.BUCKET_SIZE] = audio_bucket_name(duration), (duration,)
             meta["crop_start_s"] = round(start / C.SAMPLE_RATE, 4)
         else:
             count = best_point_count(len(payload), self.config.bucket.point_counts)
@@ -176,16 +195,7 @@ class Bucketize(Stage):
                 rng = np.random.default_rng(int(row[C.KEY], 16) % (2**32))
                 payload = payload[np.sort(rng.choice(len(payload), count, replace=False))]
             row[C.PAYLOAD] = np.ascontiguousarray(payload, dtype=np.float32)
-            row[C.BUCKET] = points_bucket_name(count)
+            row[C.BUCKET], row[C.BUCKET_SIZE] = points_bucket_name(count), (count,)
         meta["bucket"] = row[C.BUCKET]
         return row
 
-
-def micro_batch_for(modality: str, bucket: str, config: PrepareConfig) -> int:
-    """The micro-batch size of a bucket, from its name (so the writer needs no table lookup)."""
-    if modality == C.IMAGE:
-        h, w = (int(v) for v in bucket.split("x"))
-        return image_micro_batch((h, w), config.bucket.image.batch_tokens)
-    if modality == C.AUDIO:
-        return max(1, int(config.bucket.audio_batch_seconds // float(bucket.rstrip("s"))))
-    return max(1, config.bucket.point_batch_points // int(bucket.removesuffix("pts")))

@@ -20,7 +20,7 @@ from models.config_io import from_dict
 from models.storage import local_path
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
-from pipelines.ledger import Stage, meta_of, reject_row
+from pipelines.stage import Stage, meta_of, reject_row
 
 
 def render_views(points: np.ndarray, views: int = 4, size: int = 128, elevation_deg: float = 20.0) -> np.ndarray:

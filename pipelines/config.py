@@ -20,7 +20,8 @@ class Resources:
     """Ray resources of one stage, applied at its ``map_batches`` call site.
 
     ``concurrency``: actor-pool size for model stages; for CPU task stages 0 means "as many tasks as Ray schedules".
-    Actor pools default to 0.5 CPU so that a 2-core machine never hands every CPU to actors (stack.md pitfall).
+    Actor pools default to 0.5 CPU so that a 2-core machine never hands every CPU to actors
+    (docs/architecture.md#stack-pitfalls).
     ``custom``: Ray custom resources (``resources=`` of the operator), e.g. ``{"encode_gpu": 1}`` so that the stage
     runs only on — and makes the autoscaler start — nodes that advertise that resource. Set one with
     ``--set encode.vae_resources.custom.encode_gpu=1``.

@@ -1,6 +1,6 @@
 """Every name that crosses the boundary between the curation job and its readers (trainer, tests, users), defined once.
 
-architecture.md, "Shard layout" / "Manifest": shards live at ``OUTPUT/shards/{modality}/{bucket}/{NNNNNN}.tar``; a
+docs/architecture.md#shards-and-manifest: shards live at ``OUTPUT/shards/{modality}/{bucket}/{NNNNNN}.tar``; a
 sample is one key with an encoded tensor, ``json`` metadata, ``txt`` caption and optional extras. The trainer imports
 these constants (through ``pipelines.shards``) to read the shards, so the two sides cannot drift.
 """
@@ -70,6 +70,9 @@ PAYLOAD = "payload"  # decoded media: HxWx3 uint8 image, float32 waveform at SAM
 SHA256 = "sha256"
 PHASH = "phash"  # 64-bit perceptual hash (dHash) as a signed int64, images only; 0 elsewhere
 BUCKET = "bucket"
+# the numbers of the bucket's name, so that no stage parses the name: image (H, W) pixels, audio (seconds,),
+# points (count,); set by the decode stage for images (decoded straight to their bucket), by the bucket stage otherwise
+BUCKET_SIZE = "bucket_size"
 TENSOR = "tensor"  # the encoded tensor that goes into the sample's tensor member
 TEXT_FEATURES = "text_features"
 
@@ -79,7 +82,7 @@ CAPTION_FROM_LIST = "list"
 CAPTION_FROM_TAR = "tar"
 CAPTION_FROM_MODEL = "model"
 
-# ---- audio (lumina-reference §14 "Audio and music") -----------------------------------------------------------------
+# ---- audio (docs/design-decisions.md#log-mel-features) --------------------------------------------------------------
 SAMPLE_RATE = 16_000
 N_FFT = 1024
 HOP_LENGTH = 256
@@ -88,9 +91,8 @@ MEL_FMIN = 0.0
 MEL_FMAX = 8_000.0
 LOG_MEL_FLOOR = 1e-5  # log(clamp(mel, min=floor)), the HiFi-GAN / BigVGAN convention
 
-# ---- images (lumina-reference §7, imgproc.py) -----------------------------------------------------------------------
-PATCH_PIXELS = 16  # VAE /8 × DiT patch 2
-VAE_DOWNSAMPLE = 8
+# ---- images (docs/official-formats.md#buckets) ----------------------------------------------------------------------
+# Pixels, latents and tokens (VAE ×8, DiT patch 2: 16 pixels per token side) are models/geometry.py's to state.
 
 # ---- stages and reject reasons -------------------------------------------------------------------------------------
 STAGE_READ = "read"

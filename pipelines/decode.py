@@ -24,19 +24,23 @@ import numpy as np
 from PIL import Image
 
 from models.config_io import from_dict
+from models.storage import filesystem
 from pipelines import constants as C
 from pipelines.buckets import best_image_bucket, cover_size, fit_to_bucket, image_bucket_sizes
 from pipelines.config import PrepareConfig
-from pipelines.io import open_fs, options_for, read_range
-from pipelines.ledger import Reject, Stage, meta_of
+from pipelines.io import options_for, read_range
 from pipelines.sources import CAPTION_COLUMNS, extension, split_source
+from pipelines.stage import Reject, Stage, meta_of
 
 R = C.Reason
 
 
 # ---- images ------------------------------------------------------------------------------------------------------------
-def decode_to_bucket(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]) -> tuple[Image.Image, dict[str, Any]]:
-    """Encoded bytes → (RGB PIL image at the size of its best-fit bucket, info). Raises Reject."""
+def decode_to_bucket(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]
+                     ) -> tuple[Image.Image, tuple[int, int], dict[str, Any]]:
+    """Encoded bytes → (RGB PIL image at the size of its best-fit bucket, that bucket's (H, W), info). Raises Reject.
+
+    The one place an image's bucket is chosen (``buckets.best_image_bucket``): the bucket stage keeps it."""
     if not data:
         raise Reject(R.EMPTY_FILE, "zero bytes")
     with warnings.catch_warnings():
@@ -72,7 +76,7 @@ def decode_to_bucket(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]
     factor = min(img.size[0] // cw, img.size[1] // ch)
     if factor >= 2:
         img = img.reduce(factor)  # box filter, exact for integer factors
-    return fit_to_bucket(img, bucket), info
+    return fit_to_bucket(img, bucket), bucket, info
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -235,7 +239,7 @@ class Decode(Stage):
 
     In: item rows (sources.ITEM_SCHEMA). Out: key, source, modality, caption, caption_source, meta, payload, sha256,
     phash, data (the original bytes when ``write.keep_original``, or when they can be stored as they are — see
-    ``write.skip_reencode``; else empty).
+    ``write.skip_reencode``; else empty); images also bucket_size, the (H, W) of the bucket they were decoded to.
     """
 
     stage = C.STAGE_DECODE
@@ -252,7 +256,7 @@ class Decode(Stage):
 
     def fetch(self, url: str, offset: int, length: int) -> bytes:
         try:
-            fs, path = open_fs(url, options_for(url, self.s3_options))
+            fs, path = filesystem(url, options_for(url, self.s3_options))
             return read_range(fs, path, offset, length)
         except Exception as exc:
             raise Reject(R.UNREADABLE, f"{type(exc).__name__}: {exc}") from exc
@@ -285,9 +289,9 @@ class Decode(Stage):
             caption = caption or sidecar_caption
             caption_source = C.CAPTION_FROM_SIDECAR if caption else ""
         key = str(row[C.KEY])
-        phash, keep = 0, self.config.write.keep_original
+        phash, keep, bucket = 0, self.config.write.keep_original, None
         if self.modality == C.IMAGE:
-            img, info = decode_to_bucket(data, self.config.decode.image, self.bucket_sizes)
+            img, bucket, info = decode_to_bucket(data, self.config.decode.image, self.bucket_sizes)
             phash = dhash(img)
             payload = np.asarray(img)
             keep = keep or (self.passthrough is not None and stored_as_is(info, payload.shape, self.passthrough))
@@ -302,6 +306,8 @@ class Decode(Stage):
                C.CAPTION_SOURCE: caption_source, C.META: meta,
                C.PAYLOAD: payload, C.SHA256: hashlib.sha256(data).hexdigest(), C.PHASH: np.int64(phash),
                C.DATA: data if keep else b""}
+        if bucket is not None:
+            out[C.BUCKET_SIZE] = bucket  # decoded to it: the bucket stage keeps it
         return out
 
 

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from models.config_io import ConfigError, from_dict
+from models.storage import filesystem
 from pipelines import constants as C
 from pipelines.config import EncodeConfig, PrepareConfig
-from pipelines.io import open_fs, options_for
-from pipelines.ledger import Stage, meta_of
+from pipelines.io import options_for
+from pipelines.stage import Stage, meta_of
 
 
 # ---- encoder records: what the manifest and stats.json say about the encoders (docs/curation.md) ----------------------
@@ -34,7 +35,7 @@ def _config_folder(uri: str, s3_options: dict | None) -> Iterator[str]:
     if not is_remote(uri):
         yield uri
         return
-    fs, root = open_fs(uri, options_for(uri, s3_options))
+    fs, root = filesystem(uri, options_for(uri, s3_options))
     with tempfile.TemporaryDirectory(prefix="encoder-config-") as tmp:
         Path(tmp, "config.json").write_bytes(fs.cat_file(f"{root}/config.json"))
         yield tmp
@@ -152,7 +153,8 @@ class VaeEncode(Stage):
 def log_mel(waveform: np.ndarray) -> np.ndarray:
     """float32 mono waveform at SAMPLE_RATE → (N_MELS, frames) float32 natural-log mel spectrogram.
 
-    lumina-reference §14: 16 kHz, n_fft 1024, hop 256, 80 mels (Hann window, centred frames, power 1 magnitudes,
+    docs/design-decisions.md#log-mel-features: 16 kHz, n_fft 1024, hop 256, 80 mels (Hann window, centred frames,
+    power 1 magnitudes,
     Slaney-normalised filters, log with a 1e-5 floor — the HiFi-GAN/BigVGAN convention vocoders expect).
     """
     import torch
@@ -219,11 +221,11 @@ class TextEncode(Stage):
     def write_null_features(self, output: str, options: dict | None) -> None:
         import io
 
-        from pipelines.io import open_fs, write_atomic
+        from pipelines.io import write_atomic
 
         buffer = io.BytesIO()
         np.save(buffer, self.features([""])[0])
-        fs, root = open_fs(output, options)
+        fs, root = filesystem(output, options)
         write_atomic(fs, f"{root}/{C.NULL_TEXT_FILE}", buffer.getvalue())
 
     def process_rows(self, rows):

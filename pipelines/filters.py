@@ -14,7 +14,7 @@ from typing import Any
 from models.config_io import from_dict
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
-from pipelines.ledger import Reject, Stage, meta_of, reject_row
+from pipelines.stage import Reject, Stage, meta_of, reject_row
 
 R = C.Reason
 

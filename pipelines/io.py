@@ -1,4 +1,5 @@
-"""Storage helpers for the curation job: fsspec filesystems for local paths and s3://, atomic writes.
+"""Storage helpers for the curation job: S3 options resolved once, atomic writes, byte ranges (files are opened with
+``models.storage.filesystem``, like everywhere else).
 
 S3 settings come from the standard AWS variables (``models.storage``) or ``PrepareConfig.storage``; they are resolved once
 on the driver and handed to every stage, because Ray workers do not necessarily share the driver's environment.
@@ -30,12 +31,6 @@ def resolve_storage(url: str, storage_config: Any = None) -> dict[str, Any]:
         options["key"] = storage_config.access_key_id
         options["secret"] = storage_config.secret_access_key
     return options
-
-
-def open_fs(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol, no trailing slash)."""
-    fs, path = fsspec.core.url_to_fs(str(url), **(options or {}))
-    return fs, path.rstrip("/")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -3,25 +3,23 @@ stage and reason; one bad file never fails the job").
 
 One named Ray actor per run holds the counters and buffers reject rows; it commits them as parquet parts under
 ``OUTPUT/_work/rejects/`` (written whole, then renamed), so a rerun knows which inputs were already judged and
-``rejects.parquet`` never lists an input twice. ``Stage`` is the base of every pipeline stage: it turns exceptions on
-single rows into rejects. ``StageChain`` runs consecutive stages in one Ray Data operator, times them and reports to
-the ledger.
+``rejects.parquet`` never lists an input twice. The stages (``pipelines.stage``) report to it through ``report``, one
+round trip per batch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
+from models.storage import filesystem
 from pipelines import constants as C
-from pipelines.io import open_fs, write_atomic
+from pipelines.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +27,6 @@ REJECT_SCHEMA = pa.schema(
     [("key", pa.string()), ("source", pa.string()), ("modality", pa.string()), ("stage", pa.string()),
      ("reason", pa.string()), ("message", pa.string())]
 )
-
-
-class Reject(Exception):
-    """Raised by per-sample code to reject the sample with a reason from ``constants.Reason``."""
-
-    def __init__(self, reason: str, message: str = ""):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 class Ledger:
@@ -76,7 +65,7 @@ class Ledger:
             return 0
         rows, self.pending = self.pending, []
         table = pa.Table.from_pylist([{k: r.get(k) for k in REJECT_SCHEMA.names} for r in rows], schema=REJECT_SCHEMA)
-        fs, root = open_fs(self.output, self.storage)
+        fs, root = filesystem(self.output, self.storage)
         path = f"{root}/{C.WORK_DIR}/rejects/{self.run_id}-{self.parts:05d}.parquet"
         self.parts += 1
         sink = pa.BufferOutputStream()
@@ -101,60 +90,6 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-class Stage:
-    """Base of the pipeline stages; a ``StageChain`` runs them inside ``Dataset.map_batches`` (numpy batch format).
-
-    Subclasses implement ``process_row(row) -> dict`` (a per-sample transform that may raise ``Reject``) or, for batched
-    work (models, round trips to an actor), ``process_rows(rows) -> (rows, rejects)``. Rows that raise anything else are
-    rejected with ``Reason.ERROR`` and the exception text: one bad file never fails the job. Stages work on lists of row
-    dicts so that a chain of them (``StageChain``) converts a batch to rows and back once, not once per stage.
-    """
-
-    stage = "stage"
-
-    def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        return row
-
-    def process_rows(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict]]:
-        kept, rejects = [], []
-        for row in rows:
-            try:
-                kept.append(self.process_row(row))
-            except Reject as r:
-                rejects.append(reject_row(row, r.reason, r.message))
-            except Exception as exc:  # noqa: BLE001 - any failure of one sample is that sample's reject
-                rejects.append(reject_row(row, C.Reason.ERROR, f"{type(exc).__name__}: {exc}"))
-        return kept, rejects
-
-
-class StageChain:
-    """Consecutive stages with the same resources, run back to back on one batch in one process (a task for model-free
-    stages, an actor for model stages): the batch becomes row dicts once, every stage works on those dicts (metadata
-    stays parsed between stages), and the ledger gets one call per batch.
-
-    ``stages``: (stage class, constructor kwargs) pairs, built here so that a chain is itself a Ray Data callable class.
-    """
-
-    def __init__(self, stages: list[tuple[type, dict[str, Any]]], ledger: str | None = None):
-        import ray
-
-        self.stages = [cls(**kwargs) for cls, kwargs in stages]
-        # the run's ledger actor, looked up by name so that no handle has to be pickled into every task
-        self._ledger = ray.get_actor(ledger) if ledger else None
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = rows_of(batch)
-        records = []
-        for stage in self.stages:
-            if not rows:
-                break
-            start, rows_in = time.perf_counter(), len(rows)
-            rows, rejects = stage.process_rows(rows)
-            records.append((stage.stage, rows_in, len(rows), time.perf_counter() - start, rejects))
-        report(self._ledger, records)
-        return batch_of(rows)
-
-
 def report(ledger, records: list[tuple[str, int, int, float, list[dict]]]) -> None:
     """Counts of one batch, every stage of it in one round trip. Synchronous: a reject is counted before the batch moves
     on, so a finished dataset means complete counts."""
@@ -162,70 +97,3 @@ def report(ledger, records: list[tuple[str, int, int, float, list[dict]]]) -> No
         import ray
 
         ray.get(ledger.record_many.remote(records))
-
-
-def reject_row(row: dict[str, Any], reason: str, message: str = "") -> dict[str, str]:
-    return {"key": str(row[C.KEY]), "source": str(row.get(C.SOURCE, "")), "modality": str(row.get(C.MODALITY, "")),
-            "reason": reason, "message": str(message)[:500]}
-
-
-def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    names = list(batch)
-    n = len(batch[names[0]]) if names else 0
-    return [{k: batch[k][i] for k in names} for i in range(n)]
-
-
-def batch_of(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Rows → numpy batch. Ragged arrays become object arrays (Ray stores them as variable-shaped tensors); parsed
-    metadata (``meta_of``) goes back to JSON text, the form it has between operators."""
-    if not rows:
-        return {}  # an empty block: Ray Data drops it without a schema clash
-    out = {}
-    for k in rows[0]:
-        values = [r[k] for r in rows]
-        if k == C.META:
-            values = [json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict) else v for v in values]
-        out[k] = column(values)
-    return out
-
-
-def column(values: list[Any]) -> np.ndarray:
-    first = values[0]
-    if isinstance(first, np.ndarray):
-        if all(isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values):
-            return np.stack(values)
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = values
-        return arr
-    if isinstance(first, (bytes, str)):
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = values
-        return arr
-    return np.asarray(values)
-
-
-def meta_of(row: dict[str, Any]) -> dict[str, Any]:
-    """The row's metadata as a dict, parsed once and kept in the row: stages update it in place, and ``batch_of``
-    serialises it when the batch leaves the operator."""
-    raw = row.get(C.META)
-    if isinstance(raw, dict):
-        return raw
-    meta = json.loads(raw) if raw else {}
-    row[C.META] = meta
-    return meta
-
-
-_CHAIN_CACHE: dict[str, StageChain] = {}
-
-
-def run_task_chain(batch: dict[str, np.ndarray], stages: list[tuple[type, dict[str, Any]]], ledger: str | None,
-                   cache_key: str) -> dict[str, np.ndarray]:
-    """Task-side entry of consecutive model-free stages: one chain object per worker process, reused across batches.
-
-    It lives in this light module on purpose: a task worker unpickles it by reference and imports only what the stages
-    need (no torch for image decoding), which keeps worker start-up cheap.
-    """
-    chain = _CHAIN_CACHE.get(cache_key)
-    if chain is None:
-        chain = _CHAIN_CACHE[cache_key] = StageChain(stages, ledger)
-    return chain(batch)

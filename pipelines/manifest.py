@@ -1,6 +1,7 @@
 """The committed state of an output: shard sidecars → manifest.parquet, reject parts → rejects.parquet, done keys.
 
-architecture.md "Manifest": one row per shard (path, modality, bucket, tensor shape, sample count, bytes, checksum; the
+docs/architecture.md#shards-and-manifest:
+one row per shard (path, modality, bucket, tensor shape, sample count, bytes, checksum; the
 VAE and text encoder that wrote it); rejects.parquet (key, source, stage, reason, message); a shard appears in the
 manifest only after it is completely written. Everything here is rebuilt from commit records (sidecars, reject parts),
 never from in-memory state, so a rerun after any interruption sees exactly what was committed.
@@ -17,8 +18,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from models.storage import filesystem
 from pipelines import constants as C
-from pipelines.io import open_fs, write_atomic
+from pipelines.io import write_atomic
 from pipelines.ledger import REJECT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class OutputState:
 
     def __init__(self, output: str, s3_options: dict | None = None):
         self.output = output
-        self.fs, self.root = open_fs(output, s3_options)
+        self.fs, self.root = filesystem(output, s3_options)
         self.sidecars: list[dict[str, Any]] = []
         self.rejects = pa.Table.from_pylist([], schema=REJECT_SCHEMA)
 

@@ -1,7 +1,7 @@
 """Build and run the curation plan (issue "Ray Data curation"): sources → decode → rules → caption → scores → dedup →
 bucket → encode → write, one Ray Data pipeline per modality, each stage's resources from the config.
 
-Consecutive stages of one kind with the same resources form one operator, a ``ledger.StageChain``: model-free stages
+Consecutive stages of one kind with the same resources form one operator, a ``stage.StageChain``: model-free stages
 run in Ray tasks (an image is decoded, filtered, bucketed and serialised in one process, its row converted to and from
 the batch format once), model stages in actor pools (models loaded once per actor; e.g. VAE and text encoder share one).
 The ledger, the dedup index and the shard writers are named actors of this run.
@@ -24,11 +24,12 @@ from pipelines.decode import Decode
 from pipelines.encode import TensorEncode, TextEncode, VaeEncode, encoder_records
 from pipelines.filters import Dedup, DedupIndex, RuleFilter, dedup_name
 from pipelines.io import options_for, resolve_storage
-from pipelines.ledger import Ledger, StageChain, ledger_name, new_run_id, run_task_chain
+from pipelines.ledger import Ledger, ledger_name, new_run_id
 from pipelines.manifest import OutputState
 from pipelines.scores import ScoreFilter
 from pipelines.shards import encoder_json, shard_encoders
 from pipelines.sources import expand_tar, items_table, list_inputs
+from pipelines.stage import StageChain, run_task_chain
 from pipelines.writer import ShardWriter, WriteShards, writer_name
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,11 @@ class StageSpec:
     resources: Resources
     actor: bool  # model stages: an actor pool; the rest: tasks
 
+
 @dataclass
-class Plan:
+class PreparePlan:
+    """What a prepare run will do: the stages of each modality (``--dry-run`` prints ``describe()``)."""
+
     config: PrepareConfig
     run_id: str
     stages: dict[str, list[StageSpec]] = field(default_factory=dict)
@@ -67,13 +71,13 @@ class Plan:
 
 
 def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = None,
-               encoders: dict[str, dict | None] | None = None) -> Plan:
+               encoders: dict[str, dict | None] | None = None) -> PreparePlan:
     """The stages of each modality, from the config alone (nothing is read, no model is loaded). ``encoders``: the
     run's records (``encoder_records``), which the encode stages check the models they load against."""
     encoders = encoders or {}
     run_id = run_id or new_run_id()
-    cfg = to_dict(config)  # stages rebuild the dataclass inside the worker (style.md practice 4)
-    plan = Plan(config, run_id)
+    cfg = to_dict(config)  # stages rebuild the dataclass inside the worker (docs/architecture.md#design-rules)
+    plan = PreparePlan(config, run_id)
     dec_res = config.decode.resources
     for modality in config.read.modalities:
         specs = [StageSpec(Decode, {"config": cfg, "modality": modality, "s3_options": s3_options}, dec_res, False)]

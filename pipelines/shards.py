@@ -1,4 +1,4 @@
-"""Reading prepared shards back (the trainer's side of architecture.md "Shard layout" / "Manifest").
+"""Reading prepared shards back (the trainer's side of docs/architecture.md#shards-and-manifest).
 
     from pipelines.shards import read_manifest, iter_samples
     manifest = read_manifest("s3://bucket/prepared")          # pyarrow table, one row per committed shard
@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from models.storage import filesystem
 from pipelines import constants as C
-from pipelines.io import open_fs, options_for, resolve_storage
+from pipelines.io import options_for, resolve_storage
 
 
 def _options(url: str) -> dict:
@@ -29,19 +30,19 @@ def _options(url: str) -> dict:
 
 
 def read_manifest(output: str, storage_options: dict | None = None) -> pa.Table:
-    fs, root = open_fs(output, storage_options if storage_options is not None else _options(output))
+    fs, root = filesystem(output, storage_options if storage_options is not None else _options(output))
     return pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{C.MANIFEST_FILE}")))
 
 
 def read_null_text(output: str, storage_options: dict | None = None) -> np.ndarray | None:
     """The empty prompt's features (L, D) written beside shards that carry text.npy; None when there are none."""
-    fs, root = open_fs(output, storage_options if storage_options is not None else _options(output))
+    fs, root = filesystem(output, storage_options if storage_options is not None else _options(output))
     path = f"{root}/{C.NULL_TEXT_FILE}"
     return np.load(io.BytesIO(fs.cat_file(path))) if fs.exists(path) else None
 
 
 def read_rejects(output: str, storage_options: dict | None = None) -> pa.Table:
-    fs, root = open_fs(output, storage_options if storage_options is not None else _options(output))
+    fs, root = filesystem(output, storage_options if storage_options is not None else _options(output))
     return pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{C.REJECTS_FILE}")))
 
 
@@ -131,7 +132,7 @@ def decode_member(name: str, data: bytes) -> Any:
 def iter_samples(url: str, storage_options: dict | None = None, decode: bool = True) -> Iterator[dict[str, Any]]:
     """Samples of one shard in order: ``key``, ``tensor`` (the member named in the json), ``caption``, ``meta``,
     ``text_features`` when present, and every member by name."""
-    fs, path = open_fs(url, storage_options if storage_options is not None else _options(url))
+    fs, path = filesystem(url, storage_options if storage_options is not None else _options(url))
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         current: dict[str, Any] = {}
         for info in tar:

@@ -21,8 +21,9 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from models.storage import filesystem
 from pipelines import constants as C
-from pipelines.io import is_local, open_fs, options_for, unstrip
+from pipelines.io import is_local, options_for, unstrip
 
 PATH_COLUMNS = ("path", "uri", "url", "file", "filename", "image", "audio", "mesh")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -68,7 +69,7 @@ def list_inputs(uris: Iterable[str], s3_options: dict | None = None) -> tuple[li
     items: list[dict] = []
     tars: list[str] = []
     for uri in uris:
-        fs, path = open_fs(uri, options_for(uri, s3_options))
+        fs, path = filesystem(uri, options_for(uri, s3_options))
         if any(ch in path for ch in GLOB_CHARS):
             files = sorted(fs.glob(path))
             siblings = _siblings(fs, files)
@@ -118,7 +119,7 @@ def read_list(url: str, options: dict | None) -> list[dict[str, Any]]:
     import pyarrow.json as pjson
     import pyarrow.parquet as pq
 
-    fs, path = open_fs(url, options)
+    fs, path = filesystem(url, options)
     ext = extension(path)
     with fs.open(path, "rb") as f:
         data = f.read()
@@ -152,7 +153,7 @@ def read_list(url: str, options: dict | None) -> list[dict[str, Any]]:
 
 def expand_tar(url: str, options: dict | None) -> list[dict[str, Any]]:
     """Items of one WebDataset tar: each sample's media member as a byte range; its ``txt`` / ``json`` read inline."""
-    fs, path = open_fs(url, options)
+    fs, path = filesystem(url, options)
     samples: dict[str, dict[str, Any]] = {}
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:

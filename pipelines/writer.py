@@ -1,4 +1,4 @@
-"""Shard writing (issue "Stages: write"; architecture.md "Shard layout").
+"""Shard writing (issue "Stages: write"; docs/architecture.md#shards-and-manifest).
 
 ``WriteShards`` (a Ray Data stage) turns rows into WebDataset samples and hands them to the ``ShardWriter`` actor that
 owns their bucket. A writer streams each bucket into one open tar at a time; after ``samples_per_shard`` samples it
@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from models.config_io import from_dict
+from models.storage import filesystem
 from pipelines import constants as C
-from pipelines.buckets import micro_batch_for
+from pipelines.buckets import bucket_size, micro_batch_for
 from pipelines.config import PrepareConfig
 from pipelines.decode import stored_as_is
-from pipelines.io import is_local, open_fs, write_atomic
-from pipelines.ledger import Stage, meta_of
+from pipelines.io import is_local, write_atomic
 from pipelines.shards import encoder_json
+from pipelines.stage import Stage, meta_of
 
 TENSOR_MEMBERS = {C.AUDIO: C.MEL_MEMBER, C.POINTS: C.POINTS_MEMBER}
 FIXED_MTIME = 0  # identical inputs give byte-identical tars
@@ -107,7 +108,7 @@ class ShardWriter:
 
     def __init__(self, output: str, s3_options: dict, run_id: str, samples_per_shard: int,
                  next_index: dict[str, int], encoders: dict[str, dict | None] | None = None):
-        self.fs, self.root = open_fs(output, s3_options)
+        self.fs, self.root = filesystem(output, s3_options)
         # this run's encoder records ({"vae": …, "text_encoder": …}, pipelines.encode.encoder_records), stamped on the
         # sidecar (→ manifest row) of each shard whose tensors they wrote
         self.encoders = dict(encoders or {})
@@ -229,7 +230,7 @@ class WriteShards(Stage):
             slots.setdefault(slot, []).append(self.sample_of(row))
             tensor = row[C.TENSOR]
             infos[slot] = {"member": self.member_of(modality), "shape": list(tensor.shape), "dtype": str(tensor.dtype),
-                           "micro_batch": micro_batch_for(modality, bucket, self.config)}
+                           "micro_batch": micro_batch_for(modality, bucket_size(row), self.config)}
         n = self.config.write.num_writers
         pending = [self.writers[writer_of(*slot.split("/", 1), n)].add.remote(slot, infos[slot], samples)
                    for slot, samples in slots.items()]

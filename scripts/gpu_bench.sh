@@ -51,18 +51,19 @@ $PY -c "import torch, diffusers, deepspeed; print('torch', torch.__version__, '|
 
 if want model; then
     # S3 tests need moto_server, which the image lacks; they test storage, not the GPU
-    $PY -m pytest -q -x -p no:cacheprovider -m "not slow" -k "not s3" tests/test_gpu.py tests/test_model_parity.py \
+    $PY -m pytest -q -x -p no:cacheprovider -m "not integration" -k "not s3" tests/test_gpu.py tests/test_model_parity.py \
         tests/test_model.py tests/test_rope.py 2>&1 | tail -3 | tee "$OUT/tests.txt"
-    # Anchor: diffusers LuminaNextDiT2DModel, 2B config, bf16, CFG pair, caption 128 (half padded) — anchors.md;
-    # eager at 1024² and 2048², compiled at 1024² (as anchors.md; a compile costs about a minute per model and size)
+    # Anchor: diffusers LuminaNextDiT2DModel, 2B config, bf16, CFG pair, caption 128 (half padded), eager at 1024² and
+    # 2048², compiled at 1024² (docs/benchmarks.md#peer-on-one-h100; a compile costs about a minute per model and size)
     $PY -m jobs.bench model --device $DEVICE --preset $PRESET --dtype bf16 --sizes $SIZE,$LARGE --caption-len 128 \
         --repeats $REPEATS --fp8 --profile --json "$OUT/model.jsonl" 2>&1 | grep -v Warning | tee "$OUT/model.txt"
     $PY -m jobs.bench model --device $DEVICE --preset $PRESET --dtype bf16 --sizes $SIZE --caption-len 128 \
         --repeats $REPEATS --fp8 --compile --json "$OUT/model.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/model.txt"
 fi
 if want train; then
-    # Anchor: the peer's fwd+bwd rows of anchors.md (512² × 4, 1024² × 1); target ≥ 45% of the measured matmul
-    # ceiling at 1024² under ZeRO-3 with activation checkpointing, and the largest micro-batch per bucket.
+    # Anchor: the peer's fwd+bwd rows of docs/benchmarks.md#peer-on-one-h100 (512² × 4, 1024² × 1); target ≥ 45% of
+    # the measured matmul ceiling at 1024² under ZeRO-3 with activation checkpointing, and the largest micro-batch per
+    # bucket.
     # torch AdamW: DeepSpeed's FusedAdam would spend device minutes on its JIT build (the step differs by ~1%).
     $PY -m jobs.bench train --device $DEVICE --preset $PRESET --sizes $TRAIN_SIZES --caption-len 128 --torch-adam \
         --max-batch $MAX_BATCH --repeats 5 --json "$OUT/train.jsonl" 2>&1 | grep -v -i "warn" | tee "$OUT/train.txt"

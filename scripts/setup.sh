@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up of the project virtualenv (.venv) with the pinned stack (shared/design/stack.md).
+# Idempotent set-up of the project virtualenv (.venv) with the pinned stack of pyproject.toml (its pitfalls:
+# docs/architecture.md#stack-pitfalls).
 # Reinstalls only when pyproject.toml changed since the last successful install.
 set -euo pipefail
 cd "$(dirname "$0")/.."

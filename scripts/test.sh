@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite (sets up .venv first, idempotently). Extra arguments go to pytest.
+# Run the test suite (sets up .venv first, idempotently). Extra arguments go to pytest, e.g. the quick tier:
+#   ./scripts/test.sh -m "not integration"   (no Ray, S3 server, Serve or subprocess: see tests/conftest.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -24,14 +24,24 @@ class ModelSpec:
 
 @dataclass
 class LimitsConfig:
+    """The service's quotas, checked by the Ingress. What makes a request valid for the model — the image size
+    (``sampler.max_side`` / ``sampler.max_pixels``), steps ≥ 1, guidance ≥ 0 — is the sampler's to check."""
+
     max_n: int = 4  # images per request
-    max_pixels: int = 2048 * 2048
-    max_side: int = 2048
     min_steps: int = 1
     max_steps: int = 100
     max_guidance: float = 30.0
     max_prompt_chars: int = 8000  # cheap check at the ingress; the token limit is checked by the replica's tokenizer
-    max_prompt_tokens: int = 256  # Gemma captions are cut at 256 tokens in training (lumina-reference §5)
+    max_prompt_tokens: int = 256  # captions are cut at 256 tokens in training (docs/official-formats.md#text-encoder)
+
+    def __post_init__(self):
+        if self.max_n < 1:
+            raise ConfigError(f"serve config: limits.max_n must be ≥ 1, got {self.max_n}")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ConfigError(f"serve config: limits need 1 ≤ min_steps ≤ max_steps, got {self.min_steps}, "
+                              f"{self.max_steps}")
+        if self.max_guidance < 0:
+            raise ConfigError(f"serve config: limits.max_guidance must be ≥ 0, got {self.max_guidance}")
 
 
 @dataclass
@@ -50,8 +60,10 @@ class ServeConfig:
     device: str = "auto"  # auto: cuda when present
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    # SamplerConfig fields (steps, solver, schedule, guidance, …) over the model folder's defaults, or a preset:
-    # {preset: official}; checked against SamplerConfig here, so a typo fails --dry-run and `serve deploy`
+    # SamplerConfig fields (steps, solver, schedule, guidance, max_side, max_pixels, …) or a preset ({preset:
+    # official}). The merge order is SamplerConfig's defaults ← the model folder's ← these ← the request's fields, so
+    # this stays the partial dict the user wrote (a full SamplerConfig could not tell which fields it sets); it is
+    # checked against SamplerConfig here, so a typo or a bad value fails `--dry-run` and `serve deploy`.
     sampler: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -69,6 +81,8 @@ class ServeConfig:
         from models.sampler import SamplerConfig  # torch: only where a config is built
 
         from_dict(SamplerConfig, self.sampler, _where="serve config: sampler")
+        if "batch_size" in self.sampler:  # one knob: the replica's @serve.batch size is the solve's batch
+            raise ConfigError("serve config: set batching.max_batch_size, not sampler.batch_size")
 
     def tokens(self) -> list[str]:
         """Accepted bearer tokens: the config's, else the comma-separated SERVE_API_TOKEN."""

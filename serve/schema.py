@@ -1,8 +1,13 @@
-"""HTTP schema: the OpenAI Images API shape (``POST /v1/images/generations``) plus our sampling fields."""
+"""HTTP schema: the OpenAI Images API shape (``POST /v1/images/generations``) plus our sampling fields.
+
+The schema checks shape and type only (unknown fields, types, bounded string lengths, a seed that fits int64). Limits
+are checked once each, where they are known: the service's quotas (``LimitsConfig``: n, steps, guidance, prompt length)
+by the Ingress, and what makes a request valid for the model (size a multiple of its 16 px tokens and within
+``sampler.max_side`` / ``max_pixels``, steps ≥ 1, guidance ≥ 0, prompt tokens) by the replica, through the same
+``Sampler.resolve`` that ``jobs.generate`` uses."""
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,7 +16,6 @@ from models.rope import ROPE_MODES
 from models.schedules import SCHEDULES
 from models.solvers import SOLVERS
 
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_SEED = 2**63 - 1
 
 
@@ -23,15 +27,15 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=100_000,
                         description="text prompt; for a class-conditional model a class index or class name")
     model: str | None = Field(default=None, max_length=256, description="served model name; default model when absent")
-    n: int = Field(default=1, ge=1, le=1024, description="number of images (bounded by the server's limit)")
+    n: int = Field(default=1, description="number of images (1 to the server's limit)")
     size: str | None = Field(default=None, max_length=16, description='"WxH" in pixels, multiples of 16')
     response_format: Literal["b64_json"] = "b64_json"
     user: str | None = Field(default=None, max_length=256)
     negative_prompt: str | None = Field(default=None, max_length=100_000)
-    steps: int | None = Field(default=None, ge=1, le=10_000, description="solver steps (grid intervals)")
+    steps: int | None = Field(default=None, description="solver steps (grid intervals)")
     solver: Literal[SOLVERS] | None = None  # type: ignore[valid-type]
     schedule: Literal[SCHEDULES] | None = None  # type: ignore[valid-type]
-    guidance_scale: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     rope_scaling: Literal[ROPE_MODES] | None = None  # type: ignore[valid-type]
     context_drop: bool | None = None
@@ -73,10 +77,3 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    match = SIZE_PATTERN.match(size)
-    if not match:
-        raise ValueError(f'size {size!r} is not of the form "WxH" (for example "1024x768")')
-    return int(match[1]), int(match[2])

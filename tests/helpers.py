@@ -4,24 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from models import NextDiT, NextDiTConfig
-
-
-def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Give every parameter non-zero random values (the zero-init gates would hide most of the network)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + std * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(std * torch.randn(param.shape, generator=gen) * (4 if "gate" in name else 1))
-    return module
-
-
-def random_nextdit(cfg: NextDiTConfig, seed: int = 0) -> NextDiT:
-    torch.manual_seed(seed)
-    return randomise(NextDiT(cfg).eval(), seed)
+# The random-weight builders live in models/tiny.py (jobs build tiny models too); tests keep importing them from here.
+from models.tiny import random_nextdit, randomise  # noqa: F401
 
 
 def caption_batch(batch: int, length: int, dim: int, valid: list[int] | None = None, seed: int = 1):

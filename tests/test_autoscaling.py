@@ -126,7 +126,6 @@ DRIVER = textwrap.dedent("""
 """).format(resource=RESOURCE, repo=REPO_ROOT)
 
 
-@pytest.mark.slow
 def test_encode_stage_custom_resource_scales_node_type_up_and_down(autoscaling_head, tmp_path):
     gcs, _ = autoscaling_head
     images = write_images(tmp_path / "corpus", 6, seed=5)

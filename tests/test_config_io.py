@@ -134,3 +134,11 @@ def test_serve_sampler_settings_are_checked_when_the_config_is_built():
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         from_dict(ServeConfig, {"models": models, "sampler": {"preset": "fast"}})
     assert from_dict(ServeConfig, {"models": models, "sampler": {"preset": "official", "steps": 9}}).sampler["steps"] == 9
+    with pytest.raises(ConfigError, match="max_side must be"):  # values too, not only names
+        from_dict(ServeConfig, {"models": models, "sampler": {"max_side": 8}})
+    with pytest.raises(ConfigError, match="batching.max_batch_size, not sampler.batch_size"):  # one knob for it
+        from_dict(ServeConfig, {"models": models, "sampler": {"batch_size": 8}})
+    with pytest.raises(ConfigError, match="min_steps ≤ max_steps"):
+        from_dict(ServeConfig, {"models": models, "limits": {"min_steps": 5, "max_steps": 4}})
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) .*limits.max_side"):  # the sampler's now
+        from_dict(ServeConfig, {"models": models, "limits": {"max_side": 1024}})

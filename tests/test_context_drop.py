@@ -1,6 +1,6 @@
-"""Time-Aware Context Drop (paper §"Time-Aware Context Drop"; our §14): fewer attention FLOPs, the first
-round((1−t)·L) blocks pooled at each evaluation, off by default, a threshold on the token count, and a bounded change of
-the samples of the trained toy (metric documented in docs/sampling.md)."""
+"""Time-Aware Context Drop (paper §2.3; docs/design-decisions.md#time-aware-context-drop): fewer attention FLOPs, the
+first round((1−t)·L) blocks pooled at each evaluation, off by default, a threshold on the token count, and a bounded
+change of the samples of the trained toy (metric documented in docs/sampling.md)."""
 
 from __future__ import annotations
 

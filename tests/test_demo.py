@@ -12,8 +12,11 @@ from jobs.demo_data import DemoCounts
 
 def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path):
     out = tmp_path / "demo"
-    cfg = DemoConfig(out=str(out), counts=DemoCounts(images=48, tones=3, solids=3), steps=20, seeds_per_prompt=1,
-                     sample_steps=2)
+    # long enough to learn colour from the caption in ≈ 2.5 min on 2 cores: 400 steps at twice the default rate, with
+    # 16-image micro-batches (batch_tokens 1024), which cost about what 8 do (per-step overhead dominates the tiny model)
+    # and took the fidelity from 0.54–0.79 to 0.75–1.0 (AMD EPYC, 2 cores; 300 steps gave 0.71)
+    cfg = DemoConfig(out=str(out), counts=DemoCounts(images=96, tones=3, solids=3), steps=400, lr=4e-3,
+                     batch_tokens=1024, seeds_per_prompt=2, sample_steps=10)
     report = run(cfg)
 
     # every modality curated, every corrupt file rejected with a reason, the job did not fail
@@ -23,9 +26,15 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path):
     rejected_sources = " ".join(row["source"] for row in rejects)
     for name in report["corrupt_inputs"]:
         assert name.split("/")[-1] in rejected_sources, name
-    # trained, exported, served: one image per prompt came back over HTTP and was scored
+    # trained, exported, served: two images per prompt (12 prompts) came back over HTTP and were scored
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "ema.safetensors").exists()
-    assert report["images"] == 12 and 0.0 <= report["prompt_fidelity"] <= 1.0
+    assert report["images"] == 24
+    # the model follows the prompt: the colour it names dominates at least half of the images, twice chance (1 in 4
+    # colours). One that ignores the prompt scores chance at most (same seeds, same images for every prompt) and random
+    # guesses reach 12 of 24 with probability < 1 %; trained, it scores 0.75–1.0, a margin that does not depend on
+    # bitwise results (float sums differ between CPUs, Ray's data order between runs)
+    assert report["chance"] == 0.25
+    assert report["prompt_fidelity"] >= 0.5, report["per_image"]
     assert report["loss_last"] < report["loss_first"]
     for name in ("samples.png", "loss.png", "report.json", "report.md"):
         assert (out / "report" / name).stat().st_size > 0

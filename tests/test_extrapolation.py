@@ -1,7 +1,8 @@
-"""Resolution extrapolation at sampling time (paper §"Resolution extrapolation"; our §14 RoPE modes).
+"""Resolution extrapolation at sampling time (paper §2.2, §3.1; docs/design-decisions.md#rope-scaling-modes).
 
 Generating at 2× the training size runs in every RoPE mode, and the frequencies the model uses at every solver evaluation
-are checked against each mode's definition, written out again here from §14 (independently of models/rope.py).
+are checked against each mode's definition, written out again here from docs/design-decisions.md#rope-scaling-modes
+(independently of models/rope.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ THETA = 10000.0
 
 
 def expected_axis(d: int, s: float, mode: str, t: float, train: int, watershed: float = 0.3) -> torch.Tensor:
-    """§14, per axis with d real dims: ω_k = θ^(−2k/d), k = 0..d/2−1."""
+    """docs/design-decisions.md#rope-scaling-modes, per axis with d real dims: ω_k = θ^(−2k/d), k = 0..d/2−1."""
     k = torch.arange(d // 2, dtype=torch.float64)
     w = THETA ** (-2 * k / d)
     if s == 1.0 or mode == "none":

@@ -1,4 +1,5 @@
-"""Flow-matching objective, t sampling, caption dropout and CFG (paper §3; lumina-reference §3, §4.2; our §14)."""
+"""Flow-matching objective, t sampling, caption dropout and CFG (docs/official-formats.md#flow-matching-and-sampling;
+docs/design-decisions.md#time-convention, docs/design-decisions.md#cfg-on-every-channel)."""
 
 from __future__ import annotations
 

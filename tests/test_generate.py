@@ -80,7 +80,6 @@ def test_dry_run_loads_nothing(parts, tmp_path, capsys):
     assert not (tmp_path / "dry").exists()
 
 
-@pytest.mark.slow
 def test_prompt_file_runs_as_ray_data_job_writing_to_s3(parts, tmp_path, ray_cluster, s3_bucket):
     import fsspec
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from models import ContextDrop, NextDiT, NextDiTConfig, RopeScaling, preset
 from models.attention import attention, pool_tokens
-from models.checkpoint import CheckpointError
+from models.checkpoint import read_checkpoint
 from models.config_io import ConfigError
+from models.formats import CheckpointError
 from tests.helpers import caption_batch, random_nextdit
 
 
@@ -179,7 +183,7 @@ def test_our_folder_round_trip_with_ema_and_metadata(tiny, tmp_path):
     tiny.save_pretrained(str(tmp_path / "m"), ema_state=ema, metadata={"vae": "some/vae"})
     raw = NextDiT.from_pretrained(str(tmp_path / "m"))
     averaged = NextDiT.from_pretrained(str(tmp_path / "m"), ema=True)
-    assert raw.checkpoint_metadata == {"vae": "some/vae"}
+    assert read_checkpoint(str(tmp_path / "m"), tensors=False).metadata == {"vae": "some/vae"}
     for key, value in tiny.state_dict().items():
         assert torch.equal(raw.state_dict()[key], value)
         assert torch.equal(averaged.state_dict()[key], ema[key])
@@ -196,6 +200,26 @@ def test_load_and_save_on_s3(tiny, s3_bucket, tmp_path):
     loaded = NextDiT.from_pretrained(url)
     for key, value in tiny.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_remote_writes_upload_only_when_complete_and_reads_fetch_what_they_need(tiny, s3_bucket, tmp_path):
+    """storage.staged_output uploads a folder only when its block succeeds; local_copy fetches the chosen files."""
+    from models.storage import filesystem, local_copy, staged_output
+
+    fs, _ = filesystem(f"s3://{s3_bucket}")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with staged_output(f"s3://{s3_bucket}/half") as local:
+            (Path(local) / "part.bin").write_bytes(b"x")
+            raise RuntimeError("disk full")
+    assert not fs.exists(f"{s3_bucket}/half")  # nothing partial in the bucket
+    tiny.save_pretrained(f"s3://{s3_bucket}/m", ema_state=tiny.state_dict())
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/m")) == [
+        "config.json", "ema.safetensors", "model.safetensors"]
+    with local_copy(f"s3://{s3_bucket}/m", include=lambda rel: rel.endswith(".json")) as local:
+        assert sorted(os.listdir(local)) == ["config.json"]
+    assert not os.path.exists(local)  # a one-use copy is removed after the block
+    with local_copy(str(tmp_path)) as same:
+        assert same == str(tmp_path)  # a local path is used where it is
 
 
 @pytest.mark.parametrize("fmt", ["ours", "official", "diffusers"])

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from models import NextDiT, NextDiTConfig
-from models.checkpoint import CheckpointError, read_checkpoint, read_config, write_checkpoint
+from models.checkpoint import read_checkpoint, read_config, write_checkpoint
+from models.formats import CheckpointError
 from models.rope import OFFICIAL_SWITCH_WATERSHED, NDRotaryEmbedding, RopeScaling
 from tests.helpers import caption_batch, randomise
 
@@ -220,7 +221,7 @@ def test_default_training_forward_matches_diffusers_training_forward(peer_folder
     """jobs.train's model call (train.proportional_attn off by default, as the official recipe) equals the peer called
     without a proportional-attention base — its training-time forward — below the base token count, where the
     sampling-time scale differs (12×20 latents: 60 tokens < 64)."""
-    from jobs.training.config import TrainConfig
+    from jobs.training.config import TrainJobConfig
     from jobs.training.loop import training_forward
 
     folder, peer = peer_folder
@@ -233,7 +234,7 @@ def test_default_training_forward_matches_diffusers_training_forward(peer_folder
     try:
         with torch.no_grad():
             expected = peer(x, t, feats, mask, rope, cross_attention_kwargs={}, return_dict=False)[0][:, :4]
-            step = training_forward(ours, torch.float32, TrainConfig().train.proportional_attn)
+            step = training_forward(ours, torch.float32, TrainJobConfig().train.proportional_attn)
             got = step(x, t, feats, mask)
             sampling = ours(x, t, feats, mask)  # the config's sampling-time switch: proportional
     finally:

@@ -175,7 +175,8 @@ def test_s3_to_s3(ray_cluster, corpus, s3_bucket, s3_server):
     import ray
     from pyarrow import fs as pafs
 
-    from pipelines.io import open_fs, resolve_storage
+    from models.storage import filesystem
+    from pipelines.io import resolve_storage
 
     root, _, _ = corpus
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
@@ -195,7 +196,7 @@ def test_s3_to_s3(ray_cluster, corpus, s3_bucket, s3_server):
     # the webdataset library through fsspec file objects (it has no s3:// handler of its own)
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    fs, _ = open_fs(out, resolve_storage(out))
+    fs, _ = filesystem(out, resolve_storage(out))
     n = 0
     for row in list_shards(out):
         with fs.open(f"{s3_bucket}/prepared/{row['path']}", "rb") as f:
@@ -205,7 +206,7 @@ def test_s3_to_s3(ray_cluster, corpus, s3_bucket, s3_server):
         n += len(samples)
     assert n == uploaded
 
-    # ray.data.read_webdataset through pyarrow's S3 filesystem (stack.md)
+    # ray.data.read_webdataset through pyarrow's S3 filesystem (docs/architecture.md#stack-pitfalls)
     s3fs_arrow = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", access_key="testing",
                                    secret_key="testing", region="us-east-1")
     ds = ray.data.read_webdataset(f"{s3_bucket}/prepared/{C.SHARDS_DIR}", filesystem=s3fs_arrow, decoder=False,

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from models.config_io import ConfigError, resolve_config, from_dict, to_dict
+from models.config_io import ConfigError, from_dict, resolve_config, to_dict
 from pipelines import constants as C
 from pipelines.buckets import best_image_bucket, bucket_table, image_bucket_sizes, mel_frames, resize_to_bucket
 from pipelines.config import PrepareConfig
 from pipelines.decode import decode_audio, decode_points, decode_to_bucket
 from pipelines.encode import log_mel
 from pipelines.filters import DedupIndex
-from pipelines.ledger import Reject, meta_of
 from pipelines.sources import expand_tar, key_of, list_inputs
+from pipelines.stage import Reject, meta_of
 from tests.pipelines_fixtures import BAD_FILES, make_image, write_bad_files, write_images
 
 

@@ -1,4 +1,5 @@
-"""RoPE properties (lumina-reference §2, §14): relative positions, and every scaling mode's definition."""
+"""RoPE properties (docs/official-formats.md#rope, docs/design-decisions.md#rope-scaling-modes): relative positions,
+and every scaling mode's definition."""
 
 from __future__ import annotations
 

@@ -43,6 +43,28 @@ def test_from_pretrained_uses_folder_metadata_and_reports(sampler):
     assert isinstance(unseeded.metadata["seed"], int)  # a fresh seed is drawn and reported
 
 
+def test_settings_merge_defaults_then_folder_then_caller_then_request(folder):
+    """The one merge order (what serve's sampler section relies on): SamplerConfig defaults ← the folder's ← the
+    caller's ← the request's fields."""
+    s = Sampler.from_pretrained(folder, config={"steps": 5})
+    assert s.config.steps == 5  # the caller's beats the folder's 3
+    assert s.config.guidance == 3.0  # the folder's, not named by the caller, beats the default 4
+    assert s.config.solver == "midpoint"  # named by neither: the default
+    (plan,) = s.resolve([req(steps=7)])
+    assert plan.steps == 7 and plan.guidance == 3.0  # the request's beats them all; unset fields keep the config's
+
+
+def test_size_limits_are_the_samplers(folder):
+    s = Sampler.from_pretrained(folder, config={"max_side": 64, "max_pixels": 64 * 48})
+    s.resolve([req(width=64, height=48)])
+    with pytest.raises(ValueError, match="exceeds the maximum of 64"):
+        s.resolve([req(width=80, height=16)])
+    with pytest.raises(ValueError, match="above the maximum of 3072"):
+        s.resolve([req(width=64, height=64)])
+    with pytest.raises(ValueError, match="width 0 must be a positive multiple"):  # 0 is not "use the default"
+        s.resolve([req(width=0)])
+
+
 def assert_same_image_to_rounding(image: np.ndarray, expected: np.ndarray) -> None:
     """Equal to 8-bit rounding: float noise of ~1e-6 in the latent moves a pixel by one level at most, and only where
     its value lies next to a rounding boundary (rare)."""

@@ -29,9 +29,9 @@ def serve_config(folders: dict[str, dict], **overrides) -> dict:
         "models": folders,
         "api_tokens": [TOKEN],
         "request_timeout_s": 60.0,
-        "limits": {"max_n": 2, "max_side": 128, "max_pixels": 128 * 96, "max_steps": 4, "max_prompt_tokens": 24},
+        "limits": {"max_n": 2, "max_steps": 4, "max_prompt_tokens": 24},
         "batching": {"max_batch_size": 2, "batch_wait_timeout_s": 0.05},
-        "sampler": {"steps": 2, "solver": "euler"},
+        "sampler": {"steps": 2, "solver": "euler", "max_side": 128, "max_pixels": 128 * 96},
     }
     config.update(overrides)
     return config

@@ -1,4 +1,4 @@
-"""Solver order on an analytic flow and schedule properties (paper §"Optimized Time Schedule"; our §14)."""
+"""Solver order on an analytic flow and schedule properties (paper §2.3; docs/design-decisions.md#sigmoid-schedule)."""
 
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def test_uniform_is_rational_with_shift_one_and_sigmoid_with_zero_steepness():
 
 
 def test_coarse_ends_is_the_inverse_map_with_large_steps_at_both_ends():
-    """The paper's wording (§2.3): larger steps at the start and end than in between — the inverse of fine_ends."""
+    """The paper's wording (paper §2.3): larger steps at the start and end than in between — the inverse of
+    fine_ends."""
     u = torch.linspace(0, 1, 1001, dtype=torch.float64)
     fine, coarse = SigmoidSchedule(0.4, 8.0, 6.0), SigmoidSchedule(0.4, 8.0, 6.0, "coarse_ends")
     assert torch.allclose(coarse(fine(u)), u, atol=1e-9) and torch.allclose(fine(coarse(u)), u, atol=1e-9)

@@ -1,4 +1,5 @@
-"""Text encoders through transformers (lumina-reference §5, §13.7): tiny random Gemma and T5 built locally."""
+"""Text encoders through transformers (docs/official-formats.md#text-encoder): tiny random Gemma and T5 built
+locally."""
 
 from __future__ import annotations
 

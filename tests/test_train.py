@@ -1,4 +1,4 @@
-"""Unit tests of the trainer's pieces (no Ray): the bucketed loader plan, FLOP/MFU arithmetic, config validation,
+"""Unit tests of the trainer's pieces (no Ray): the bucketed loader catalog, FLOP/MFU arithmetic, config validation,
 --dry-run, and compiled blocks on a DeepSpeed engine in a world of one. Integration tests with Ray Train + DeepSpeed on
 several workers live in test_train_ray.py."""
 
@@ -15,15 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.training.config import TrainConfig
-from jobs.training.data import BucketInfo, DataPlan, Planner, ShardInfo, cut
+from jobs.training.config import TrainJobConfig
+from jobs.training.data import BucketInfo, SampleOrder, ShardCatalog, ShardInfo, cut
 from jobs.training.metrics import forward_flops, mfu, train_flops
 from models import NextDiT, preset
 from models.config_io import ConfigError, from_dict
 from pipelines import constants as C
 
 
-def toy_plan(counts: dict[str, list[int]], micro_batch: int = 2) -> DataPlan:
+def toy_catalog(counts: dict[str, list[int]], micro_batch: int = 2) -> ShardCatalog:
     shards, buckets = [], {}
     for name, sizes in counts.items():
         ids = []
@@ -32,7 +32,7 @@ def toy_plan(counts: dict[str, list[int]], micro_batch: int = 2) -> DataPlan:
             shards.append(ShardInfo(len(shards), f"shards/image/{name}/{len(ids):06d}.tar", name, n, (4, 8, 8),
                                     C.LATENT_MEMBER))
         buckets[name] = BucketInfo(name, (4, 8, 8), micro_batch, C.LATENT_MEMBER, tuple(ids))
-    return DataPlan("/nowhere", shards, buckets)
+    return ShardCatalog("/nowhere", shards, buckets)
 
 
 def consumed(plan_steps) -> list[tuple[int, tuple[int, int]]]:
@@ -47,35 +47,35 @@ def test_cut_is_contiguous_and_even():
 
 
 def test_plan_is_deterministic_and_exactly_once_per_epoch():
-    plan = toy_plan({"a": [5, 5, 3], "b": [4, 4]})
-    planner = Planner(plan, grad_accum=1, world=2, seed=7)
-    state = planner.initial_state()
-    steps = [planner.next(state) for _ in range(5)]
+    catalog = toy_catalog({"a": [5, 5, 3], "b": [4, 4]})
+    order = SampleOrder(catalog, grad_accum=1, world=2, seed=7)
+    state = order.initial_state()
+    steps = [order.next(state) for _ in range(5)]
     # every step: one bucket, every worker the same number of samples
     assert all(len(w) == 2 for s in steps for w in s.samples)
     first_epoch = [x for e, x in consumed(steps) if e == 0]
     assert len(first_epoch) == len(set(first_epoch))
     # 13 samples in a, 8 in b, global batch 4: 3 + 2 steps, the < 4 remainder of a (1 sample) is dropped
     assert len(first_epoch) == 20 and steps[-1].epoch == 0
-    again = Planner(plan, 1, 2, seed=7)
+    again = SampleOrder(catalog, 1, 2, seed=7)
     state2 = again.initial_state()
     assert [again.next(state2) for _ in range(5)] == steps
-    other = Planner(plan, 1, 2, seed=8)
+    other = SampleOrder(catalog, 1, 2, seed=8)
     state3 = other.initial_state()
     assert [other.next(state3) for _ in range(5)] != steps
 
 
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_resume_on_another_world_size_keeps_exactly_once(new_world):
-    plan = toy_plan({"a": [6, 6, 6, 6], "b": [6, 6, 6]}, micro_batch=1)
-    planner = Planner(plan, grad_accum=2, world=2, seed=0)
-    state = planner.initial_state()
-    before = [planner.next(state) for _ in range(3)]
+    catalog = toy_catalog({"a": [6, 6, 6, 6], "b": [6, 6, 6]}, micro_batch=1)
+    order = SampleOrder(catalog, grad_accum=2, world=2, seed=0)
+    state = order.initial_state()
+    before = [order.next(state) for _ in range(3)]
     saved = json.loads(state.to_json())  # what the checkpoint holds
 
     from jobs.training.data import LoaderState
 
-    resumed = Planner(plan, grad_accum=2, world=new_world, seed=0)
+    resumed = SampleOrder(catalog, grad_accum=2, world=new_world, seed=0)
     state2 = resumed.adopt(LoaderState(**saved))
     after = []
     while True:
@@ -85,20 +85,20 @@ def test_resume_on_another_world_size_keeps_exactly_once(new_world):
         after.append(step)
     samples = [x for e, x in consumed(before + after)]
     assert len(samples) == len(set(samples))  # nothing twice
-    total = sum(s.samples for s in plan.shards)
+    total = sum(s.samples for s in catalog.shards)
     assert total - len(samples) < 2 * new_world * 2  # at most one global batch per bucket dropped at the epoch end
     assert state2.step == len(before) + len(after) + 1
 
 
 def test_bucket_without_samples_and_missing_manifest(tmp_path):
     with pytest.raises(ConfigError, match="no manifest.parquet"):
-        DataPlan.from_manifest(str(tmp_path))
+        ShardCatalog.from_manifest(str(tmp_path))
     rows = [{"path": "shards/image/64x64/000000.tar", "modality": "image", "bucket": "64x64", "member": "latent.npy",
              "shape": [4, 8, 8], "dtype": "float16", "micro_batch": 2, "samples": 0, "bytes": 0, "sha256": "",
              "run_id": "x"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / C.MANIFEST_FILE)
     with pytest.raises(ConfigError, match="bucket '64x64' has no samples"):
-        DataPlan.from_manifest(str(tmp_path))
+        ShardCatalog.from_manifest(str(tmp_path))
 
 
 def test_flops_arithmetic_matches_flop_counter():
@@ -134,13 +134,13 @@ def test_mfu_arithmetic():
 
 
 def test_config_defaults_are_official():
-    cfg = TrainConfig()
+    cfg = TrainJobConfig()
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_steps) == (1e-4, 0.0, 2.0, 0)
     assert cfg.ema.decay == 0.9999 and cfg.flow.caption_dropout == 0.1 and cfg.deepspeed.zero_stage == 3
     with pytest.raises(ConfigError, match="unknown config key"):
-        from_dict(TrainConfig, {"optim": {"learning_rate": 1e-3}})
+        from_dict(TrainJobConfig, {"optim": {"learning_rate": 1e-3}})
     with pytest.raises(ConfigError, match="expected a number"):
-        from_dict(TrainConfig, {"optim": {"lr": "fast"}})
+        from_dict(TrainJobConfig, {"optim": {"lr": "fast"}})
 
 
 def _tiny_shards(root: Path, with_text: bool = True) -> Path:
@@ -215,30 +215,30 @@ def test_bad_configs_fail_before_workers(tmp_path, capsys):
 
 def test_micro_batch_one_number_with_per_bucket_overrides(tmp_path):
     data = _tiny_shards(tmp_path / "data")
-    assert DataPlan.from_manifest(str(data)).buckets["128x128"].micro_batch == 2  # the manifest's
-    assert DataPlan.from_manifest(str(data), micro_batch=3).buckets["128x128"].micro_batch == 3
-    plan = DataPlan.from_manifest(str(data), micro_batch=3, bucket_micro_batch={"128x128": 1})
-    assert plan.buckets["128x128"].micro_batch == 1
+    assert ShardCatalog.from_manifest(str(data)).buckets["128x128"].micro_batch == 2  # the manifest's
+    assert ShardCatalog.from_manifest(str(data), micro_batch=3).buckets["128x128"].micro_batch == 3
+    catalog = ShardCatalog.from_manifest(str(data), micro_batch=3, bucket_micro_batch={"128x128": 1})
+    assert catalog.buckets["128x128"].micro_batch == 1
     with pytest.raises(ConfigError, match=r"names bucket\(s\) \['64x64'\] .*it has \['128x128'\]"):
-        DataPlan.from_manifest(str(data), bucket_micro_batch={"64x64": 1})
+        ShardCatalog.from_manifest(str(data), bucket_micro_batch={"64x64": 1})
     with pytest.raises(ConfigError, match="data.micro_batch must be >= 1"):
-        from_dict(TrainConfig, {"data": {"uri": "x", "micro_batch": 0}, "run": {"storage": "y"}}).validate()
+        from_dict(TrainJobConfig, {"data": {"uri": "x", "micro_batch": 0}, "run": {"storage": "y"}}).validate()
 
 
 def test_shards_of_different_encoders_are_refused(tmp_path):
     """A manifest whose latent shards were made by two VAEs (e.g. an output extended with another encode.vae) is a
-    config error naming both shards; the records of one VAE come through to the plan."""
+    config error naming both shards; the records of one VAE come through to the catalog."""
     data = _tiny_shards(tmp_path / "data")
     table = pq.read_table(data / C.MANIFEST_FILE).to_pylist()
     vae = {"path": "s3://models/vae-a", "scaling_factor": 0.13025, "shift_factor": 0.0, "latent_channels": 4}
     one = [{**r, C.MANIFEST_VAE: json.dumps(vae, sort_keys=True), C.MANIFEST_TEXT_ENCODER: None} for r in table]
     pq.write_table(pa.Table.from_pylist(one), data / C.MANIFEST_FILE)
-    assert DataPlan.from_manifest(str(data)).encoders == {"vae": vae, "text_encoder": None}
+    assert ShardCatalog.from_manifest(str(data)).encoders == {"vae": vae, "text_encoder": None}
     other = {**one[0], "path": "shards/image/128x128/000001.tar",
              C.MANIFEST_VAE: json.dumps({**vae, "path": "s3://models/vae-b"}, sort_keys=True)}
     pq.write_table(pa.Table.from_pylist(one + [other]), data / C.MANIFEST_FILE)
     with pytest.raises(ConfigError, match="(?s)000000.tar.*000001.tar.*train on shards of one encoder"):
-        DataPlan.from_manifest(str(data))
+        ShardCatalog.from_manifest(str(data))
 
 
 def test_class_conditional_task_builds_a_loss():
@@ -247,10 +247,10 @@ def test_class_conditional_task_builds_a_loss():
     from jobs.training.tasks import TASKS, ClassConditional
     from models.flow import flow_matching_loss
 
-    cfg = from_dict(TrainConfig, {"model": {"preset": "tiny-class"}, "train": {"task": "class"},
+    cfg = from_dict(TrainJobConfig, {"model": {"preset": "tiny-class"}, "train": {"task": "class"},
                                   "flow": {"caption_dropout": 0.5}})
     assert TASKS["class"] is ClassConditional  # what train.task=class dispatches to
-    task = ClassConditional(cfg, None, torch.device("cpu"))  # labels need no data plan
+    task = ClassConditional(cfg, None, torch.device("cpu"))  # labels need no shard catalog
     samples = [{"key": f"{i:016x}", "tensor": np.random.default_rng(i).normal(size=(4, 16, 16)).astype(np.float16),
                 "meta": {"member": C.LATENT_MEMBER, "label": i % 3}} for i in range(8)]
     batch = task.build(samples, epoch=0)
@@ -285,7 +285,7 @@ def test_compiled_blocks_train_as_eager_under_zero3_with_checkpointing(world_of_
     from models.flow import flow_matching_loss
 
     def losses(compile_blocks: bool) -> list[float]:
-        cfg = from_dict(TrainConfig, {"model": {"preset": "tiny"}, "optim": {"lr": 1e-2},
+        cfg = from_dict(TrainJobConfig, {"model": {"preset": "tiny"}, "optim": {"lr": 1e-2},
                                       "train": {"activation_checkpointing": True, "compile": compile_blocks},
                                       "deepspeed": {"torch_adam": True, "param_persistence_threshold": 0}})
         torch.manual_seed(0)
@@ -330,7 +330,7 @@ def test_partitioned_build_has_the_weights_of_the_plain_build(world_of_one, tmp_
     if source == "init_from":
         random_nextdit(preset("tiny"), seed=5).save_pretrained(str(tmp_path / "base"))
         settings["model"]["init_from"] = str(tmp_path / "base")
-    cfg = from_dict(TrainConfig, settings)
+    cfg = from_dict(TrainJobConfig, settings)
     plain = build_model(cfg).state_dict()
     partitioned = build_model(cfg, world=1)
     params = list(partitioned.parameters())
@@ -355,7 +355,7 @@ def _build_on_two_ranks(rank: int, port: int, folder: str, results) -> None:
     from jobs.training.parallelize import build_model
 
     for init_from in (None, folder):
-        cfg = from_dict(TrainConfig, {"model": {"preset": "tiny", "init_from": init_from},
+        cfg = from_dict(TrainJobConfig, {"model": {"preset": "tiny", "init_from": init_from},
                                       "deepspeed": {"torch_adam": True}})
         plain = build_model(cfg).state_dict()
         model = build_model(cfg, world=2)

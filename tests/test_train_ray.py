@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.training.config import TrainConfig
-from jobs.training.data import DataPlan, Planner, ShardReader
+from jobs.training.config import TrainJobConfig
+from jobs.training.data import SampleOrder, ShardCatalog, ShardReader
 from jobs.training.metrics import read_history
 from models.config_io import from_dict
-
-pytestmark = pytest.mark.slow
 
 STEPS = 20
 LR = 2e-3  # higher than the official 1e-4 so that the tiny model's loss drops clearly in 20 steps
@@ -72,7 +70,7 @@ def prepared_images(prepared, tmp_path_factory):
     return {**prepared, "data": str(out)}
 
 
-def make_config(prepared, storage, name, workers=2, steps=STEPS, **sections) -> TrainConfig:
+def make_config(prepared, storage, name, workers=2, steps=STEPS, **sections) -> TrainJobConfig:
     data = {"data": {"uri": prepared["data"]},
             "model": {"preset": "tiny"},  # the export takes the encoders jobs.prepare recorded for the shards
             "optim": {"lr": LR}, "ema": {"decay": EMA_DECAY},
@@ -82,35 +80,35 @@ def make_config(prepared, storage, name, workers=2, steps=STEPS, **sections) -> 
             "logging": {"wandb": "disabled", "progress": True}}
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
-    return from_dict(TrainConfig, data)
+    return from_dict(TrainJobConfig, data)
 
 
-def fit(cfg: TrainConfig):
-    from jobs.training.trainer import train
+def fit(cfg: TrainJobConfig):
+    from jobs.training.driver import train
 
     return train(cfg)
 
 
-def reference_run(cfg: TrainConfig, worlds: list[int]):
+def reference_run(cfg: TrainJobConfig, worlds: list[int]):
     """Single process, no Ray, no DeepSpeed: plain torch AdamW with the same hyper-parameters, model init and data
-    order (the planner's global batches; ``worlds[i]`` is the world size at step i + 1). Returns losses, weights, EMA."""
+    order (the order's global batches; ``worlds[i]`` is the world size at step i + 1). Returns losses, weights, EMA."""
     from jobs.training.loop import training_forward
     from jobs.training.parallelize import build_model
     from jobs.training.tasks import make_task
     from models.flow import flow_matching_loss
 
-    plan = DataPlan.from_manifest(cfg.data.uri)
+    catalog = ShardCatalog.from_manifest(cfg.data.uri)
     model = build_model(cfg).train()
     forward = training_forward(model, torch.float32, cfg.train.proportional_attn)
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     ema = {k: v.detach().clone() for k, v in model.named_parameters()}
-    reader, task = ShardReader(plan, 8), make_task(cfg, plan, torch.device("cpu"))
+    reader, task = ShardReader(catalog, 8), make_task(cfg, catalog, torch.device("cpu"))
     state, losses, keys = None, [], []
     for world in worlds:
-        planner = Planner(plan, cfg.train.grad_accum, world, cfg.data.seed)
-        state = planner.adopt(state) if state is not None else planner.initial_state()
-        step = planner.next(state)
+        order = SampleOrder(catalog, cfg.train.grad_accum, world, cfg.data.seed)
+        state = order.adopt(state) if state is not None else order.initial_state()
+        step = order.next(state)
         opt.zero_grad()
         total, count = 0.0, 0
         for worker in step.samples:
@@ -146,13 +144,13 @@ def recorded_steps(run_dir: Path) -> dict[int, dict]:
     return out
 
 
-def expected_steps(cfg: TrainConfig, worlds: list[int]) -> dict[int, list[str]]:
-    plan = DataPlan.from_manifest(cfg.data.uri)
-    reader, state, out = ShardReader(plan, 8), None, {}
+def expected_steps(cfg: TrainJobConfig, worlds: list[int]) -> dict[int, list[str]]:
+    catalog = ShardCatalog.from_manifest(cfg.data.uri)
+    reader, state, out = ShardReader(catalog, 8), None, {}
     for world in worlds:
-        planner = Planner(plan, cfg.train.grad_accum, world, cfg.data.seed)
-        state = planner.adopt(state) if state is not None else planner.initial_state()
-        step = planner.next(state)
+        order = SampleOrder(catalog, cfg.train.grad_accum, world, cfg.data.seed)
+        state = order.adopt(state) if state is not None else order.initial_state()
+        step = order.next(state)
         out[step.step] = [reader.sample(s, i)["key"] for w in step.samples for s, i in w]
     return out
 
@@ -174,8 +172,8 @@ def two_workers(prepared, tmp_path_factory):
     return cfg, result, storage / "two-workers"
 
 
-def prepared_text_encoder(cfg: TrainConfig) -> str:
-    return DataPlan.from_manifest(cfg.data.uri).encoders["text_encoder"]["path"]
+def prepared_text_encoder(cfg: TrainJobConfig) -> str:
+    return ShardCatalog.from_manifest(cfg.data.uri).encoders["text_encoder"]["path"]
 
 
 def test_two_workers_zero3_loss_drops_and_matches_single_process(two_workers):
@@ -185,7 +183,7 @@ def test_two_workers_zero3_loss_drops_and_matches_single_process(two_workers):
     from models.text_encoder import TextEncoder
 
     assert cfg.data.text_encoder is None and cfg.flow.caption_dropout > 0
-    null_feats, null_mask = make_task(cfg, DataPlan.from_manifest(cfg.data.uri), torch.device("cpu")).null
+    null_feats, null_mask = make_task(cfg, ShardCatalog.from_manifest(cfg.data.uri), torch.device("cpu")).null
     feats, mask = TextEncoder.from_pretrained(prepared_text_encoder(cfg)).encode([""])
     torch.testing.assert_close(null_feats, feats[:, mask[0]].float(), atol=2e-3, rtol=2e-3)
     assert null_mask.all()
@@ -242,7 +240,7 @@ def test_export_gives_exactly_the_trained_weights(two_workers, tmp_path):
                            "shift_factor": vae.shift_factor}
     assert meta["text_encoder"]["path"] == prepared_text_encoder(cfg) and meta["text_encoder"]["kind"] == "decoder"
     assert meta["training"] == {"proportional_attn": False}
-    grids = {b.grid(2) for b in DataPlan.from_manifest(cfg.data.uri).buckets.values()}
+    grids = {b.grid(2) for b in ShardCatalog.from_manifest(cfg.data.uri).buckets.values()}
     assert (model.config.trained_area, model.config.trained_sides) == (
         max(g[1] * g[2] for g in grids), tuple(max(g[a] for g in grids) for a in range(3)))
     assert generate_main(["--model", str(tmp_path / "model"), "--prompt", "a red cat", "--size", "128x128",
@@ -250,15 +248,15 @@ def test_export_gives_exactly_the_trained_weights(two_workers, tmp_path):
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
 
 
-def prepared_vae(cfg: TrainConfig) -> str:
-    return DataPlan.from_manifest(cfg.data.uri).encoders["vae"]["path"]
+def prepared_vae(cfg: TrainJobConfig) -> str:
+    return ShardCatalog.from_manifest(cfg.data.uri).encoders["vae"]["path"]
 
 
 def test_caption_width_and_encoders_are_checked_on_the_driver(prepared, tmp_path):
     """A preset takes cap_feat_dim from the captions: a 40-wide text encoder (online) gives a 40-wide model; the
     shards' 32-wide features against that encoder, a pretrained model of another width, or a model.vae of another
     scale than the one that made the latents are config errors before any worker starts."""
-    from jobs.training.trainer import validate
+    from jobs.training.driver import validate
     from models.config_io import ConfigError
     from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
 
@@ -268,7 +266,7 @@ def test_caption_width_and_encoders_are_checked_on_the_driver(prepared, tmp_path
     assert cfg.model.resolved.cap_feat_dim == 40 and cfg.model.resolved.dim == 64  # the rest is the tiny preset
     shards = make_config(prepared, tmp_path, "shards")
     validate(shards, write_probe=False)
-    assert shards.model.resolved.cap_feat_dim == DataPlan.from_manifest(shards.data.uri).text_feature_width() == 32
+    assert shards.model.resolved.cap_feat_dim == ShardCatalog.from_manifest(shards.data.uri).text_feature_width() == 32
     with pytest.raises(ConfigError, match="text features are 32 wide .*gives 40"):
         validate(make_config(prepared, tmp_path, "mixed", data={"text_encoder": wide}), write_probe=False)
     base = make_tiny_model_folder(tmp_path / "base")
@@ -299,7 +297,7 @@ def counting_loop(loop_config):
 def test_a_deterministic_worker_error_stops_the_run_at_once(prepared, tmp_path):
     """A worker error that every restart would repeat (here a caption width the driver's check was bypassed for)
     ends the run after one attempt, with the worker's message, instead of spending run.max_failures (3)."""
-    from jobs.training.trainer import build_trainer, validate
+    from jobs.training.driver import build_trainer, validate
 
     cfg = make_config(prepared, tmp_path, "bad", workers=1, steps=2, run={"max_failures": 3})
     validate(cfg, write_probe=False)
@@ -330,13 +328,13 @@ FAIL_AFTER = 6
 def loop_failing_once(loop_config):
     from jobs.training.loop import run_worker
 
-    run_worker(from_dict(TrainConfig, loop_config["config"]), callbacks=[FailOnce()])
+    run_worker(from_dict(TrainJobConfig, loop_config["config"]), callbacks=[FailOnce()])
 
 
 def test_worker_failure_resumes_exactly_once(prepared, two_workers, tmp_path):
     """Rank 1 dies after step 6 (checkpoint at 4): Ray Train restarts the group, both resume from step 4; steps 5–6
     are redone with the same samples, and the losses equal the uninterrupted run's."""
-    from jobs.training.trainer import build_trainer, validate
+    from jobs.training.driver import build_trainer, validate
 
     steps = 8
     cfg = make_config(prepared, tmp_path, "fault", steps=steps)
@@ -418,7 +416,7 @@ def test_small_data_lora_recipe_on_two_workers(twenty_photos, s3_bucket, tmp_pat
     from jobs.export import main as export_main
     from jobs.generate import main as generate_main
     from jobs.training.checkpointing import consolidate, latest_checkpoint
-    from jobs.training.trainer import validate
+    from jobs.training.driver import validate
     from models import NextDiT
     from models.config_io import ConfigError
     from models.storage import filesystem
@@ -467,7 +465,7 @@ def test_class_conditional_online_vae_with_activation_checkpointing(prepared_ima
                              "class_names": [f"shape {i}" for i in range(10)]},
                       data={"vae": prepared_images["vae"]},
                       train={"task": "class", "activation_checkpointing": True, "ckpt_every": steps})
-    assert {s.member for s in DataPlan.from_manifest(cfg.data.uri).shards} == {"jpg"}  # images, not latents
+    assert {s.member for s in ShardCatalog.from_manifest(cfg.data.uri).shards} == {"jpg"}  # images, not latents
     assert fit(cfg).metrics["step"] == steps
     run_dir = tmp_path / "class"
     losses = [r["loss"] for r in read_history(str(run_dir))]

@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, settings: dict, partitioned: bool,
     """One worker: joins the group, builds the model, reports (rank, partitioned, parameters, peak GiB, seconds)."""
     import deepspeed
 
-    from jobs.training.config import TrainConfig
+    from jobs.training.config import TrainJobConfig
     from jobs.training.parallelize import build_model
     from models.config_io import from_dict
 
@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, port: int, settings: dict, partitioned: bool,
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     deepspeed.init_distributed()
-    cfg = from_dict(TrainConfig, settings)
+    cfg = from_dict(TrainJobConfig, settings)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

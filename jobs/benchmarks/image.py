@@ -6,20 +6,20 @@ pipeline's 20 Euler steps).
 The components are random-initialised at their real shapes (nothing is downloaded): a Gemma-2B-shaped decoder (hidden
 2048, 18 layers, 8 heads, 1 KV head, head dim 256, MLP 16384; a small word-level vocabulary, which changes only the
 embedding table) and an SDXL-shaped AutoencoderKL (128/256/512/512 channels, 2 layers per block, decoded in fp32).
-anchors.md target: under 1.5 s for 1024² on an H100.
+Target: under 1.5 s for 1024² on an H100 (docs/benchmarks.md#targets).
 
 GPU: ``python -m jobs.bench image --device cuda --preset 2B-GQA --size 1024``; CPU (CI-sized): the defaults.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 
 import torch
 
+from jobs.benchmarks import bench_parser
 from jobs.benchmarks.model import build_pair, timed_pair, works
 
 # Real component shapes (Lumina-Next: Gemma-2B text encoder, SDXL VAE) and CPU-sized stand-ins.
@@ -64,10 +64,7 @@ def build_vae(size: str, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench image", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="small", help="Next-DiT preset (small on CPU, 2B-GQA on GPU)")
+    parser = bench_parser("image", __doc__)
     parser.add_argument("--text-encoder", choices=list(TEXT_ENCODERS), default=None,
                         help="default: gemma-2b on CUDA, tiny on CPU")
     parser.add_argument("--vae", choices=list(VAES), default=None, help="default: sdxl on CUDA, tiny on CPU")
@@ -95,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     te_size = args.text_encoder or ("gemma-2b" if cuda else "tiny")
     vae_size = args.vae or ("sdxl" if cuda else "tiny")
     tokenizer, gemma = build_text_encoder(te_size, device, dtype)
-    autoencoder = build_vae(vae_size, device)  # fp32: both sides decode in fp32 (lumina-reference §6)
+    # both sides decode in fp32 (docs/official-formats.md#vae-scaling-factors)
+    autoencoder = build_vae(vae_size, device)
     ours, peer, cfg = build_pair(args.preset, device, dtype, cap_feat_dim=gemma.config.hidden_size)
 
     encoder = TextEncoder(tokenizer, gemma)
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                nfe=2 * args.steps, ours_ms=ours_ms, peer_ms=peer_ms, ratio=ours_ms / peer_ms, compiled=args.compile)
     print(f"whole image: ours {ours_ms:9.1f} ms (min {ours_min:.1f}) | diffusers LuminaPipeline {peer_ms:9.1f} ms "
           f"(min {peer_min:.1f}) | ratio ours/peer {row['ratio']:.3f}"
-          + (" | target < 1500 ms (anchors.md, 1024² on an H100)" if cuda else ""))
+          + (" | target < 1500 ms (docs/benchmarks.md#targets, 1024² on an H100)" if cuda else ""))
     if fp8_sampler:
         row["ours_fp8_ms"] = timings[2][0]
         print(f"whole image: ours FP8 {row['ours_fp8_ms']:9.1f} ms | ratio ours FP8 / peer "

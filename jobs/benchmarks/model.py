@@ -1,13 +1,13 @@
 """``python -m jobs.bench model``: our Next-DiT forward against diffusers' LuminaNextDiT2DModel, same config, weights
-and inputs, in one run. Prints the device, both timings, the ratio (ours / peer; target ≤ 0.7 on CPU, anchors.md) and
-the numerical agreement of the two outputs.
+and inputs, in one run. Prints the device, both timings, the ratio (ours / peer; target ≤ 0.7 on CPU,
+docs/benchmarks.md#targets) and the numerical agreement of the two outputs.
 
-GPU example (anchors.md): ``python -m jobs.bench model --device cuda --preset 2B-GQA --dtype bf16 --sizes 1024,2048``.
+GPU example (the peer rows of docs/benchmarks.md#peer-on-one-h100):
+``python -m jobs.bench model --device cuda --preset 2B-GQA --dtype bf16 --sizes 1024,2048``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -15,10 +15,10 @@ import time
 
 import torch
 
+from jobs.benchmarks import bench_parser
 from models import NextDiT, preset
-from models.checkpoint import config_to_diffusers, official_to_diffusers
-
-VAE_FACTOR = 8
+from models.formats import config_to_diffusers, official_to_diffusers
+from models.geometry import VAE_DOWNSAMPLE
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
@@ -104,10 +104,7 @@ def build_pair(preset_name: str, device, dtype, seed: int = 0, **overrides):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="small", help="model size preset (small on CPU, 2B-GQA on GPU)")
+    parser = bench_parser("model", __doc__)
     parser.add_argument("--sizes", default="512", help="comma-separated square image sizes in pixels")
     parser.add_argument("--batch", type=int, default=2, help="2 = one CFG pair")
     parser.add_argument("--caption-len", type=int, default=128, help="caption tokens; the second sample has half")
@@ -142,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize_fp8(ours_fp8)
     results = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        latent = size // VAE_FACTOR
+        latent = size // VAE_DOWNSAMPLE
         gen = torch.Generator().manual_seed(size)
         x = torch.randn(args.batch, cfg.in_channels, latent, latent, generator=gen).to(device, dtype)
         t = torch.full((args.batch,), 0.5, device=device)

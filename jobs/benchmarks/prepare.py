@@ -1,5 +1,5 @@
 """``python -m jobs.bench prepare``: images per CPU-second of ``jobs.prepare`` with the model stages off (decode + filter
-+ bucket + shard) against img2dataset resizing and writing the same files (anchors.md, "Curation on this kind of machine").
++ bucket + shard) against img2dataset resizing and writing the same files (docs/benchmarks.md#curation-anchor).
 
 img2dataset is never a project dependency: pass ``--img2dataset PATH`` to the ``img2dataset`` executable of a throwaway
 venv (``python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset==1.47.0``); without it only our side runs.
@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from models.geometry import PIXELS_PER_TOKEN
 
 
 def make_corpus(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -76,7 +78,7 @@ def ours(corpus: Path, out: Path, size: int, per_shard: int, empty: Path) -> dic
     """Our job in a fresh local Ray (one subprocess, so every Ray worker's CPU time is counted when Ray stops)."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
-    common = ["--set", f"bucket.image.max_patches={(size // 16) ** 2}", "--set", "bucket.image.max_aspect=1.0",
+    common = ["--set", f"bucket.image.max_patches={(size // PIXELS_PER_TOKEN) ** 2}", "--set", "bucket.image.max_aspect=1.0",
               "--set", f"write.samples_per_shard={per_shard}", "--set", "read.modalities=[image]",
               "--set", "filter.dedup_perceptual=false", "--set", "progress=false", "--log-level", "WARNING"]
     shutil.rmtree(out, ignore_errors=True)

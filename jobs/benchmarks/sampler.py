@@ -2,25 +2,23 @@
 through our ``models.flow`` path against the same step on diffusers' LuminaNextDiT2DModel (same config, weights, inputs),
 in one run; also ours with Time-Aware Context Drop at the noisy start (every block pooled). Prints device, timings, ratio.
 
-GPU example (anchors.md): ``python -m jobs.bench sampler --device cuda --preset 2B-GQA --sizes 1024,2048``.
+GPU example (the targets of docs/benchmarks.md#targets):
+``python -m jobs.bench sampler --device cuda --preset 2B-GQA --sizes 1024,2048``.
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from jobs.benchmarks.model import VAE_FACTOR, build_pair, timed
+from jobs.benchmarks import bench_parser
+from jobs.benchmarks.model import build_pair, timed
 from models import ContextDrop
 from models.flow import apply_cfg, solve, velocity_fn
+from models.geometry import VAE_DOWNSAMPLE
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench sampler", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="small")
+    parser = bench_parser("sampler", __doc__)
     parser.add_argument("--sizes", default="512", help="comma-separated square image sizes in pixels")
     parser.add_argument("--caption-len", type=int, default=128)
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
           "one midpoint step = 2 CFG-pair forwards")
     rope_table = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
     for size in [int(s) for s in args.sizes.split(",")]:
-        latent = size // VAE_FACTOR
+        latent = size // VAE_DOWNSAMPLE
         gen = torch.Generator().manual_seed(size)
         x = torch.randn(1, cfg.in_channels, latent, latent, generator=gen).to(device)
         cond = torch.randn(1, args.caption_len, cfg.cap_feat_dim, generator=gen).to(device, dtype)

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def tiny_models(root: str) -> str:
     """A tiny random text encoder, VAE and Next-DiT folder (same builders as the tests)."""
-    from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
+    from models.tiny import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
 
     te, vae = make_tiny_text_encoder(os.path.join(root, "te")), make_tiny_vae(os.path.join(root, "vae"))
     return make_tiny_model_folder(os.path.join(root, "model"), te, vae)

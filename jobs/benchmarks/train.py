@@ -1,26 +1,26 @@
 """``python -m jobs.bench train``: one optimizer step of Next-DiT exactly as ``jobs.train`` takes it — the DeepSpeed
 engine of ``jobs.training.parallelize`` (ZeRO-3, bf16 on CUDA, activation checkpointing as configured), the
-flow-matching loss, backward, clipped AdamW step and the sharded EMA update — on one device, beside the anchors.md peer
-row measured in the same run: diffusers' ``LuminaNextDiT2DModel`` forward + backward with fp32 parameters under bf16
-autocast (no optimizer step), same config, weights, batch and inputs.
+flow-matching loss, backward, clipped AdamW step and the sharded EMA update — on one device, beside the peer
+row of docs/benchmarks.md#peer-on-one-h100 measured in the same run: diffusers' ``LuminaNextDiT2DModel`` forward +
+backward with fp32 parameters under bf16 autocast (no optimizer step), same config, weights, batch and inputs.
 
 Per bucket (``SIZE:MICRO_BATCH``) it prints samples/s, tokens/s, model TFLOP/s and MFU, and where our step's time
 goes: the median of each phase (forward with the loss; backward with the recomputation and ZeRO-3's gradient
 reduce-scatter; optimizer step; EMA) over a second set of steps whose phases are synchronised one by one. Model FLOPs
 are those of ``jobs.training.metrics.train_flops`` (forward + backward = 3 × forward; recomputation not counted) and
-MFU is taken against the bf16 matmul ceiling measured in the same run (anchors.md convention) and against the
-datasheet peak.
+MFU is taken against the bf16 matmul ceiling measured in the same run (the convention of docs/benchmarks.md#targets)
+and against the datasheet peak.
 ``--max-batch N`` also reports the largest micro-batch that fits each bucket (CUDA): peak memory is measured at the
 given micro-batch and at twice it, extrapolated linearly to the card's memory, and the prediction is run to confirm it
 and to time the step at that micro-batch.
 
-GPU (anchors.md): ``python -m jobs.bench train --device cuda --preset 2B-GQA --sizes 512:4,1024:1 --max-batch 64``.
+GPU (docs/benchmarks.md#targets):
+``python -m jobs.bench train --device cuda --preset 2B-GQA --sizes 512:4,1024:1 --max-batch 64``.
 The peer and our engine never share the card: the peer is timed first, then freed (both together overflow 80 GB).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -29,11 +29,13 @@ import time
 
 import torch
 
-from jobs.benchmarks.model import VAE_FACTOR, build_pair, timed
-from jobs.training.config import TrainConfig
+from jobs.benchmarks import bench_parser
+from jobs.benchmarks.model import build_pair, timed
+from jobs.training.config import TrainJobConfig
 from jobs.training.metrics import PEAK_TFLOPS, train_flops
 from models.config_io import from_dict
 from models.flow import flow_matching_loss
+from models.geometry import VAE_DOWNSAMPLE, pixels_per_token
 
 
 def parse_buckets(text: str) -> list[tuple[int, int]]:
@@ -72,7 +74,7 @@ def init_single_process_group(device: torch.device) -> None:
 
 def make_inputs(cfg, size: int, batch: int, caption_len: int, device: torch.device):
     """Latents, t, noise and captions (the second half of the batch has half-padded captions), seeded by the size."""
-    latent = size // VAE_FACTOR
+    latent = size // VAE_DOWNSAMPLE
     gen = torch.Generator().manual_seed(size * 1000 + batch)
     x1 = torch.randn(batch, cfg.in_channels, latent, latent, generator=gen)
     noise = torch.randn(batch, cfg.in_channels, latent, latent, generator=gen)
@@ -125,14 +127,12 @@ def reset_peak(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="small", help="model size preset (small on CPU, 2B-GQA on GPU)")
+    parser = bench_parser("train", __doc__)
     parser.add_argument("--sizes", default="256:2", help="buckets SIZE:MICRO_BATCH, comma-separated (square, pixels)")
     parser.add_argument("--caption-len", type=int, default=128)
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
-                        help="the anchors.md target is with activation checkpointing (the default here)")
+                        help="the GPU target (docs/benchmarks.md#targets) is with activation checkpointing "
+                             "(the default here)")
     parser.add_argument("--ac-every", type=int, default=1, help="checkpoint every n-th block only (selective)")
     parser.add_argument("--zero-stage", type=int, default=3)
     parser.add_argument("--per-module-gathers", dest="whole_blocks", action="store_false",
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f" (datasheet {datasheet / 1e12:.0f})" if datasheet else ""))
 
     def report(label: str, size: int, batch: int, ms: float, gib: float, extra: dict | None = None) -> dict:
-        tokens = (size // VAE_FACTOR // mcfg.patch_size) ** 2
+        tokens = (size // pixels_per_token(mcfg.patch_size)) ** 2
         flops = train_flops(mcfg, tokens, caption_tokens(batch, args.caption_len)) * batch
         row = dict(bench="train", who=label, size=size, batch=batch, ms=ms, samples_per_s=batch / (ms / 1000),
                    tokens_per_s=batch * tokens / (ms / 1000), tflops=flops / (ms / 1000) / 1e12,
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.training.parallelize import ShardedEMA, parallelize
 
     init_single_process_group(device)
-    cfg = from_dict(TrainConfig, {
+    cfg = from_dict(TrainJobConfig, {
         "model": {"preset": args.preset}, "scaling": {"gpu": cuda},
         "train": {"activation_checkpointing": args.activation_checkpointing,
                   "activation_checkpointing_every": args.ac_every, "compile": args.compile},
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def time_peer(peer, mcfg, buckets, args, device, report) -> list[dict]:
-    """anchors.md's peer rows: diffusers forward + backward, fp32 parameters under bf16 autocast, no optimizer step."""
+    """The peer rows (docs/benchmarks.md#peer-on-one-h100): diffusers forward + backward, fp32 parameters under bf16
+    autocast, no optimizer step."""
     from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
     peer.train()

@@ -1,4 +1,5 @@
-"""Training checkpoints (architecture.md "Checkpoints"): a DeepSpeed ZeRO-3 checkpoint inside a Ray Train checkpoint.
+"""Training checkpoints: a DeepSpeed ZeRO-3 checkpoint inside a Ray Train checkpoint
+(docs/architecture.md#training-checkpoints).
 
 One Ray checkpoint folder ``{storage}/{name}/checkpoint_{step:08d}/`` holds:
 
@@ -6,12 +7,12 @@ One Ray checkpoint folder ``{storage}/{name}/checkpoint_{step:08d}/`` holds:
     latest                  DeepSpeed's pointer to the tag "ds"
     ema.safetensors         the full fp32 EMA (gathered from the partitions; world-size independent)
     train_state.json        step, world size, the loader state (data.LoaderState) and the model config
-    train_config.json       the whole TrainConfig (style.md practice 4)
+    train_config.json       the whole TrainJobConfig (docs/architecture.md#design-rules)
 
 Every rank writes its own files into a local folder and reports it; Ray Train merges the folders in storage
 (ray.train.report). Resuming on the same number of workers loads the DeepSpeed checkpoint as is; on another number the
 DeepSpeed checkpoint is first converted to DeepSpeed's *universal* format (world-size independent), and the loader
-re-cuts its remaining samples (data.Planner.adopt). Export consolidates the partitions offline with DeepSpeed's
+re-cuts its remaining samples (data.SampleOrder.adopt). Export consolidates the partitions offline with DeepSpeed's
 ``zero_to_fp32`` (no processes, no GPU).
 """
 
@@ -23,14 +24,12 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.storage import filesystem, is_remote, join
+from models.storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +113,6 @@ def latest_checkpoint(uri: str) -> str:
         raise FileNotFoundError(f"no training checkpoint ({STATE_FILE}) in {uri!r} or its {CHECKPOINT_PREFIX}* folders")
     name = candidates[-1].rstrip("/").rsplit("/", 1)[-1]
     return join(uri, name)
-
-
-@contextmanager
-def local_copy(uri: str) -> Iterator[str]:
-    """A local folder with the checkpoint's files (downloaded from an object store when remote)."""
-    if not is_remote(uri):
-        yield uri
-        return
-    fs, path = filesystem(uri)
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
-        yield tmp
 
 
 def consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""TrainConfig: the typed config tree of ``python -m jobs.train`` (defaults ← YAML ← named flags ← ``--set``).
+"""TrainJobConfig: the typed config tree of ``python -m jobs.train`` (defaults ← YAML ← named flags ← ``--set``).
 
-Defaults are the official Lumina-Next recipe (lumina-reference §7): AdamW lr 1e-4, weight decay 0, betas (0.9, 0.999),
-constant LR without warm-up, gradient clipping at 2.0, EMA 0.9999 every step, bf16 on GPU, 100k steps. The tree is
-saved into every checkpoint and crosses the Ray boundary as its dict form (style.md practice 4).
+Defaults are the official Lumina-Next recipe (docs/official-formats.md#training-recipe): AdamW lr 1e-4, weight decay 0,
+betas (0.9, 0.999), constant LR without warm-up, gradient clipping at 2.0, EMA 0.9999 every step, bf16 on GPU, 100k
+steps. The tree is saved into every checkpoint and crosses the Ray boundary as its dict form
+(docs/architecture.md#design-rules).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ class DataConfig:
 
 
 @dataclass
-class ModelSection:
-    preset: str = "2B-GQA"  # the released Lumina-Next T2I checkpoints are the GQA variant (lumina-reference §1.5)
+class ModelConfig:
+    # the released Lumina-Next T2I checkpoints are the GQA variant (docs/official-formats.md#size-configs)
+    preset: str = "2B-GQA"
     overrides: dict[str, Any] = field(default_factory=dict)  # NextDiTConfig fields, e.g. {n_layers: 4}
     init_from: str | None = None  # a model folder (ours / official / diffusers) to start from; required for LoRA
     init_ema: bool = False  # start from the folder's EMA weights
@@ -84,7 +86,7 @@ class LoRAConfig:
 
 
 @dataclass
-class DeepSpeedSection:
+class DeepSpeedConfig:
     zero_stage: int = 3
     # ZeRO-3 keeps parameters below this many elements unpartitioned (DeepSpeed's default 1e5); tests set 0 so even the
     # tiny model is really sharded.
@@ -106,7 +108,7 @@ class DeepSpeedSection:
 
 
 @dataclass
-class LoopConfig:
+class TrainConfig:
     task: str = "t2i"
     steps: int = 100_000  # official max_steps
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro-batch × workers × grad_accum)
@@ -130,7 +132,7 @@ class LoopConfig:
 
 
 @dataclass
-class ScalingSection:
+class ScalingConfig:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -139,7 +141,7 @@ class ScalingSection:
 
 
 @dataclass
-class RunSection:
+class RunConfig:
     storage: str = ""  # storage_path of Ray Train: local path or s3://bucket/prefix
     name: str = "nextdit"  # run name; rerunning with the same name resumes from its latest checkpoint
     num_to_keep: int = 2
@@ -147,7 +149,7 @@ class RunSection:
 
 
 @dataclass
-class LoggingSection:
+class LoggingConfig:
     wandb: str = "offline"  # offline (default) / online / disabled
     wandb_project: str = "lumina-ray"
     progress: bool = True
@@ -156,20 +158,20 @@ class LoggingSection:
 
 
 @dataclass
-class TrainConfig:
+class TrainJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    train: LoopConfig = field(default_factory=LoopConfig)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    run: RunSection = field(default_factory=RunSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> TrainConfig:
+    def validate(self) -> TrainJobConfig:
         """Value checks that types cannot express; raises ConfigError before any worker starts."""
         if not self.data.uri:
             raise ConfigError("--data (data.uri) is required: the output folder of jobs.prepare")

@@ -1,8 +1,8 @@
-"""The deterministic, resumable bucketed loader (issue "Bucketed loading"; architecture.md "Buckets", "Checkpoints").
+"""The deterministic, resumable bucketed loader (issue "Bucketed loading"; docs/training.md#batches-and-the-loader).
 
-Every worker runs the same plan arithmetic on the same manifest, so all of them agree on every step without talking:
+Every worker runs the same sample-order arithmetic on the same manifest, so all of them agree on every step without talking:
 
-- **Epoch plan.** For each bucket, the shards of that bucket are shuffled with a seed of (data.seed, epoch, bucket); the
+- **Epoch order.** For each bucket, the shards of that bucket are shuffled with a seed of (data.seed, epoch, bucket); the
   concatenation of their sample ranges is cut into ``world`` contiguous, near-equal pieces: worker r reads only its piece
   (the manifest's shards are split across workers; at most one shard is shared by two neighbours).
 - **Steps.** At each optimizer step one bucket is drawn (seeded by (seed, epoch, step), weighted by the samples it has
@@ -32,7 +32,7 @@ import numpy as np
 
 from jobs.training.config import DataConfig
 from models.config_io import ConfigError
-from models.vae import VAE_DOWNSAMPLE
+from models.geometry import latent_size
 from pipelines import constants as C
 from pipelines.shards import iter_samples, read_manifest, read_null_text, shard_encoders, shard_url
 
@@ -65,7 +65,7 @@ class BucketInfo:
         if self.member == C.LATENT_MEMBER:
             h, w = self.shape[1], self.shape[2]
         else:
-            h, w = self.shape[0] // VAE_DOWNSAMPLE, self.shape[1] // VAE_DOWNSAMPLE
+            h, w = latent_size(self.shape[0], self.shape[1])
         return (1, h // patch_size, w // patch_size)
 
     def tokens(self, patch_size: int) -> int:
@@ -73,8 +73,9 @@ class BucketInfo:
 
 
 @dataclass
-class DataPlan:
-    """The static part: shards and buckets of one modality from the manifest."""
+class ShardCatalog:
+    """The shards and buckets of one modality, read from the manifest (static for the run; the order in which they are
+    drawn is `SampleOrder`'s)."""
 
     root: str
     shards: list[ShardInfo]
@@ -84,12 +85,12 @@ class DataPlan:
     encoders: dict[str, dict | None] = field(default_factory=lambda: {"vae": None, "text_encoder": None})
 
     @classmethod
-    def from_config(cls, data: DataConfig) -> DataPlan:
+    def from_config(cls, data: DataConfig) -> ShardCatalog:
         return cls.from_manifest(data.uri, data.modality, data.micro_batch, data.bucket_micro_batch)
 
     @classmethod
     def from_manifest(cls, root: str, modality: str = C.IMAGE, micro_batch: int | None = None,
-                      bucket_micro_batch: dict[str, int] | None = None) -> DataPlan:
+                      bucket_micro_batch: dict[str, int] | None = None) -> ShardCatalog:
         """Read ``root/manifest.parquet``. Micro-batch of a bucket: ``bucket_micro_batch[name]``, else ``micro_batch``,
         else the manifest's. Raises ConfigError for a missing manifest, a bucket without samples, or shards made by
         different encoders."""
@@ -191,7 +192,7 @@ class LoaderState:
 
 
 @dataclass
-class StepPlan:
+class StepSamples:
     """One optimizer step: the bucket and, per worker, the (shard, index) of each sample in consumption order."""
 
     step: int  # 1-based number of this step
@@ -232,11 +233,11 @@ def cut(ranges: list[Range], world: int) -> list[list[Range]]:
     return pieces
 
 
-class Planner:
-    """The plan arithmetic (no I/O): advances a :class:`LoaderState` one optimizer step at a time."""
+class SampleOrder:
+    """The sample order (pure arithmetic, no I/O): advances a :class:`LoaderState` one optimizer step at a time."""
 
-    def __init__(self, plan: DataPlan, grad_accum: int, world: int, seed: int):
-        self.plan, self.grad_accum, self.world, self.seed = plan, grad_accum, world, seed
+    def __init__(self, catalog: ShardCatalog, grad_accum: int, world: int, seed: int):
+        self.catalog, self.grad_accum, self.world, self.seed = catalog, grad_accum, world, seed
 
     def initial_state(self) -> LoaderState:
         return LoaderState(seed=self.seed, world=self.world)
@@ -254,27 +255,27 @@ class Planner:
     def _new_epoch(self, state: LoaderState) -> None:
         state.epoch += 1
         state.queues = {}
-        for name, bucket in self.plan.buckets.items():
+        for name, bucket in self.catalog.buckets.items():
             order = list(bucket.shards)
             _rng(self.seed, state.epoch, name).shuffle(order)
-            ranges = [[i, 0, self.plan.shards[i].samples] for i in order if self.plan.shards[i].samples]
+            ranges = [[i, 0, self.catalog.shards[i].samples] for i in order if self.catalog.shards[i].samples]
             state.queues[name] = cut(ranges, self.world)
 
     def _eligible(self, state: LoaderState) -> list[str]:
         return [b for b, qs in sorted(state.queues.items())
-                if sum(_count(q) for q in qs) >= self.world * self.plan.per_worker(b, self.grad_accum)]
+                if sum(_count(q) for q in qs) >= self.world * self.catalog.per_worker(b, self.grad_accum)]
 
-    def next(self, state: LoaderState) -> StepPlan:
+    def next(self, state: LoaderState) -> StepSamples:
         """Advance ``state`` by one optimizer step (in place) and return what every worker consumes in it."""
         eligible = self._eligible(state) if state.epoch >= 0 else []
         if not eligible:
             self._new_epoch(state)
             eligible = self._eligible(state)
             if not eligible:
-                raise ConfigError("no bucket holds one global batch")  # DataPlan.check catches this on the driver
+                raise ConfigError("no bucket holds one global batch")  # ShardCatalog.check catches this on the driver
         left = np.array([sum(_count(q) for q in state.queues[b]) for b in eligible], dtype=np.float64)
         bucket = eligible[int(_rng(self.seed, state.epoch, state.step, "bucket").choice(len(eligible), p=left / left.sum()))]
-        need = self.plan.per_worker(bucket, self.grad_accum)
+        need = self.catalog.per_worker(bucket, self.grad_accum)
         queues = state.queues[bucket]
         if min(_count(q) for q in queues) < need:
             queues = state.queues[bucket] = cut([r for q in queues for r in q], self.world)
@@ -292,20 +293,20 @@ class Planner:
             taken.append(mine)
         state.step += 1
         state.samples += need * self.world
-        return StepPlan(state.step, state.epoch, bucket, taken)
+        return StepSamples(state.step, state.epoch, bucket, taken)
 
 
 class ShardReader:
     """Decoded samples of whole shards, a few kept in memory (a worker reads its piece shard by shard)."""
 
-    def __init__(self, plan: DataPlan, cached: int = 2):
-        self.plan, self.cached = plan, max(1, cached)
+    def __init__(self, catalog: ShardCatalog, cached: int = 2):
+        self.catalog, self.cached = catalog, max(1, cached)
         self._cache: OrderedDict[int, list[dict]] = OrderedDict()
 
     def sample(self, shard: int, index: int) -> dict:
         if shard not in self._cache:
-            info = self.plan.shards[shard]
-            samples = list(iter_samples(shard_url(self.plan.root, info.path)))
+            info = self.catalog.shards[shard]
+            samples = list(iter_samples(shard_url(self.catalog.root, info.path)))
             if len(samples) != info.samples:
                 raise RuntimeError(f"{info.path}: the manifest says {info.samples} samples, the shard holds "
                                    f"{len(samples)}")
@@ -319,15 +320,15 @@ class ShardReader:
 class BucketLoader:
     """One worker's view: each call yields the bucket and this worker's micro-batches (lists of sample dicts)."""
 
-    def __init__(self, plan: DataPlan, rank: int, world: int, grad_accum: int, seed: int,
+    def __init__(self, catalog: ShardCatalog, rank: int, world: int, grad_accum: int, seed: int,
                  state: LoaderState | None = None, cached_shards: int = 2):
-        self.planner = Planner(plan, grad_accum, world, seed)
+        self.order = SampleOrder(catalog, grad_accum, world, seed)
         self.rank, self.grad_accum = rank, grad_accum
-        self.state = self.planner.adopt(state) if state is not None else self.planner.initial_state()
-        self.reader = ShardReader(plan, cached_shards)
+        self.state = self.order.adopt(state) if state is not None else self.order.initial_state()
+        self.reader = ShardReader(catalog, cached_shards)
 
-    def next(self) -> tuple[StepPlan, list[list[dict]]]:
-        step = self.planner.next(self.state)
+    def next(self) -> tuple[StepSamples, list[list[dict]]]:
+        step = self.order.next(self.state)
         mine = [self.reader.sample(s, i) for s, i in step.samples[self.rank]]
-        mb = self.planner.plan.buckets[step.bucket].micro_batch
+        mb = self.order.catalog.buckets[step.bucket].micro_batch
         return step, [mine[k * mb:(k + 1) * mb] for k in range(self.grad_accum)]

@@ -1,7 +1,7 @@
 """The per-worker training loop (Ray Train V2 ``train_loop_per_worker``).
 
-Per optimizer step (paper §3; docs/training.md): the loader gives this worker grad_accum micro-batches of one bucket;
-for each, the task (tasks.py) builds (x1, t, noise, conditioning) with per-sample seeded draws,
+Per optimizer step (docs/training.md#batches-and-the-loader): the loader gives this worker grad_accum micro-batches
+of one bucket; for each, the task (tasks.py) builds (x1, t, noise, conditioning) with per-sample seeded draws,
 ``models.flow.flow_matching_loss`` gives the batch loss (sum of per-sample losses / micro-batch), DeepSpeed
 backpropagates (scaled by 1/grad_accum, gradients averaged over workers), clips at 2.0 and steps AdamW; then the EMA is
 updated. So one step's gradient is the mean over the global batch, whatever the number of workers — which is why a
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from jobs.training import checkpointing
-from jobs.training.config import TrainConfig
-from jobs.training.data import BucketLoader, DataPlan, LoaderState
+from jobs.training.config import TrainJobConfig
+from jobs.training.data import BucketLoader, LoaderState, ShardCatalog
 from jobs.training.metrics import MetricsSink, Throughput, peak_flops, train_flops
 from jobs.training.parallelize import ShardedEMA, build_model, model_config, parallelize
 from jobs.training.tasks import Task, make_task
@@ -118,11 +118,11 @@ class SampleRecorder:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train V2 worker entry point; ``loop_config`` = {"config": TrainConfig as a dict}."""
-    run_worker(from_dict(TrainConfig, loop_config["config"]))
+    """Ray Train V2 worker entry point; ``loop_config`` = {"config": TrainJobConfig as a dict}."""
+    run_worker(from_dict(TrainJobConfig, loop_config["config"]))
 
 
-def run_worker(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> None:
+def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> None:
     """This worker's part of the run: build (or resume), then train to ``train.steps``, calling ``callbacks`` (after
     the SampleRecorder when ``train.record_samples`` is on) at the end of every step."""
     import ray.train
@@ -136,7 +136,7 @@ def run_worker(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> None
     else:
         device = torch.device("cpu")
     run_dir = join(cfg.run.storage, cfg.run.name)
-    plan = DataPlan.from_config(cfg.data)
+    catalog = ShardCatalog.from_config(cfg.data)
 
     checkpoint = ray.train.get_checkpoint()
     with (checkpoint.as_directory() if checkpoint else nullcontext(None)) as ckpt_dir:
@@ -151,8 +151,8 @@ def run_worker(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> None
             state = LoaderState.from_json(json.dumps(saved["loader"]))
             log.info("rank %d resumed from step %d (saved on %d worker(s), now %d)", rank, saved["step"],
                      saved["world"], world)
-    loader = BucketLoader(plan, rank, world, cfg.train.grad_accum, cfg.data.seed, state, cfg.data.cached_shards)
-    task = make_task(cfg, plan, device)
+    loader = BucketLoader(catalog, rank, world, cfg.train.grad_accum, cfg.data.seed, state, cfg.data.cached_shards)
+    task = make_task(cfg, catalog, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
     mcfg = model_config(cfg)
@@ -176,7 +176,7 @@ def run_worker(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> None
         loss_sum, count, caption_tokens = loss_step(engine, task, micro_batches, step_plan.epoch, dtype)
         if ema is not None:
             ema.update()
-        tokens = plan.buckets[bucket].tokens(mcfg.patch_size)
+        tokens = catalog.buckets[bucket].tokens(mcfg.patch_size)
         meter.add(count * world, tokens * count * world, train_flops(mcfg, tokens, caption_tokens) * count * world)
         window_loss, window_count = window_loss + loss_sum, window_count + count
 
@@ -195,7 +195,7 @@ def run_worker(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> None
             if save_now:
                 with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
                     state = {"step": step, "world": world, "loader": json.loads(loader.state.to_json()),
-                             "model": to_dict(mcfg), "lora": cfg.lora.enabled, "encoders": plan.encoders,
+                             "model": to_dict(mcfg), "lora": cfg.lora.enabled, "encoders": catalog.encoders,
                              "training": {"proportional_attn": cfg.train.proportional_attn}}
                     checkpointing.save(folder, engine, ema, state, to_dict(cfg))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),

@@ -1,8 +1,9 @@
 """Training metrics (issue "Metrics every N steps"): loss, grad norm, lr, samples/s, tokens/s, bucket and, on GPU, model
 FLOP utilisation — through ``ray.train.report``, the console (a progress bar on rank 0) and wandb (offline by default).
 
-MFU counts *model* FLOPs (forward + backward = 3 × forward, matmuls and attention only, as the PaLM / anchors.md
-convention): activation-checkpointing recomputation is not counted, so turning it on lowers MFU, as it should.
+MFU counts *model* FLOPs (forward + backward = 3 × forward, matmuls and attention only, the PaLM convention of
+docs/benchmarks.md#targets): activation-checkpointing recomputation is not counted, so turning it on lowers MFU, as it
+should.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from models.storage import filesystem, is_remote, join
 log = logging.getLogger(__name__)
 
 # Dense bf16 peaks from the vendors' datasheets, TFLOP/s per device (substring of torch.cuda.get_device_name()).
-# anchors.md measured 753 TFLOP/s for a bf16 8192³ matmul on an H100: pass logging.peak_tflops=753 to compare with that.
+# A bf16 8192³ matmul measured 753 TFLOP/s on an H100 (docs/benchmarks.md#anchors): pass logging.peak_tflops=753 to
+# compare with that.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
 
 

@@ -1,4 +1,4 @@
-"""Everything applied to the model from outside it, in one documented order (style.md practices 4–5):
+"""Everything applied to the model from outside it, in one documented order (docs/architecture.md#design-rules):
 
     build (seeded init or ``model.init_from``; under ZeRO-3 already partitioned) → LoRA (peft; freezes the base)
     → activation checkpointing → ZeRO-3 leaf blocks → compiled block forwards
@@ -6,7 +6,8 @@
 
 The model never branches on any of these. The EMA lives here too because under ZeRO-3 it must follow the engine's
 partitioning: every rank keeps the fp32 EMA of its own partition of every parameter (no gather per step), and the full
-EMA is assembled with an all-gather that every rank joins (stack.md: ZeRO-3 gathers are collectives).
+EMA is assembled with an all-gather that every rank joins (ZeRO-3 gathers are collectives:
+docs/architecture.md#stack-pitfalls).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 
 import torch
 
-from jobs.training.config import TrainConfig
+from jobs.training.config import TrainJobConfig
 from models import NextDiT, NextDiTConfig, preset
 
 log = logging.getLogger(__name__)
 
 
-def model_config(cfg: TrainConfig) -> NextDiTConfig:
+def model_config(cfg: TrainJobConfig) -> NextDiTConfig:
     """The architecture: what the driver resolved (``model.resolved``, trainer.resolve_model); without it, the
     pretrained folder's when fine-tuning, else the preset with overrides."""
     if cfg.model.resolved is not None:
@@ -38,7 +39,7 @@ def model_config(cfg: TrainConfig) -> NextDiTConfig:
     return preset(cfg.model.preset, **overrides)
 
 
-def build_model(cfg: TrainConfig, device: str | torch.device = "cpu", world: int | None = None) -> NextDiT:
+def build_model(cfg: TrainJobConfig, device: str | torch.device = "cpu", world: int | None = None) -> NextDiT:
     """The model with its initial weights: seeded (identical on every rank) or loaded from ``model.init_from``.
 
     Given the ``world`` of a run whose engine will partition it (ZeRO-3, ``deepspeed.zero_init``, no LoRA), it is built
@@ -52,11 +53,11 @@ def build_model(cfg: TrainConfig, device: str | torch.device = "cpu", world: int
         return NextDiT(model_config(cfg))
 
 
-def builds_partitioned(cfg: TrainConfig) -> bool:
+def builds_partitioned(cfg: TrainJobConfig) -> bool:
     return cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init and not cfg.lora.enabled
 
 
-def build_partitioned(cfg: TrainConfig, world: int) -> NextDiT:
+def build_partitioned(cfg: TrainJobConfig, world: int) -> NextDiT:
     """``deepspeed.zero.Init``: each module's parameters are partitioned as soon as the module is constructed (on the
     current accelerator, in the engine's dtype), and ``NextDiT.initialize_weights`` runs through ``Module.apply``, which
     DeepSpeed wraps to gather a module around its initialisation. Every rank joins every gather (collectives)."""
@@ -90,14 +91,14 @@ def load_partitioned(model: NextDiT, path: str, ema: bool = False) -> None:
                     param.copy_(state[f"{prefix}.{name}" if prefix else name])
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
+def use_bf16(cfg: TrainJobConfig) -> bool:
     """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and DeepSpeed's CPU path is meant for correctness)."""
     if cfg.train.precision == "auto":
         return cfg.scaling.gpu
     return cfg.train.precision == "bf16"
 
 
-def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainJobConfig, world: int, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict. The micro-batch size changes per bucket, so DeepSpeed is given a nominal 1; it only
     uses it for its own data loader and timers, while the gradient-accumulation count is what scales the loss."""
     o = cfg.optim
@@ -130,7 +131,7 @@ def deepspeed_config(cfg: TrainConfig, world: int, load_universal: bool = False)
     return config
 
 
-def parallelize(model: torch.nn.Module, cfg: TrainConfig, world: int, load_universal: bool = False):
+def parallelize(model: torch.nn.Module, cfg: TrainJobConfig, world: int, load_universal: bool = False):
     """LoRA → activation checkpointing → DeepSpeed. Returns the engine (``engine.module`` is the wrapped model)."""
     import deepspeed
 

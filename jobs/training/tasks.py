@@ -2,7 +2,7 @@
 the parallelism are the same for every task (loop.py).
 
 A task is a ``Task`` subclass registered in ``TASKS`` under the name ``train.task`` selects; its constructor takes
-``(cfg, plan, device)``. Text-to-image (``t2i``: caption features from the shards or a frozen text encoder) and
+``(cfg, catalog, device)``. Text-to-image (``t2i``: caption features from the shards or a frozen text encoder) and
 class-conditional (``class``: labels from the samples' metadata) are here; a new modality (audio, point clouds) is a
 new subclass and one registry entry.
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from jobs.training.config import TrainConfig
-from jobs.training.data import DataPlan, sample_seed
+from jobs.training.config import TrainJobConfig
+from jobs.training.data import ShardCatalog, sample_seed
 from jobs.training.parallelize import model_config
 from models.flow import caption_keep_mask, drop_caption_features, drop_captions, noise_like, pad_captions, sample_t
 from pipelines import constants as C
@@ -35,8 +35,8 @@ class Task:
     """Samples → :class:`Batch`. Every random draw of a sample comes from its own generator (data.sample_seed), in a
     fixed order: VAE posterior sample (online VAE only), t, noise, conditioning dropout."""
 
-    def __init__(self, cfg: TrainConfig, plan: DataPlan, device: torch.device):
-        self.cfg, self.plan, self.device = cfg, plan, device
+    def __init__(self, cfg: TrainJobConfig, catalog: ShardCatalog, device: torch.device):
+        self.cfg, self.catalog, self.device = cfg, catalog, device
         self.vae = None
         if cfg.data.vae:
             from models.vae import ImageVAE
@@ -68,10 +68,10 @@ class Task:
 class TextToImage(Task):
     """Caption features from the shards (text.npy) or from a frozen text encoder; caption dropout from models.flow."""
 
-    def __init__(self, cfg: TrainConfig, plan: DataPlan, device: torch.device):
-        super().__init__(cfg, plan, device)
+    def __init__(self, cfg: TrainJobConfig, catalog: ShardCatalog, device: torch.device):
+        super().__init__(cfg, catalog, device)
         source = cfg.data.text_features
-        self.online = online = source == "online" or (source == "auto" and plan.text_feature_width() is None)
+        self.online = online = source == "online" or (source == "auto" and catalog.text_feature_width() is None)
         self.encoder = None
         if cfg.data.text_encoder:
             from models.text_encoder import TextEncoder
@@ -79,16 +79,16 @@ class TextToImage(Task):
             self.encoder = TextEncoder.from_pretrained(cfg.data.text_encoder, device=device)
         if online and self.encoder is None:
             raise RuntimeError("shards carry no text features: --text-encoder is required")
-        self.null = self.null_features(cfg, plan)
+        self.null = self.null_features(cfg, catalog)
 
-    def null_features(self, cfg: TrainConfig, plan: DataPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def null_features(self, cfg: TrainJobConfig, catalog: ShardCatalog) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, L, D) features and mask of the empty prompt, which replace dropped captions: from the text encoder when
         there is one, else the null_text.npy that jobs.prepare wrote with the shards' text features, else (outputs of
         older versions) one zero token — which the sampler's "" never produces, so the trainer says so (validate)."""
         if self.encoder is not None:
             feats, mask = self.encoder.encode([""])
             return feats.float().cpu(), mask.cpu()
-        stored = plan.null_text_features()
+        stored = catalog.null_text_features()
         if stored is not None:
             feats = torch.from_numpy(np.asarray(stored, dtype=np.float32))[None]
             return feats, torch.ones(1, feats.shape[1], dtype=torch.bool)
@@ -120,8 +120,8 @@ class TextToImage(Task):
 class ClassConditional(Task):
     """Class labels from the sample's json metadata; dropped to the null class (index num_classes) like captions."""
 
-    def __init__(self, cfg: TrainConfig, plan: DataPlan, device: torch.device):
-        super().__init__(cfg, plan, device)
+    def __init__(self, cfg: TrainJobConfig, catalog: ShardCatalog, device: torch.device):
+        super().__init__(cfg, catalog, device)
         self.null_class = model_config(cfg).num_classes
 
     def conditioning(self, samples, gens):
@@ -136,6 +136,6 @@ class ClassConditional(Task):
 TASKS: dict[str, type[Task]] = {"t2i": TextToImage, "class": ClassConditional}
 
 
-def make_task(cfg: TrainConfig, plan: DataPlan, device: torch.device) -> Task:
+def make_task(cfg: TrainJobConfig, catalog: ShardCatalog, device: torch.device) -> Task:
     """The task of ``train.task`` for this run's data, on ``device``."""
-    return TASKS[cfg.train.task](cfg, plan, device)
+    return TASKS[cfg.train.task](cfg, catalog, device)

@@ -2,8 +2,9 @@
 (ScalingConfig, RunConfig with storage and name, CheckpointConfig, FailureConfig), run it.
 
 Resume is Ray Train V2's: calling ``fit()`` again with the same RunConfig name and storage path continues from the
-latest checkpoint (stack.md; there is no Trainer.restore / resume_from_checkpoint). Inside a run, FailureConfig restarts
-the worker group after a failure and the workers resume from the latest checkpoint the same way.
+latest checkpoint (docs/architecture.md#stack-pitfalls: there is no Trainer.restore / resume_from_checkpoint). Inside a
+run, FailureConfig restarts the worker group after a failure and the workers resume from the latest checkpoint the
+same way.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import os
 import uuid
 from typing import Any
 
-from jobs.training.config import TrainConfig
-from jobs.training.data import DataPlan
+from jobs.training.config import TrainJobConfig
+from jobs.training.data import ShardCatalog
 from jobs.training.parallelize import model_config
-from models.checkpoint import CheckpointError
 from models.config_io import ConfigError, to_dict
+from models.formats import CheckpointError
 from models.presets import NextDiTConfig
 from models.storage import filesystem, is_remote, join
 from pipelines import constants as C
@@ -45,28 +46,28 @@ def check_storage(uri: str) -> None:
         raise ConfigError(f"storage {uri!r} is not writable: {type(exc).__name__}: {exc}") from exc
 
 
-def validate(cfg: TrainConfig, write_probe: bool = True) -> DataPlan:
+def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
     """Every check that can fail before a worker starts: config values, manifest, buckets, text source, storage. Sets
     ``cfg.model.resolved``, the architecture every worker builds (resolved here once)."""
     cfg.validate()
-    plan = DataPlan.from_config(cfg.data)
-    for warning in plan.check(cfg.scaling.workers, cfg.train.grad_accum):
+    catalog = ShardCatalog.from_config(cfg.data)
+    for warning in catalog.check(cfg.scaling.workers, cfg.train.grad_accum):
         log.warning(warning)
-    first = plan.buckets[plan.shards[0].bucket]
+    first = catalog.buckets[catalog.shards[0].bucket]
     if first.member != C.LATENT_MEMBER and not cfg.data.vae:
         raise ConfigError(f"the shards carry {first.member} instead of latents: set data.vae for online VAE encoding")
     cfg.model.resolved = None  # a config saved by an earlier run carries its resolution: resolve again
-    cfg.model.resolved = mcfg = resolve_model(cfg, plan)
+    cfg.model.resolved = mcfg = resolve_model(cfg, catalog)
     latent_channels = first.shape[0] if first.member == C.LATENT_MEMBER else None
     if latent_channels is not None and latent_channels != mcfg.in_channels:
         raise ConfigError(f"latents have {latent_channels} channels; the model expects {mcfg.in_channels}")
-    check_encoders(cfg, plan)
+    check_encoders(cfg, catalog)
     if write_probe:
         check_storage(cfg.run.storage)
-    return plan
+    return catalog
 
 
-def resolve_model(cfg: TrainConfig, plan: DataPlan) -> NextDiTConfig:
+def resolve_model(cfg: TrainJobConfig, catalog: ShardCatalog) -> NextDiTConfig:
     """The architecture of the run, once: ``model.init_from``'s, or the preset with its overrides whose caption width
     comes from the captions (the text encoder's width, or the shards' text features) — as the official code takes
     cap_feat_dim from its text encoder, so one preset trains with Gemma-2B (2048) or a 4096-wide LLM alike. It also
@@ -77,7 +78,7 @@ def resolve_model(cfg: TrainConfig, plan: DataPlan) -> NextDiTConfig:
     except (FileNotFoundError, CheckpointError) as exc:
         raise ConfigError(f"model.init_from: {exc}") from exc
     if cfg.train.task == "t2i":
-        width, source = caption_width(cfg, plan)
+        width, source = caption_width(cfg, catalog)
         if width != mcfg.cap_feat_dim:
             if cfg.model.init_from:
                 raise ConfigError(f"model.init_from {cfg.model.init_from} takes {mcfg.cap_feat_dim}-wide caption "
@@ -87,12 +88,12 @@ def resolve_model(cfg: TrainConfig, plan: DataPlan) -> NextDiTConfig:
                 raise ConfigError(f"model.overrides.cap_feat_dim = {mcfg.cap_feat_dim}, but {source} gives {width}")
             log.info("cap_feat_dim %d from %s (preset %s has %d)", width, source, cfg.model.preset, mcfg.cap_feat_dim)
             mcfg = mcfg.replace(cap_feat_dim=width)
-    grids = [plan.buckets[name].grid(mcfg.patch_size) for name in plan.drawable(cfg.scaling.workers,
+    grids = [catalog.buckets[name].grid(mcfg.patch_size) for name in catalog.drawable(cfg.scaling.workers,
                                                                                  cfg.train.grad_accum)]
     return mcfg.trained_on(grids, *([mcfg] if cfg.model.init_from else []))
 
 
-def caption_width(cfg: TrainConfig, plan: DataPlan) -> tuple[int, str]:
+def caption_width(cfg: TrainJobConfig, catalog: ShardCatalog) -> tuple[int, str]:
     """(width of the caption features the model will see, where it comes from); the shards' precomputed features and
     a given text encoder must agree."""
     from models.text_encoder import hidden_size_of
@@ -104,31 +105,31 @@ def caption_width(cfg: TrainConfig, plan: DataPlan) -> tuple[int, str]:
             encoder_width = hidden_size_of(encoder)
         except FileNotFoundError as exc:
             raise ConfigError(f"data.text_encoder: {exc}") from exc
-    feature_width = plan.text_feature_width() if cfg.data.text_features != "online" else None
+    feature_width = catalog.text_feature_width() if cfg.data.text_features != "online" else None
     if feature_width is None:
         if encoder_width is None:
             raise ConfigError("the shards carry no precomputed text features (text.npy): pass --text-encoder")
         if cfg.data.text_features == "shards":
             raise ConfigError("data.text_features=shards but the shards carry no text.npy")
         return encoder_width, f"the text encoder {encoder}"
-    recorded = plan.encoders.get("text_encoder") or {}
+    recorded = catalog.encoders.get("text_encoder") or {}
     made_by = f" (encoded by {recorded['path']})" if recorded.get("path") else ""
     if encoder_width is not None and encoder_width != feature_width:
         raise ConfigError(f"the shards' text features are {feature_width} wide{made_by}, but --text-encoder {encoder} "
                           f"gives {encoder_width}: pass the text encoder that prepared the shards")
-    if not encoder and plan.null_text_features() is None:
+    if not encoder and catalog.null_text_features() is None:
         log.warning("%s has text features but no %s (an older jobs.prepare) and no --text-encoder was given: "
                     "caption dropout substitutes one zero token for the empty prompt, which the sampler's \"\" "
                     "will not match; pass --text-encoder to encode it", cfg.data.uri, C.NULL_TEXT_FILE)
     return feature_width, f"the shards' text features{made_by}"
 
 
-def check_encoders(cfg: TrainConfig, plan: DataPlan) -> None:
+def check_encoders(cfg: TrainJobConfig, catalog: ShardCatalog) -> None:
     """The encoders named in the config against those jobs.prepare recorded for the shards. A ``model.vae`` whose
     scale, shift or latent channels differ from the VAE that made the latents is an error (the export would decode
     with it: silently wrong images); another location of the same settings, or of a text encoder whose width agrees,
     is a warning (the export records the given one)."""
-    vae = plan.encoders.get("vae")
+    vae = catalog.encoders.get("vae")
     if vae and cfg.model.vae and cfg.model.vae != vae["path"]:
         from pipelines.config import EncodeConfig
         from pipelines.encode import vae_record
@@ -141,7 +142,7 @@ def check_encoders(cfg: TrainConfig, plan: DataPlan) -> None:
                               + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
         log.warning("model.vae %s is not where the shards' latents were encoded (%s); scale, shift and channels "
                     "agree, make sure it is the same autoencoder", cfg.model.vae, vae["path"])
-    text = plan.encoders.get("text_encoder")
+    text = catalog.encoders.get("text_encoder")
     for given in (cfg.model.text_encoder, cfg.data.text_encoder):
         if text and given and given != text["path"]:
             log.warning("text encoder %s is not where the shards' features were encoded (%s); the widths agree, make "
@@ -196,9 +197,9 @@ def stop_on_deterministic_errors():
     return StopOnDeterministicErrors()
 
 
-def build_trainer(cfg: TrainConfig):
+def build_trainer(cfg: TrainJobConfig):
     """The TorchTrainer for ``cfg`` (no work starts until ``fit()``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray.train  # its ScalingConfig / RunConfig are Ray's; cfg.scaling / cfg.run are our sections of the same name
     from ray.train.torch import TorchTrainer
 
     from jobs.training.loop import train_loop_per_worker
@@ -207,23 +208,23 @@ def build_trainer(cfg: TrainConfig):
     resources: dict[str, float] = {"CPU": s.cpus_per_worker}
     if s.gpu:
         resources["GPU"] = s.gpus_per_worker
-    scaling = ScalingConfig(num_workers=s.workers, use_gpu=s.gpu, resources_per_worker=resources,
-                            accelerator_type=s.accelerator_type if s.gpu else None)
+    scaling = ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.gpu, resources_per_worker=resources,
+                                      accelerator_type=s.accelerator_type if s.gpu else None)
     storage_path, storage_fs = ray_storage(cfg.run.storage)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.setdefault("WANDB_MODE", cfg.logging.wandb if cfg.logging.wandb != "disabled" else "disabled")
-    run = RunConfig(
+    run = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
-        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         worker_runtime_env={"env_vars": env}, callbacks=[stop_on_deterministic_errors()],
     )
     return TorchTrainer(train_loop_per_worker, train_loop_config={"config": to_dict(cfg)}, scaling_config=scaling,
                         run_config=run)
 
 
-def describe(cfg: TrainConfig, plan: DataPlan) -> str:
-    """The --dry-run report: model size (built on the meta device), DeepSpeed config, buckets and the data plan."""
+def describe(cfg: TrainJobConfig, catalog: ShardCatalog) -> str:
+    """The --dry-run report: model size (built on the meta device), DeepSpeed config, buckets and the data catalog."""
     import json
 
     import torch
@@ -243,16 +244,16 @@ def describe(cfg: TrainConfig, plan: DataPlan) -> str:
              (f"workers: {cfg.scaling.workers} ({'GPU' if cfg.scaling.gpu else 'CPU'}), steps {cfg.train.steps}, "
               f"grad_accum {cfg.train.grad_accum}"),
              f"storage: {join(cfg.run.storage, cfg.run.name)}",
-             f"data: {cfg.data.uri}: {len(plan.shards)} shards, {len(plan.buckets)} buckets"]
-    for name, b in plan.buckets.items():
+             f"data: {cfg.data.uri}: {len(catalog.shards)} shards, {len(catalog.buckets)} buckets"]
+    for name, b in catalog.buckets.items():
         per_step = b.micro_batch * cfg.train.grad_accum * cfg.scaling.workers
-        lines.append(f"  bucket {name}: shape {list(b.shape)}, {plan.bucket_samples(name)} samples, micro-batch "
-                     f"{b.micro_batch}, global batch {per_step}, {plan.bucket_samples(name) // per_step} steps/epoch")
+        lines.append(f"  bucket {name}: shape {list(b.shape)}, {catalog.bucket_samples(name)} samples, micro-batch "
+                     f"{b.micro_batch}, global batch {per_step}, {catalog.bucket_samples(name) // per_step} steps/epoch")
     lines.append("deepspeed: " + json.dumps(deepspeed_config(cfg, cfg.scaling.workers)))
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig):
+def train(cfg: TrainJobConfig):
     """Validate, then run (or resume) the training; returns Ray Train's Result."""
     from jobs.runtime import init_ray
 

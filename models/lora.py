@@ -20,5 +20,4 @@ def apply_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
         merged = PeftModel.from_pretrained(model, path).merge_and_unload()
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"cannot load a LoRA adapter from {adapter!r}: {exc}") from exc
-    merged.checkpoint_metadata = getattr(model, "checkpoint_metadata", {})
     return merged
