@@ -124,7 +124,7 @@ def diffusers_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 # ---------------------------------------------------------------------------------------------------------------------
 def config_to_diffusers(cfg: NextDiTConfig) -> dict[str, Any]:
-    if cfg.conditioning != "text" or cfg.rope_axes_dims not in (None, cfg.rope_axes) or cfg.rope_axes[0]:
+    if cfg.modality != "image" or cfg.conditioning != "text" or cfg.rope_axes[0]:
         raise CheckpointError("only text-conditioned 2D Next-DiT models have a diffusers LuminaNextDiT2DModel form")
     return {
         "_class_name": DIFFUSERS_CLASS,

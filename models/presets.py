@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from models.config_io import ConfigError, from_dict
 
 CONDITIONINGS = ("text", "class")
+# What the latents decode to. Image latents are (C, H, W); audio latents are (C, 1, T) — one row of latent frames, so
+# the same blocks run 1D RoPE on the time axis (rope_axes_dims (0, 0, head_dim)) — or a VAE's (C, F, T) mel latents.
+MODALITIES = ("image", "audio")
 # The official recipe's aspect-ratio limit of its training crops (docs/sampling.md, "Resolution extrapolation"): buckets up to 4:1
 # within the token budget. pipelines' bucket config takes its default from here.
 OFFICIAL_MAX_ASPECT = 4.0
@@ -43,6 +46,7 @@ class NextDiTConfig:
     learn_sigma: bool = True
     # "text": pooled caption + gated cross-attention (T2I); "class": label embedding with a null class (ImageNet).
     conditioning: str = "text"
+    modality: str = "image"  # one of MODALITIES
     cap_feat_dim: int = 2048
     num_classes: int = 1000
     rope_theta: float = 10000.0
@@ -69,6 +73,10 @@ class NextDiTConfig:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if self.conditioning not in CONDITIONINGS:
             raise ConfigError(f"unknown conditioning {self.conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"unknown modality {self.modality!r}; choose one of {', '.join(MODALITIES)}")
+        if self.modality == "audio" and self.conditioning != "text":
+            raise ConfigError("an audio model is text-conditioned (conditioning: text)")
         axes = self.rope_axes
         if sum(axes) != self.head_dim or any(d % 2 for d in axes):
             raise ConfigError(f"rope_axes_dims {axes} must be even and sum to the head dim {self.head_dim}")
@@ -146,6 +154,10 @@ class NextDiTConfig:
 
 
 _IMAGENET = dict(conditioning="class", train_grid=(1, 16, 16), trained_sides=(1, 16, 16))
+# Audio (paper §5.2): tokens are the latent frames of the mel VAE (20 channels, one token per frame: patch 1 over a
+# (20, 1, T) latent), 1D RoPE on the time axis, no learned variance. The area rule of RoPE scaling has no meaning for
+# one row of frames, so the training length is recorded per axis.
+_AUDIO = dict(modality="audio", in_channels=20, patch_size=1, learn_sigma=False)
 _TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, cap_feat_dim=32, train_grid=(1, 8, 8))
 
 # One registry of every preset; CLIs validate --preset against its keys.
@@ -163,6 +175,13 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(_TINY),
     "tiny-class": dict(_TINY, conditioning="class", num_classes=10),
     "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, cap_feat_dim=64, train_grid=(1, 16, 16)),
+    # The width and depth of the official audio / music model (hidden 768, 16 blocks, 32 heads of 24, SwiGLU 2048,
+    # 1024-wide T5 / CLAP captions; docs/official-formats.md#audio-and-music) as a Next-DiT, trained on 10-s clips:
+    # 312 latent frames.
+    "audio": dict(_AUDIO, dim=768, n_layers=16, n_heads=32, cap_feat_dim=1024, rope_axes_dims=(0, 0, 24),
+                  train_grid=(1, 1, 312), trained_sides=(1, 1, 312), trained_area=312),
+    "tiny-audio": dict(_TINY, **_AUDIO, rope_axes_dims=(0, 0, 16), train_grid=(1, 1, 32), trained_sides=(1, 1, 32),
+                       trained_area=32),
 }
 
 

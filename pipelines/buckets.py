@@ -19,6 +19,7 @@ from PIL import Image
 
 from models.config_io import from_dict
 from models.geometry import DEFAULT_PATCH_SIZE, image_size, token_grid
+from models.mel import frames_for
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
 from pipelines.stage import Reject, Stage, meta_of
@@ -127,8 +128,8 @@ def best_point_count(count: int, counts: list[int]) -> int | None:
 
 
 def mel_frames(num_samples: int) -> int:
-    """Frames of a centred STFT with HOP_LENGTH (torch.stft(center=True))."""
-    return num_samples // C.HOP_LENGTH + 1
+    """Log-mel frames of a clip (centred frames every hop: ``models.mel.frames_for``)."""
+    return frames_for(num_samples)
 
 
 def micro_batch_for(modality: str, size: tuple, config: PrepareConfig) -> int:

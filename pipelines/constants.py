@@ -7,6 +7,8 @@ these constants (through ``pipelines.shards``) to read the shards, so the two si
 
 from __future__ import annotations
 
+from models.mel import MelConfig
+
 # ---- modalities ------------------------------------------------------------------------------------------------------
 IMAGE = "image"
 AUDIO = "audio"
@@ -47,7 +49,7 @@ TEXT_ENCODER_RECORD_KEYS = ("path", "kind", "layer", "max_length", "pad_to_multi
 
 # ---- sample members (WebDataset extensions) ----------------------------------------------------------------------------
 LATENT_MEMBER = "latent.npy"  # image VAE latents (C, H/8, W/8)
-MEL_MEMBER = "mel.npy"  # audio log-mel spectrogram (N_MELS, frames)
+MEL_MEMBER = "mel.npy"  # audio log-mel spectrogram (n_mels, frames), models.mel.log_mel
 POINTS_MEMBER = "points.npy"  # point samples (N, 3) on the unit sphere
 TEXT_FEATURES_MEMBER = "text.npy"  # optional precomputed caption features (L, D), unpadded
 CAPTION_MEMBER = "txt"
@@ -83,13 +85,8 @@ CAPTION_FROM_TAR = "tar"
 CAPTION_FROM_MODEL = "model"
 
 # ---- audio (docs/design-decisions.md#log-mel-features) --------------------------------------------------------------
-SAMPLE_RATE = 16_000
-N_FFT = 1024
-HOP_LENGTH = 256
-N_MELS = 80
-MEL_FMIN = 0.0
-MEL_FMAX = 8_000.0
-LOG_MEL_FLOOR = 1e-5  # log(clamp(mel, min=floor)), the HiFi-GAN / BigVGAN convention
+# The log-mel parameters are models.mel.MelConfig's; decoding resamples every clip to its sample rate.
+SAMPLE_RATE = MelConfig().sample_rate
 
 # ---- images (docs/official-formats.md#buckets) ----------------------------------------------------------------------
 # Pixels, latents and tokens (VAE ×8, DiT patch 2: 16 pixels per token side) are models/geometry.py's to state.

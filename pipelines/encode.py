@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.config_io import ConfigError, from_dict
+from models.mel import MelConfig
 from models.storage import filesystem
 from pipelines import constants as C
 from pipelines.config import EncodeConfig, PrepareConfig
@@ -150,21 +151,16 @@ class VaeEncode(Stage):
         return rows, []
 
 
-def log_mel(waveform: np.ndarray) -> np.ndarray:
-    """float32 mono waveform at SAMPLE_RATE → (N_MELS, frames) float32 natural-log mel spectrogram.
-
-    docs/design-decisions.md#log-mel-features: 16 kHz, n_fft 1024, hop 256, 80 mels (Hann window, centred frames,
-    power 1 magnitudes,
-    Slaney-normalised filters, log with a 1e-5 floor — the HiFi-GAN/BigVGAN convention vocoders expect).
-    """
+def log_mel(waveform: np.ndarray, cfg: MelConfig | None = None) -> np.ndarray:
+    """float32 mono waveform at ``cfg.sample_rate`` → (n_mels, frames) float32 natural-log mel spectrogram, computed by
+    ``models.mel.log_mel`` (docs/design-decisions.md#log-mel-features; default ``MelConfig()``: 16 kHz, n_fft 1024,
+    hop 256, 80 mels)."""
     import torch
-    import torchaudio.transforms as T
 
-    mel = T.MelSpectrogram(
-        sample_rate=C.SAMPLE_RATE, n_fft=C.N_FFT, hop_length=C.HOP_LENGTH, n_mels=C.N_MELS, f_min=C.MEL_FMIN,
-        f_max=C.MEL_FMAX, power=1.0, norm="slaney", mel_scale="slaney", center=True,
-    )(torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)))
-    return torch.log(torch.clamp(mel, min=C.LOG_MEL_FLOOR)).numpy().astype(np.float32)
+    from models import mel
+
+    wave = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
+    return mel.log_mel(wave, cfg or MelConfig()).numpy().astype(np.float32)
 
 
 class TensorEncode(Stage):

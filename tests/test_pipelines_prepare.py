@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from models.config_io import ConfigError, from_dict
+from models.mel import MelConfig, frames_for
 from pipelines import constants as C
 from pipelines.config import PrepareConfig
 from pipelines.plan import run_prepare
@@ -96,7 +97,7 @@ def check_shapes(output: str, cfg: PrepareConfig) -> None:
             assert row["shape"] == expected
         elif row["modality"] == C.AUDIO:
             seconds = float(row["bucket"].rstrip("s"))
-            assert row["shape"] == [C.N_MELS, round(seconds * C.SAMPLE_RATE) // C.HOP_LENGTH + 1]
+            assert row["shape"] == [MelConfig().n_mels, frames_for(round(seconds * C.SAMPLE_RATE))]
         else:
             assert row["shape"] == [int(row["bucket"].removesuffix("pts")), 3]
 

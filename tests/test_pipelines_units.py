@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from models.config_io import ConfigError, from_dict, resolve_config, to_dict
+from models.mel import MelConfig
 from pipelines import constants as C
 from pipelines.buckets import best_image_bucket, bucket_table, image_bucket_sizes, mel_frames, resize_to_bucket
 from pipelines.config import PrepareConfig
@@ -93,7 +94,7 @@ def test_audio_resampled_to_16k_mono_and_mel_shape():
     wave, info = decode_audio(wav_bytes(stereo, 44100), PrepareConfig().decode.audio)
     assert wave.ndim == 1 and abs(len(wave) - 32000) <= 1 and info["channels"] == 2
     mel = log_mel(wave[:32000])
-    assert mel.shape == (C.N_MELS, mel_frames(32000)) and np.isfinite(mel).all()
+    assert mel.shape == (MelConfig().n_mels, mel_frames(32000)) and np.isfinite(mel).all()
 
 
 def test_mesh_sampling_on_unit_sphere():
