@@ -1,4 +1,5 @@
-"""``python -m jobs.generate``: prompts → PNGs with a JSON metadata sidecar each.
+"""``python -m jobs.generate``: prompts → PNGs (image models) or WAV / FLAC clips with a mel-spectrogram PNG (audio
+models, ``--duration SECONDS [--format flac]``), with a JSON metadata sidecar each.
 
     python -m jobs.generate --model PATH [--text-encoder PATH] [--vae PATH] --prompt TEXT [--prompt TEXT …] \
         --size WxH --steps N --solver NAME --schedule NAME --guidance G --seed S --out DIR
@@ -22,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from jobs.cli import make_parser, resolve_config, run_main, setup_logging
+from models.audio import check_duration
 from models.config_io import ConfigError, from_dict, to_dict
 from models.geometry import check_size, parse_size
 from models.sampler import GenerationRequest, SamplerConfig
@@ -31,6 +33,8 @@ from models.text_encoder import TextEncoderConfig
 from models.vae import VAEConfig
 
 log = logging.getLogger("jobs.generate")
+
+AUDIO_FORMATS = ("wav", "flac")
 
 
 @dataclass
@@ -52,6 +56,8 @@ class GenerateConfig:
     prompt_file: str | None = None
     negative_prompt: str | None = None  # None: sampler.negative_prompt
     size: str | None = None  # "WxH"; None: the sampler's / model's default
+    duration: float | None = None  # audio models: seconds per clip; None: the sampler's / model's default
+    audio_format: str = "wav"  # audio models: wav or flac (each clip also gets a mel-spectrogram PNG)
     seed: int = 0  # image i gets seed + i (a prompt file may give each prompt its own)
     images_per_prompt: int = 1
     out: str = "outputs/generate"
@@ -62,9 +68,14 @@ class GenerateConfig:
 
 
 def build_requests(cfg: GenerateConfig, rows: list[dict] | None = None) -> list[dict]:
-    """Rows (index, prompt, negative_prompt, seed, width, height) of every image; validates sizes, steps, names."""
+    """Rows (index, prompt, negative_prompt, seed, width, height, duration) of every image or clip; validates sizes,
+    durations, steps, names (the sampler checks them against the model when it loads)."""
     check_solver(cfg.sampler.solver)
     make_schedule(cfg.sampler.schedule)
+    if cfg.audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, got {cfg.audio_format!r}")
+    if cfg.size and cfg.duration is not None:
+        raise ValueError("give --size (an image model) or --duration (an audio model), not both")
     width, height = parse_size(cfg.size) if cfg.size else (cfg.sampler.width, cfg.sampler.height)
     if rows is None:
         rows = [{"prompt": p} for p in cfg.prompts]
@@ -77,7 +88,10 @@ def build_requests(cfg: GenerateConfig, rows: list[dict] | None = None) -> list[
             seed = int(row["seed"]) + k if row.get("seed") is not None else cfg.seed + i
             item = {"index": i, "prompt": row["prompt"], "negative_prompt": row.get("negative_prompt",
                                                                                     cfg.negative_prompt),
-                    "seed": seed, "width": row.get("width", width), "height": row.get("height", height)}
+                    "seed": seed, "width": row.get("width", width), "height": row.get("height", height),
+                    "duration": row.get("duration", cfg.duration)}
+            if item["duration"] is not None:
+                check_duration(item["duration"], cfg.sampler.max_duration)
             if item["width"] is not None or item["height"] is not None:
                 check_size(item["width"] or item["height"], item["height"] or item["width"], cfg.sampler.max_side,
                            max_pixels=cfg.sampler.max_pixels)
@@ -130,23 +144,51 @@ def output_fs(url: str, storage: dict | None = None):
     return fs, root
 
 
-def write_result(fs, root: str, row: dict, result) -> str:
-    """PNG + JSON sidecar through fsspec; returns the PNG path."""
+def write_result(fs, root: str, row: dict, result, audio_format: str = "wav") -> str:
+    """PNG (an image) or WAV / FLAC plus a mel-spectrogram PNG (a clip), and a JSON sidecar, through fsspec; returns
+    the path of the image or clip."""
     from PIL import Image
 
     stem = f"{root.rstrip('/')}/{row['index']:06d}_{result.metadata['seed']}"
-    buf = io.BytesIO()
-    Image.fromarray(result.image).save(buf, format="PNG")
-    fs.pipe_file(stem + ".png", buf.getvalue())
     fs.pipe_file(stem + ".json", json.dumps(result.metadata, indent=2).encode())
+    if result.audio is not None:
+        fs.pipe_file(stem + ".png", png_bytes(mel_picture(result.mel)))
+        fs.pipe_file(f"{stem}.{audio_format}", audio_bytes(result.audio, result.sample_rate, audio_format))
+        return f"{stem}.{audio_format}"
+    fs.pipe_file(stem + ".png", png_bytes(Image.fromarray(result.image)))
     return stem + ".png"
 
 
-def generate_rows(sampler, rows: list[dict], fs, root: str, progress=None) -> list[dict]:
-    requests = [GenerationRequest(r["prompt"], r.get("negative_prompt"), r.get("width"), r.get("height"), r["seed"])
-                for r in rows]
+def png_bytes(picture) -> bytes:
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def audio_bytes(waveform, sample_rate: int, audio_format: str = "wav") -> bytes:
+    """A mono float waveform as 16-bit PCM WAV or FLAC bytes."""
+    import soundfile
+
+    buf = io.BytesIO()
+    soundfile.write(buf, waveform, sample_rate, format=audio_format.upper(), subtype="PCM_16")
+    return buf.getvalue()
+
+
+def mel_picture(log_mel):
+    """A log-mel spectrogram (n_mels, frames) as a grey picture, low frequencies at the bottom, scaled to its range."""
+    import numpy as np
+    from PIL import Image
+
+    low, high = float(log_mel.min()), float(log_mel.max())
+    scaled = (log_mel - low) / max(high - low, 1e-6) * 255
+    return Image.fromarray(np.flipud(scaled).astype(np.uint8))
+
+
+def generate_rows(sampler, rows: list[dict], fs, root: str, progress=None, audio_format: str = "wav") -> list[dict]:
+    requests = [GenerationRequest(r["prompt"], r.get("negative_prompt"), r.get("width"), r.get("height"), r["seed"],
+                                  duration=r.get("duration")) for r in rows]
     results = sampler.generate(requests, progress=progress)
-    return [{"index": r["index"], "path": write_result(fs, root, r, res), "seed": res.metadata["seed"],
+    return [{"index": r["index"], "path": write_result(fs, root, r, res, audio_format), "seed": res.metadata["seed"],
              "nfe": res.metadata["nfe"], "seconds": res.metadata["seconds"]} for r, res in zip(rows, results)]
 
 
@@ -159,9 +201,9 @@ class GenerateActor:
         self.fs, self.root = output_fs(self.cfg.out, storage)
 
     def __call__(self, batch: dict) -> dict:
-        keys = ("index", "prompt", "negative_prompt", "seed", "width", "height")
+        keys = ("index", "prompt", "negative_prompt", "seed", "width", "height", "duration")
         rows = [{k: _plain(batch[k][i]) for k in keys} for i in range(len(batch["index"]))]
-        done = generate_rows(self.sampler, rows, self.fs, self.root)
+        done = generate_rows(self.sampler, rows, self.fs, self.root, audio_format=self.cfg.audio_format)
         return {k: [d[k] for d in done] for k in ("index", "path", "seed", "nfe", "seconds")}
 
 
@@ -198,7 +240,7 @@ def run_local(cfg: GenerateConfig, rows: list[dict]) -> list[dict]:
     sampler = build_sampler(cfg)
     fs, root = output_fs(cfg.out)
     with tqdm(total=len(rows), desc="generate", unit="img") as bar:
-        return generate_rows(sampler, rows, fs, root, progress=bar.update)
+        return generate_rows(sampler, rows, fs, root, progress=bar.update, audio_format=cfg.audio_format)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-file", help="prompt file (lines or JSON lines): runs as a Ray Data job")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16")
+    parser.add_argument("--duration", type=float, metavar="SECONDS", help="audio models: seconds per clip")
+    parser.add_argument("--format", choices=AUDIO_FORMATS, help="audio models: wav (default) or flac")
     parser.add_argument("--steps", type=int, help="solver steps (grid intervals)")
     parser.add_argument("--solver", help="euler | midpoint | heun | rk4 | dopri5")
     parser.add_argument("--schedule", help="uniform | rational | sigmoid")
@@ -224,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = {"model": args.model, "adapter": args.adapter, "text_encoder.path": args.text_encoder, "vae.path": args.vae,
              "prompts": args.prompt, "prompt_file": args.prompt_file, "negative_prompt": args.negative_prompt,
-             "size": args.size, "sampler.steps": args.steps, "sampler.solver": args.solver,
+             "size": args.size, "duration": args.duration, "audio_format": args.format, "sampler.steps": args.steps,
+             "sampler.solver": args.solver,
              "sampler.schedule.name": args.schedule, "sampler.guidance": args.guidance, "seed": args.seed,
              "out": args.out}
     try:
@@ -238,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"config": to_dict(cfg), "images": len(rows)}, indent=2))
         return 0
     done = run_ray(cfg, rows) if cfg.prompt_file else run_local(cfg, rows)
-    log.info("wrote %d images to %s", len(done), cfg.out)
+    log.info("wrote %d outputs to %s", len(done), cfg.out)
     return 0
 
 

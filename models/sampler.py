@@ -55,10 +55,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from models.audio import MAX_DURATION_S, ClipShape, check_duration, clip_shape, decode_audio
+from models.audio_vae import AudioVAE
 from models.checkpoint import read_checkpoint
 from models.config_io import expand_preset, from_dict, merge, to_dict
 from models.flow import pad_captions, solve, velocity_fn
 from models.geometry import MAX_SIDE, check_size, image_size, latent_size, pixels_per_token
+from models.mel import samples_for
 from models.nextdit import ContextDrop, NextDiT
 from models.rope import RopeScaling
 from models.schedules import OFFICIAL_SHIFT, ScheduleConfig, make_schedule
@@ -98,6 +101,8 @@ class SamplerConfig:
     width: int | None = None  # default size in pixels; None: the model's training size
     height: int | None = None
     max_side: int = MAX_SIDE  # largest width or height a request may ask for
+    duration: float | None = None  # audio models: default clip length in seconds; None: the training length
+    max_duration: float = MAX_DURATION_S  # audio models: longest clip a request may ask for
     max_pixels: int | None = None  # largest width × height; None: max_side² bounds it
     # FP8 (e4m3) block projections for inference (models/fp8.py): CUDA compute capability ≥ 8.9; outputs move by
     # ~1e-2 relative, the projections' matmul rate doubles on Hopper
@@ -124,6 +129,8 @@ class SamplerConfig:
             raise ValueError(f"context_drop_kernel must be ≥ 2, got {self.context_drop_kernel}")
         if self.max_side < pixels_per_token():
             raise ValueError(f"max_side must be ≥ {pixels_per_token()}, got {self.max_side}")
+        if self.max_duration <= 0 or (self.duration is not None and not 0 < self.duration <= self.max_duration):
+            raise ValueError(f"need 0 < duration ≤ max_duration, got {self.duration} and {self.max_duration}")
         if self.max_pixels is not None and self.max_pixels < pixels_per_token() ** 2:
             raise ValueError(f"max_pixels must be ≥ {pixels_per_token() ** 2} or null, got {self.max_pixels}")
 
@@ -145,13 +152,17 @@ class GenerationRequest:
     context_drop: ContextDrop | bool | None = None  # None: config threshold; False: off; True: on from 0 tokens
     cfg_channels: int | None = None  # None: config (pass the latent channel count to force every channel)
     class_label: int | None = None  # class-conditional models only; None: the prompt names the class (index or name)
+    duration: float | None = None  # audio models only: seconds (None: the config's); image models take width/height
 
 
 @dataclass
 class GenerationResult:
-    image: np.ndarray | None  # H×W×3 uint8 (None without a VAE)
-    latent: torch.Tensor  # (C, H/8, W/8) fp32 on the CPU
+    image: np.ndarray | None  # H×W×3 uint8 (None without a VAE, and for audio)
+    latent: torch.Tensor  # (C, H/8, W/8) fp32 on the CPU; audio: (C, 1, T) latent frames
     metadata: dict
+    audio: np.ndarray | None = None  # audio models: mono float32 waveform in [-1, 1] at ``sample_rate``
+    sample_rate: int | None = None
+    mel: np.ndarray | None = None  # audio models: the decoded log-mel (n_mels, frames)
 
 
 @dataclass(frozen=True)
@@ -161,8 +172,10 @@ class ResolvedRequest:
     index: int
     prompt: str
     negative_prompt: str
-    width: int
-    height: int
+    width: int | None  # images; None for audio
+    height: int | None
+    latent_shape: tuple[int, int]  # the latent's (h, w); audio: (1, latent frames)
+    clip: ClipShape | None  # audio models: the clip's sizes at every stage
     seed: int
     steps: int
     solver: str
@@ -175,8 +188,8 @@ class ResolvedRequest:
 
     def group_key(self, caption_length: int | None) -> tuple:
         """Requests with equal keys share a solve. ``caption_length`` is None for class requests (they have no caption),
-        so text and class requests never share one."""
-        return (self.height, self.width, caption_length, self.steps, self.solver, repr(self.schedule),
+        so text and class requests never share one. It is the second entry (what ``generate`` reads back)."""
+        return (self.latent_shape, caption_length, self.steps, self.solver, repr(self.schedule),
                 self.guidance, self.cfg_channels, repr(self.rope), repr(self.context_drop))
 
 
@@ -198,6 +211,10 @@ class Sampler:
         self.forward = torch.compile(self.model) if self.config.compile else self.model  # what every solve calls
         self.text_encoder = text_encoder
         self.vae = vae
+        wanted = AudioVAE if model.config.modality == "audio" else ImageVAE
+        if vae is not None and not isinstance(vae, wanted):
+            raise ValueError(f"an {model.config.modality} model decodes with a {wanted.__name__}, got a "
+                             f"{type(vae).__name__}")
         if model.config.conditioning == "class":
             if text_encoder is not None:
                 raise ValueError("a class-conditional model takes no text encoder (its prompts are class indices or "
@@ -234,7 +251,8 @@ class Sampler:
             model = apply_adapter(model, adapter)
         te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
                                              model_path)
-        vae_cfg = resolve_vae_config(vae if vae is not None else meta.get("vae"), model_path)
+        loaded = isinstance(vae, (ImageVAE, AudioVAE))
+        vae_cfg = None if loaded else resolve_vae_config(vae if vae is not None else meta.get("vae"), model_path)
         class_names = None
         if model.config.conditioning == "class":
             if text_encoder is not None:
@@ -246,8 +264,10 @@ class Sampler:
             encoder = TextEncoder.from_config(te_cfg, device=device, dtype=dtype)
         else:
             raise ValueError(f"no text encoder given and none recorded in {model_path}'s metadata")
-        if isinstance(vae, ImageVAE):
+        if loaded:
             autoencoder = vae
+        elif vae_cfg is not None and vae_cfg.path and model.config.modality == "audio":
+            autoencoder = AudioVAE.from_pretrained(vae_cfg.path, device)  # the mel VAE: its folder holds its scale
         elif vae_cfg is not None and vae_cfg.path:
             # Decoding runs in fp32 (docs/official-formats.md#vae-scaling-factors).
             autoencoder = ImageVAE.from_pretrained(vae_cfg.path, vae_cfg.scaling_factor, vae_cfg.shift_factor, device)
@@ -267,6 +287,34 @@ class Sampler:
         height, width = image_size(cfg.train_grid[1], cfg.train_grid[2], cfg.patch_size)
         return self.config.width or width, self.config.height or height
 
+    def default_duration(self) -> float:
+        """Seconds of an audio clip when the request names none: the config's, else the training length."""
+        if self.config.duration is not None:
+            return self.config.duration
+        frames = self.model.config.train_grid[2] * self.vae.config.downsample  # mel frames of the trained latents
+        return samples_for(frames, self.vae.mel) / self.vae.mel.sample_rate
+
+    def _shape(self, i: int, req: GenerationRequest) -> tuple[int | None, int | None, tuple[int, int],
+                                                              ClipShape | None]:
+        """(width, height, latent (h, w), clip) of request ``i``: a size for image models, a duration for audio."""
+        cfg = self.config
+        if self.model.config.modality == "audio":
+            if req.width is not None or req.height is not None:
+                raise ValueError(f"request {i}: an audio model takes a duration in seconds, not a width or height")
+            if self.vae is None:
+                raise ValueError("an audio model needs its mel VAE (the latent ↔ seconds relation is the VAE's)")
+            seconds = self.default_duration() if req.duration is None else req.duration
+            check_duration(seconds, cfg.max_duration)
+            clip = clip_shape(self.vae, float(seconds))
+            return None, None, clip.latent, clip
+        if req.duration is not None:
+            raise ValueError(f"request {i}: an image model takes a width and height, not a duration")
+        default_w, default_h = self.default_size()
+        width = default_w if req.width is None else req.width
+        height = default_h if req.height is None else req.height
+        check_size(width, height, cfg.max_side, self.model.config.patch_size, cfg.max_pixels)
+        return width, height, latent_size(height, width), None
+
     # ------------------------------------------------------------------------------------------------------------
     def resolve(self, requests: list[GenerationRequest]) -> list[ResolvedRequest]:
         """Validate every request and fill in the defaults; raises ValueError before any work starts."""
@@ -277,10 +325,7 @@ class Sampler:
         for i, req in enumerate(requests):
             if not isinstance(req.prompt, str):
                 raise ValueError(f"request {i}: the prompt must be a string, got {type(req.prompt).__name__}")
-            default_w, default_h = self.default_size()
-            width = default_w if req.width is None else req.width
-            height = default_h if req.height is None else req.height
-            check_size(width, height, cfg.max_side, self.model.config.patch_size, cfg.max_pixels)
+            width, height, latent_shape, clip = self._shape(i, req)
             steps = cfg.steps if req.steps is None else req.steps
             if steps < 1:
                 raise ValueError(f"request {i}: steps must be ≥ 1, got {steps}")
@@ -314,7 +359,8 @@ class Sampler:
                     raise ValueError(f"request {i}: a class-conditional model takes no negative prompt (its "
                                      "unconditional branch is the null class)")
                 negative = ""
-            plans.append(ResolvedRequest(i, req.prompt, negative, width, height, int(seed), steps, solver, schedule,
+            plans.append(ResolvedRequest(i, req.prompt, negative, width, height, latent_shape, clip, int(seed), steps,
+                                         solver, schedule,
                                          guidance, channels, req.rope_scaling or cfg.rope, drop, label))
         return plans
 
@@ -383,7 +429,7 @@ class Sampler:
             slots = 1 if members[0].solver in ADAPTIVE_SOLVERS else self.config.batch_size
             for start in range(0, len(members), slots):
                 chunk = members[start:start + slots]
-                for plan, result in zip(chunk, self._solve(chunk, slots, key[2], cache)):
+                for plan, result in zip(chunk, self._solve(chunk, slots, key[1], cache)):
                     results[plan.index] = result
                 if progress is not None:
                     progress(len(chunk))
@@ -414,7 +460,7 @@ class Sampler:
         first = chunk[0]
         cfg_model = self.model.config
         device = self.device
-        shape = (cfg_model.in_channels, *latent_size(first.height, first.width))
+        shape = (cfg_model.in_channels, *first.latent_shape)
         padded = list(chunk)
         if self.config.pad_batches and len(chunk) < slots:  # dummy slots: same shapes whatever the batch holds
             padded += [chunk[-1]] * (slots - len(chunk))
@@ -430,7 +476,10 @@ class Sampler:
         solved = solve(fn, x0, grid, first.solver, self.config.atol, self.config.rtol)
         latents = solved.x[: len(chunk)].float()
         images = [None] * len(chunk)
-        if self.vae is not None:  # one at a time: a conv's result must not depend on the batch either
+        clips = [(None, None)] * len(chunk)
+        if self.vae is not None and first.clip is not None:  # audio: VAE → log-mel → vocoder, one clip at a time
+            clips = [decode_audio(self.vae, latents[i].cpu(), first.clip) for i in range(len(chunk))]
+        elif self.vae is not None:  # one at a time: a conv's result must not depend on the batch either
             images = [images_to_uint8(self.vae.decode(latents[i: i + 1]))[0] for i in range(len(chunk))]
         seconds = time.perf_counter() - began
         schedule = make_schedule(first.schedule)
@@ -446,12 +495,17 @@ class Sampler:
                 "context_drop": None if plan.context_drop is None else dataclasses.asdict(plan.context_drop),
                 "nfe": solved.nfe, "seconds": round(seconds, 4), "batch": len(chunk), "slots": x0.shape[0],
             }
+            if plan.clip is not None:  # an audio clip has a duration, not a size
+                del meta["width"], meta["height"]
+                meta.update(duration=plan.clip.seconds, sample_rate=self.vae.mel.sample_rate, vocoder="griffin_lim")
             if self.config.fp8:
                 meta["fp8"] = True
             if plan.class_label is not None:  # the null class is the unconditional branch: no negative prompt
                 meta.update(negative_prompt=None, class_label=plan.class_label,
                             class_name=self.class_names[plan.class_label] if self.class_names else None)
-            out.append(GenerationResult(images[i], latents[i].cpu(), meta))
+            waveform, mel = clips[i]
+            out.append(GenerationResult(images[i], latents[i].cpu(), meta, waveform,
+                                        None if waveform is None else self.vae.mel.sample_rate, mel))
         return out
 
 

@@ -109,6 +109,16 @@ def make_tiny_vae(path, seed: int = 0, scaling_factor: float = 0.13025) -> str:
     return str(path)
 
 
+def make_tiny_audio_vae(path, seed: int = 0) -> str:
+    """A tiny random mel VAE (models.audio_vae's "tiny" preset: 80 mels → 20 latent channels) saved as a folder."""
+    from models.audio_vae import AudioVAE, AudioVAEConfig
+    from models.config_io import from_dict
+
+    torch.manual_seed(seed)
+    AudioVAE(from_dict(AudioVAEConfig, {"preset": "tiny"})).eval().save_pretrained(path)
+    return str(path)
+
+
 def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Give every parameter non-zero random values (the zero-init gates would hide most of the network)."""
     gen = torch.Generator().manual_seed(seed)

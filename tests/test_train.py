@@ -143,15 +143,16 @@ def test_config_defaults_are_official():
         from_dict(TrainJobConfig, {"optim": {"lr": "fast"}})
 
 
-def _tiny_shards(root: Path, with_text: bool = True) -> Path:
-    """A minimal jobs.prepare-shaped output (one shard) for the fast validation tests."""
-    shard_dir = root / "shards" / "image" / "128x128"
+def _tiny_shards(root: Path, with_text: bool = True, modality: str = "image", bucket: str = "128x128",
+                 member: str = C.LATENT_MEMBER, shape: tuple[int, ...] = (4, 16, 16)) -> Path:
+    """A minimal jobs.prepare-shaped output (one shard of 4 samples) for the fast validation tests."""
+    shard_dir = root / "shards" / modality / bucket
     shard_dir.mkdir(parents=True)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for i in range(4):
-            members = {C.LATENT_MEMBER: np.zeros((4, 16, 16), np.float16), C.CAPTION_MEMBER: b"a cat",
-                       C.META_MEMBER: json.dumps({"member": C.LATENT_MEMBER}).encode()}
+            members = {member: np.full(shape, i, np.float16), C.CAPTION_MEMBER: b"a cat",
+                       C.META_MEMBER: json.dumps({"member": member}).encode()}
             if with_text:
                 members[C.TEXT_FEATURES_MEMBER] = np.zeros((3, 32), np.float16)
             for name, value in members.items():
@@ -163,8 +164,8 @@ def _tiny_shards(root: Path, with_text: bool = True) -> Path:
                 info.size = len(value)
                 tar.addfile(info, io.BytesIO(value))
     (shard_dir / "000000.tar").write_bytes(buf.getvalue())
-    rows = [{"path": "shards/image/128x128/000000.tar", "modality": "image", "bucket": "128x128",
-             "member": "latent.npy", "shape": [4, 16, 16], "dtype": "float16", "micro_batch": 2, "samples": 4,
+    rows = [{"path": f"shards/{modality}/{bucket}/000000.tar", "modality": modality, "bucket": bucket,
+             "member": member, "shape": list(shape), "dtype": "float16", "micro_batch": 2, "samples": 4,
              "bytes": len(buf.getvalue()), "sha256": "", "run_id": "x"}]
     pq.write_table(pa.Table.from_pylist(rows), root / C.MANIFEST_FILE)
     return root
@@ -390,3 +391,38 @@ def test_two_ranks_each_build_half_of_the_model_with_its_weights(tmp_path):
     assert sorted((r, init) for r, init, *_ in reports) == [(0, False), (0, True), (1, False), (1, True)]
     for _, _, held, total, same in reports:
         assert held == total // 2 and same
+
+
+def test_an_audio_preset_trains_the_audio_rows_with_the_t2a_task(tmp_path, capsys):
+    """jobs.train picks the task and the manifest rows from the model's modality; a mismatch is a config error."""
+    from jobs.training.driver import validate
+    from jobs.training.tasks import TextToAudio, make_task
+
+    data = _tiny_shards(tmp_path / "audio", modality="audio", bucket="2.0s", shape=(20, 31))
+    base = ["--data", str(data), "--storage", str(tmp_path / "runs"), "--preset", "tiny-audio", "--steps", "2"]
+    assert run_train(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "task t2a" in out and "bucket 2.0s" in out
+    assert "trained on: area 31 tokens, sides [1, 1, 31]" in out  # one row of 31 latent frames
+
+    cfg = from_dict(TrainJobConfig, {"data": {"uri": str(data)}, "run": {"storage": str(tmp_path / "runs")},
+                                     "model": {"preset": "tiny-audio"}})
+    catalog = validate(cfg, write_probe=False)
+    assert (cfg.data.modality, cfg.train.task) == ("audio", "t2a")
+    task = make_task(cfg, catalog, torch.device("cpu"))
+    assert isinstance(task, TextToAudio)
+    samples = [{"key": f"{i:016x}", "tensor": np.full((20, 31), i, np.float16), "meta": {"member": C.LATENT_MEMBER},
+                "text_features": np.zeros((3, 32), np.float16)} for i in range(2)]
+    batch = task.build(samples, epoch=0)
+    assert batch.x1.shape == (2, 20, 1, 31) and batch.noise.shape == batch.x1.shape  # (C, 1, T): one row of frames
+    assert torch.equal(batch.x1[1], torch.ones(20, 1, 31))
+
+    with pytest.raises(ConfigError, match="lists no image shards"):  # an image preset on audio-only data
+        run_train([*base[:4], "--preset", "tiny", "--steps", "2"])
+    with pytest.raises(ConfigError, match="train.task t2i trains text-conditioned image models, but the model"):
+        run_train(base + ["--set", "train.task=t2i"])
+    with pytest.raises(ConfigError, match="data.modality is image, but the model .* is an audio model"):
+        run_train(base + ["--set", "data.modality=image"])
+    mel = _tiny_shards(tmp_path / "mel", modality="audio", bucket="2.0s", member=C.MEL_MEMBER, shape=(80, 126))
+    with pytest.raises(ConfigError, match="log-mel spectrograms .* encode.audio_vae"):
+        run_train(["--data", str(mel), *base[2:]])

@@ -13,7 +13,7 @@ from typing import Any
 
 from models.config_io import ConfigError
 from models.flow import FlowConfig
-from models.presets import PRESETS, NextDiTConfig, preset
+from models.presets import MODALITIES, PRESETS, NextDiTConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TEXT_SOURCES = ("auto", "shards", "online")
@@ -25,7 +25,7 @@ class DataConfig:
     """Where samples come from: a ``jobs.prepare`` output (local or s3://)."""
 
     uri: str = ""
-    modality: str = "image"
+    modality: str = "auto"  # the manifest rows to train on: image or audio; auto: the model's modality
     # "shards": text features precomputed in the shards (text.npy); "online": encode captions with a frozen
     # text encoder on the worker; "auto": shards when the shards carry text.npy, else online.
     text_features: str = "auto"
@@ -109,7 +109,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "t2i"
+    task: str = "auto"  # a name of tasks.TASKS (t2i, class, t2a); auto: the task of the model's modality, conditioning
     steps: int = 100_000  # official max_steps
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro-batch × workers × grad_accum)
     seed: int = 0  # model init and per-sample noise / t / dropout draws
@@ -181,8 +181,10 @@ class TrainJobConfig:
             raise ConfigError(f"unknown model preset {self.model.preset!r}; choose one of {', '.join(PRESETS)}")
         from jobs.training.tasks import TASKS  # the registry (tasks.py); torch is there on the driver and workers
 
-        if self.train.task not in TASKS:
-            raise ConfigError(f"train.task must be one of {list(TASKS)}, got {self.train.task!r}")
+        if self.train.task not in (*TASKS, "auto"):
+            raise ConfigError(f"train.task must be auto or one of {list(TASKS)}, got {self.train.task!r}")
+        if self.data.modality not in ("auto", *MODALITIES):
+            raise ConfigError(f"data.modality must be auto or one of {list(MODALITIES)}, got {self.data.modality!r}")
         if self.train.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}")
         if self.data.text_features not in TEXT_SOURCES:
@@ -202,13 +204,6 @@ class TrainJobConfig:
             raise ConfigError("ema.decay must lie in [0, 1)")
         if self.lora.enabled and not self.model.init_from:
             raise ConfigError("LoRA fine-tunes a pretrained model: set model.init_from")
-        if self.model.class_names is not None:
-            if self.train.task != "class":
-                raise ConfigError("model.class_names is for the class-conditional task (train.task=class)")
-            classes = preset(self.model.preset, **self.model.overrides).num_classes if not self.model.init_from else None
-            if classes is not None and len(self.model.class_names) != classes:
-                raise ConfigError(f"model.class_names has {len(self.model.class_names)} names; the model has "
-                                  f"{classes} classes")
         if self.lora.enabled and self.lora.rank < 1:
             raise ConfigError("lora.rank must be >= 1")
         if self.data.micro_batch is not None and self.data.micro_batch < 1:

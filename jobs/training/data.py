@@ -60,10 +60,10 @@ class BucketInfo:
     shards: tuple[int, ...]
 
     def grid(self, patch_size: int) -> tuple[int, int, int]:
-        """Token grid (frames, height, width) of one sample: a latent (C, h, w), or an image (H, W, 3) counted at its
-        latent size (the VAE's /8)."""
+        """Token grid (frames, height, width) of one sample: a latent (C, h, w) — an audio latent (C, T) is one row of
+        T frames —, or an image (H, W, 3) counted at its latent size (the VAE's /8)."""
         if self.member == C.LATENT_MEMBER:
-            h, w = self.shape[1], self.shape[2]
+            h, w = self.shape[1:] if len(self.shape) == 3 else (1, self.shape[1])
         else:
             h, w = latent_size(self.shape[0], self.shape[1])
         return (1, h // patch_size, w // patch_size)

@@ -50,14 +50,19 @@ def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
     """Every check that can fail before a worker starts: config values, manifest, buckets, text source, storage. Sets
     ``cfg.model.resolved``, the architecture every worker builds (resolved here once)."""
     cfg.validate()
+    cfg.model.resolved = None  # a config saved by an earlier run carries its resolution: resolve again
+    base = base_model(cfg)
+    resolve_task(cfg, base)
     catalog = ShardCatalog.from_config(cfg.data)
     for warning in catalog.check(cfg.scaling.workers, cfg.train.grad_accum):
         log.warning(warning)
     first = catalog.buckets[catalog.shards[0].bucket]
+    if first.member == C.MEL_MEMBER:
+        raise ConfigError("the audio shards carry log-mel spectrograms (mel.npy), not latents: prepare them with "
+                          "--set encode.audio_vae=PATH (a mel VAE: python -m jobs.train_vae --modality audio)")
     if first.member != C.LATENT_MEMBER and not cfg.data.vae:
         raise ConfigError(f"the shards carry {first.member} instead of latents: set data.vae for online VAE encoding")
-    cfg.model.resolved = None  # a config saved by an earlier run carries its resolution: resolve again
-    cfg.model.resolved = mcfg = resolve_model(cfg, catalog)
+    cfg.model.resolved = mcfg = resolve_model(cfg, catalog, base)
     latent_channels = first.shape[0] if first.member == C.LATENT_MEMBER else None
     if latent_channels is not None and latent_channels != mcfg.in_channels:
         raise ConfigError(f"latents have {latent_channels} channels; the model expects {mcfg.in_channels}")
@@ -67,17 +72,46 @@ def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
     return catalog
 
 
-def resolve_model(cfg: TrainJobConfig, catalog: ShardCatalog) -> NextDiTConfig:
-    """The architecture of the run, once: ``model.init_from``'s, or the preset with its overrides whose caption width
-    comes from the captions (the text encoder's width, or the shards' text features) — as the official code takes
-    cap_feat_dim from its text encoder, so one preset trains with Gemma-2B (2048) or a 4096-wide LLM alike. It also
-    records what the model is trained on (the buckets that are drawn, plus a pretrained model's own record), which the
-    export keeps for RoPE scaling at sampling (docs/sampling.md)."""
+def base_model(cfg: TrainJobConfig) -> NextDiTConfig:
+    """The architecture before the data refines it: ``model.init_from``'s, or the preset with its overrides."""
     try:
-        mcfg = model_config(cfg)
+        return model_config(cfg)
     except (FileNotFoundError, CheckpointError) as exc:
         raise ConfigError(f"model.init_from: {exc}") from exc
-    if cfg.train.task == "t2i":
+
+
+def resolve_task(cfg: TrainJobConfig, mcfg: NextDiTConfig) -> None:
+    """Set ``data.modality`` and ``train.task`` when they are "auto" (the model's), and check that the model, the data
+    and the task agree: an audio preset trains on the manifest's audio rows with the t2a task."""
+    from jobs.training.tasks import TASKS, task_for
+
+    source = f"model.init_from {cfg.model.init_from}" if cfg.model.init_from else f"preset {cfg.model.preset}"
+    if cfg.data.modality == "auto":
+        cfg.data.modality = mcfg.modality
+    if cfg.data.modality != mcfg.modality:
+        raise ConfigError(f"data.modality is {cfg.data.modality}, but the model ({source}) is an {mcfg.modality} "
+                          "model")
+    if cfg.train.task == "auto":
+        cfg.train.task = task_for(mcfg.modality, mcfg.conditioning)
+    names = cfg.model.class_names
+    if names is not None and mcfg.conditioning != "class":
+        raise ConfigError("model.class_names is for the class-conditional task (train.task=class)")
+    if names is not None and len(names) != mcfg.num_classes:
+        raise ConfigError(f"model.class_names has {len(names)} names; the model has {mcfg.num_classes} classes")
+    task = TASKS[cfg.train.task]
+    if (task.modality, task.conditioned_on) != (mcfg.modality, mcfg.conditioning):
+        raise ConfigError(f"train.task {cfg.train.task} trains {task.conditioned_on}-conditioned {task.modality} "
+                          f"models, but the model ({source}) is a {mcfg.conditioning}-conditioned {mcfg.modality} "
+                          "model")
+
+
+def resolve_model(cfg: TrainJobConfig, catalog: ShardCatalog, mcfg: NextDiTConfig) -> NextDiTConfig:
+    """The architecture of the run, once: ``mcfg`` (``base_model``'s: init_from's, or the preset with its overrides)
+    whose caption width comes from the captions (the text encoder's width, or the shards' text features) — as the
+    official code takes cap_feat_dim from its text encoder, so one preset trains with Gemma-2B (2048) or a 4096-wide
+    LLM alike. It also records what the model is trained on (the buckets that are drawn, plus a pretrained model's own
+    record), which the export keeps for RoPE scaling at sampling (docs/sampling.md)."""
+    if mcfg.conditioning == "text":
         width, source = caption_width(cfg, catalog)
         if width != mcfg.cap_feat_dim:
             if cfg.model.init_from:

@@ -1,10 +1,11 @@
 """Training tasks: a task turns a micro-batch of shard samples into model inputs (``Batch``); the loop, the loss and
 the parallelism are the same for every task (loop.py).
 
-A task is a ``Task`` subclass registered in ``TASKS`` under the name ``train.task`` selects; its constructor takes
-``(cfg, catalog, device)``. Text-to-image (``t2i``: caption features from the shards or a frozen text encoder) and
-class-conditional (``class``: labels from the samples' metadata) are here; a new modality (audio, point clouds) is a
-new subclass and one registry entry.
+A task is a ``Task`` subclass registered in ``TASKS`` under the name ``train.task`` selects (``auto``, the default:
+the one whose modality and conditioning are the model's); its constructor takes ``(cfg, catalog, device)``.
+Text-to-image (``t2i``: caption features from the shards or a frozen text encoder), class-conditional (``class``:
+labels from the samples' metadata) and text-to-audio (``t2a``: mel-VAE latent frames) are here; a new modality
+(point clouds) is a new subclass and one registry entry.
 
 Every random draw of a sample comes from its own generator, seeded by (train.seed, epoch, sample key)
 (``data.sample_seed``), in a fixed order — VAE posterior sample (online VAE only), t, noise, conditioning dropout — so a
@@ -19,6 +20,7 @@ import torch
 from jobs.training.config import TrainJobConfig
 from jobs.training.data import ShardCatalog, sample_seed
 from jobs.training.parallelize import model_config
+from models.config_io import ConfigError
 from models.flow import caption_keep_mask, drop_caption_features, drop_captions, noise_like, pad_captions, sample_t
 from pipelines import constants as C
 
@@ -33,7 +35,11 @@ class Batch:
 
 class Task:
     """Samples → :class:`Batch`. Every random draw of a sample comes from its own generator (data.sample_seed), in a
-    fixed order: VAE posterior sample (online VAE only), t, noise, conditioning dropout."""
+    fixed order: VAE posterior sample (online VAE only), t, noise, conditioning dropout. ``modality`` and
+    ``conditioned_on`` say which models the task trains (``task_for`` picks the task of a model)."""
+
+    modality = "image"
+    conditioned_on = "text"
 
     def __init__(self, cfg: TrainJobConfig, catalog: ShardCatalog, device: torch.device):
         self.cfg, self.catalog, self.device = cfg, catalog, device
@@ -120,6 +126,8 @@ class TextToImage(Task):
 class ClassConditional(Task):
     """Class labels from the sample's json metadata; dropped to the null class (index num_classes) like captions."""
 
+    conditioned_on = "class"
+
     def __init__(self, cfg: TrainJobConfig, catalog: ShardCatalog, device: torch.device):
         super().__init__(cfg, catalog, device)
         self.null_class = model_config(cfg).num_classes
@@ -132,8 +140,29 @@ class ClassConditional(Task):
         return (), {"labels": torch.tensor(labels, device=self.device)}, 0
 
 
-# The registry ``train.task`` names (config validation checks against its keys).
-TASKS: dict[str, type[Task]] = {"t2i": TextToImage, "class": ClassConditional}
+class TextToAudio(TextToImage):
+    """Text-to-audio and text-to-music (paper §5.2): mel-VAE latents (C, T) from the shards, given to the model as one
+    row of latent frames (C, 1, T), so Next-DiT runs 1D RoPE over time; captions exactly as for images."""
+
+    modality = "audio"
+
+    def latents(self, sample: dict, gen: torch.Generator) -> torch.Tensor:
+        if sample["meta"].get("member", C.LATENT_MEMBER) != C.LATENT_MEMBER:  # the driver checks this first
+            raise RuntimeError("audio shards carry log-mel spectrograms, not latents: prepare them with "
+                               "--set encode.audio_vae=PATH")
+        return torch.from_numpy(np.asarray(sample["tensor"], dtype=np.float32))[:, None, :]
+
+
+# The registry ``train.task`` names (config validation checks against its keys; "auto" is ``task_for``'s choice).
+TASKS: dict[str, type[Task]] = {"t2i": TextToImage, "class": ClassConditional, "t2a": TextToAudio}
+
+
+def task_for(modality: str, conditioning: str) -> str:
+    """The registered task that trains models of this modality and conditioning."""
+    names = [name for name, task in TASKS.items() if (task.modality, task.conditioned_on) == (modality, conditioning)]
+    if not names:
+        raise ConfigError(f"no training task for a {conditioning}-conditioned {modality} model")
+    return names[0]
 
 
 def make_task(cfg: TrainJobConfig, catalog: ShardCatalog, device: torch.device) -> Task:
