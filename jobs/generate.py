@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from jobs.cli import make_parser, resolve_config, run_main, setup_logging
-from models.audio import check_duration
+from models.audio import AUDIO_FORMATS, audio_bytes, check_duration
 from models.config_io import ConfigError, from_dict, to_dict
 from models.geometry import check_size, parse_size
 from models.sampler import GenerationRequest, SamplerConfig
@@ -33,8 +33,6 @@ from models.text_encoder import TextEncoderConfig
 from models.vae import VAEConfig
 
 log = logging.getLogger("jobs.generate")
-
-AUDIO_FORMATS = ("wav", "flac")
 
 
 @dataclass
@@ -162,15 +160,6 @@ def write_result(fs, root: str, row: dict, result, audio_format: str = "wav") ->
 def png_bytes(picture) -> bytes:
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def audio_bytes(waveform, sample_rate: int, audio_format: str = "wav") -> bytes:
-    """A mono float waveform as 16-bit PCM WAV or FLAC bytes."""
-    import soundfile
-
-    buf = io.BytesIO()
-    soundfile.write(buf, waveform, sample_rate, format=audio_format.upper(), subtype="PCM_16")
     return buf.getvalue()
 
 

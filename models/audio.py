@@ -18,6 +18,7 @@ from models.audio_vae import AudioVAE
 from models.mel import frames_for, griffin_lim
 
 MAX_DURATION_S = 30.0  # default upper bound on a request's duration (SamplerConfig.max_duration)
+AUDIO_FORMATS = ("wav", "flac")  # the files a clip is written as
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,16 @@ def decode_audio(vae: AudioVAE, latent: torch.Tensor, shape: ClipShape,
     # (frames − 1)·hop samples come back; the last < hop samples of the asked length are silence
     waveform = torch.nn.functional.pad(waveform, (0, shape.samples - waveform.shape[-1]))
     return waveform.numpy().astype(np.float32), mel.cpu().numpy()
+
+
+def audio_bytes(waveform: np.ndarray, sample_rate: int, audio_format: str = "wav") -> bytes:
+    """A mono float waveform as a 16-bit PCM WAV or FLAC file."""
+    import io
+
+    import soundfile
+
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio format must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}")
+    buf = io.BytesIO()
+    soundfile.write(buf, waveform, sample_rate, format=audio_format.upper(), subtype="PCM_16")
+    return buf.getvalue()

@@ -207,6 +207,18 @@ def read_metadata(path: str) -> dict:
     return {k: v for k, v in data.items() if k not in ("format", "model")}
 
 
+def read_modality(path: str) -> str:
+    """What the model at ``path`` generates (``NextDiTConfig.modality``), from our config.json alone; official and
+    diffusers checkpoints are image models."""
+    fs, remote = filesystem(str(path))
+    config = remote.rstrip("/") + "/" + CONFIG_FILE
+    if not fs.exists(config):
+        return "image"
+    with fs.open(config, "r") as f:
+        data = json.load(f)
+    return (data.get("model") or {}).get("modality", "image") if data.get("format") == OUR_FORMAT else "image"
+
+
 def has_ema(path: str | os.PathLike) -> bool:
     """Whether the local checkpoint at ``path`` carries EMA weights."""
     path = Path(path)

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
@@ -29,11 +29,20 @@ from ray.serve.metrics import Counter, Histogram
 from models.config_io import from_dict, to_dict
 from models.geometry import parse_size
 from serve.config import ServeConfig
-from serve.schema import ErrorResponse, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
+from serve.schema import (
+    AudioGenerationRequest,
+    AudioResponse,
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+)
 
 log = logging.getLogger("serve")
 
 GENERATIONS_PATH = "/v1/images/generations"
+AUDIO_PATH = "/v1/audio/generations"
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 
@@ -100,7 +109,8 @@ class SamplerReplica:
             raise RuntimeError(f"sampler replica is broken: {self.fatal_error}")
 
     async def generate(self, request: dict) -> dict:
-        """One image for one request dict (fields of GenerationRequest). Returns a result dict or {"error": …}."""
+        """One image or clip for one request dict: fields of GenerationRequest plus ``modality`` (what the route
+        generates: image or audio) and, for audio, ``audio_format``. Returns a result dict or {"error": …}."""
         model_id = serve.get_multiplexed_model_id() or self.config.default_model
         return await self.generate_batch(model_id, request)
 
@@ -137,35 +147,53 @@ class SamplerReplica:
         return results  # type: ignore[return-value]
 
     def _validate(self, sampler, request: dict) -> str | None:
-        from models.sampler import GenerationRequest
-
+        modality = sampler.model.config.modality
+        if request["modality"] != modality:
+            route = AUDIO_PATH if modality == "audio" else GENERATIONS_PATH
+            return f"this is an {modality} model: use POST {route}"
         if sampler.text_encoder is not None:  # a class-conditional model has none: its prompt is a class index or name
             tokens = len(sampler.text_encoder.tokenizer(request["prompt"])["input_ids"])
             limit = self.config.limits.max_prompt_tokens
             if tokens > limit:
                 return f"prompt is {tokens} tokens long; the limit is {limit}"
         try:
-            sampler.resolve([GenerationRequest(**request)])
+            sampler.resolve([generation_request(request)])
         except ValueError as exc:
             return str(exc)
         return None
 
     def _run(self, sampler, requests: list[dict]) -> list[dict]:
-        from models.sampler import GenerationRequest
+        from models.audio import audio_bytes
 
         began = time.perf_counter()
-        results = sampler.generate([GenerationRequest(**r) for r in requests])
+        results = sampler.generate([generation_request(r) for r in requests])
         elapsed = time.perf_counter() - began
         out = []
-        for result in results:
-            buffer = io.BytesIO()
-            Image.fromarray(result.image).save(buffer, format="PNG")
+        for request, result in zip(requests, results):
             meta = result.metadata
             self.nfe.observe(meta["nfe"])
-            out.append({"png": buffer.getvalue(), "seed": meta["seed"], "nfe": meta["nfe"],
-                        "seconds": meta.get("seconds", elapsed), "width": meta["width"], "height": meta["height"]})
-        self.latency.observe(elapsed, tags={"size": f"{requests[0].get('width')}x{requests[0].get('height')}"})
+            common = {"seed": meta["seed"], "nfe": meta["nfe"], "seconds": meta.get("seconds", elapsed)}
+            if result.audio is not None:
+                data = audio_bytes(result.audio, result.sample_rate, request.get("audio_format") or "wav")
+                out.append({"audio": data, "duration": meta["duration"], "sample_rate": meta["sample_rate"],
+                            **common})
+                continue
+            buffer = io.BytesIO()
+            Image.fromarray(result.image).save(buffer, format="PNG")
+            out.append({"png": buffer.getvalue(), "width": meta["width"], "height": meta["height"], **common})
+        first = requests[0]
+        size = f"{first['duration']}s" if first.get("duration") else f"{first.get('width')}x{first.get('height')}"
+        self.latency.observe(elapsed, tags={"size": size})
         return out
+
+
+ROUTE_KEYS = ("modality", "audio_format")  # what a route adds to the GenerationRequest fields of a request dict
+
+
+def generation_request(request: dict):
+    from models.sampler import GenerationRequest
+
+    return GenerationRequest(**{k: v for k, v in request.items() if k not in ROUTE_KEYS})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -176,8 +204,13 @@ api = FastAPI(
 )
 
 
-REQUEST_BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ImageGenerationRequest.model_json_schema()}}}}
+def body_doc(schema) -> dict:
+    """The OpenAPI request body of a route that reads its JSON itself (so that it controls every error)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+
+
+REQUEST_BODY_DOC = body_doc(ImageGenerationRequest)
+AUDIO_BODY_DOC = body_doc(AudioGenerationRequest)
 
 
 def validation_error(exc: ValidationError) -> JSONResponse:
@@ -199,6 +232,9 @@ class Ingress:
         self.config = from_dict(ServeConfig, config)
         self.tokens = [t.encode() for t in self.config.tokens()]
         self.created = int(time.time())
+        from models.checkpoint import read_modality
+
+        self.modalities = {name: read_modality(spec.path) for name, spec in self.config.models.items()}
         self.requests = Counter("lumina_http_requests", "HTTP requests by status", tag_keys=("status",))
 
     def _authorised(self, request: Request) -> bool:
@@ -221,17 +257,17 @@ class Ingress:
     async def list_models(self, request: Request):
         if not self._authorised(request):
             return self._unauthorised()
-        return ModelList(data=[ModelCard(id=name, created=self.created) for name in self.config.models])
+        return ModelList(data=[ModelCard(id=name, created=self.created, modality=self.modalities[name])
+                               for name in self.config.models])
 
     def _unauthorised(self) -> JSONResponse:
         self.requests.inc(tags={"status": "401"})
         return error(401, "missing or invalid bearer token", kind="authentication_error", code="invalid_api_key",
                      headers={"WWW-Authenticate": "Bearer"})
 
-    @api.post(GENERATIONS_PATH, response_model=ImagesResponse,
-              openapi_extra=REQUEST_BODY_DOC,
-              responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
-    async def generations(self, request: Request):
+    async def _body(self, request: Request, schema):
+        """The validated body of a generation request, or the error response (auth, media type, JSON, schema, the
+        model, and the quotas every route shares)."""
         if not self._authorised(request):
             return self._unauthorised()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -243,7 +279,7 @@ class Ingress:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return error(400, f"malformed JSON body: {exc}", code="invalid_json")
         try:
-            body = ImageGenerationRequest.model_validate(data)
+            body = schema.model_validate(data)
         except ValidationError as exc:
             return validation_error(exc)
         limits = self.config.limits
@@ -256,12 +292,6 @@ class Ingress:
         if len(body.prompt) > limits.max_prompt_chars:
             return error(400, f"prompt is {len(body.prompt)} characters; the limit is {limits.max_prompt_chars}",
                          param="prompt")
-        width = height = None
-        if body.size is not None:  # the replica checks the size against the model and sampler.max_side/max_pixels
-            try:
-                width, height = parse_size(body.size)
-            except ValueError as exc:
-                return error(400, str(exc), param="size")
         if body.steps is not None and not limits.min_steps <= body.steps <= limits.max_steps:
             return error(400, f"steps = {body.steps} is outside {limits.min_steps}..{limits.max_steps}", param="steps")
         if body.guidance_scale is not None and body.guidance_scale > limits.max_guidance:
@@ -269,28 +299,25 @@ class Ingress:
                          param="guidance_scale")
         if body.prompt.strip() == "":
             return error(400, "prompt is empty", param="prompt")
+        return body
 
+    async def _fan_out(self, body, job: dict) -> list[dict] | JSONResponse:
+        """The body's n requests (``job`` plus consecutive seeds) on the sampler replicas; their outputs or the error
+        response (overload 503, timeout 504, or the first failed request's status)."""
+        model = body.model or self.config.default_model
         base_seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**31)
-        calls = []
-        for i in range(body.n):
-            job: dict[str, Any] = dict(prompt=body.prompt, negative_prompt=body.negative_prompt, width=width,
-                                       height=height, seed=base_seed + i, steps=body.steps, solver=body.solver,
-                                       schedule=body.schedule, guidance=body.guidance_scale,
-                                       context_drop=body.context_drop)
-            if body.rope_scaling is not None:
-                from models.rope import RopeScaling
-
-                job["rope_scaling"] = RopeScaling(mode=body.rope_scaling)
-            calls.append(job)
+        calls = [dict(job, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=base_seed + i,
+                      steps=body.steps, solver=body.solver, schedule=body.schedule, guidance=body.guidance_scale)
+                 for i in range(body.n)]
         handle = self.sampler.options(multiplexed_model_id=model)
         try:
-            responses = [handle.generate.remote(job) for job in calls]
+            responses = [handle.generate.remote(call) for call in calls]
             outputs = await asyncio.wait_for(asyncio.gather(*responses), timeout=self.config.request_timeout_s)
         except BackPressureError:
             self.requests.inc(tags={"status": "503"})
             return error(503, "the server is overloaded; retry later", kind="server_overloaded",
                          headers={"Retry-After": str(self.config.retry_after_s)})
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for response in responses:
                 response.cancel()
             self.requests.inc(tags={"status": "504"})
@@ -301,9 +328,56 @@ class Ingress:
             self.requests.inc(tags={"status": str(status)})
             return error(status, failed[0]["error"]["message"])
         self.requests.inc(tags={"status": "200"})
+        return outputs
+
+    @api.post(GENERATIONS_PATH, response_model=ImagesResponse,
+              openapi_extra=REQUEST_BODY_DOC,
+              responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
+    async def generations(self, request: Request):
+        body = await self._body(request, ImageGenerationRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        width = height = None
+        if body.size is not None:  # the replica checks the size against the model and sampler.max_side/max_pixels
+            try:
+                width, height = parse_size(body.size)
+            except ValueError as exc:
+                return error(400, str(exc), param="size")
+        job: dict[str, Any] = {"modality": "image", "width": width, "height": height,
+                               "context_drop": body.context_drop}
+        if body.rope_scaling is not None:
+            from models.rope import RopeScaling
+
+            job["rope_scaling"] = RopeScaling(mode=body.rope_scaling)
+        outputs = await self._fan_out(body, job)
+        if isinstance(outputs, JSONResponse):
+            return outputs
         data = [{"b64_json": base64.b64encode(o["png"]).decode(), "seed": o["seed"], "nfe": o["nfe"],
                  "latency_s": round(o["seconds"], 4), "width": o["width"], "height": o["height"]} for o in outputs]
-        return {"created": int(time.time()), "model": model, "data": data}
+        return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
+
+    @api.post(AUDIO_PATH, response_model=AudioResponse, openapi_extra=AUDIO_BODY_DOC,
+              responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
+    async def audio_generations(self, request: Request):
+        """Clips from an audio model: WAV files as b64_json, or (n = 1) the WAV / FLAC file itself."""
+        body = await self._body(request, AudioGenerationRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        if body.response_format != "b64_json" and body.n != 1:
+            return error(400, f"response_format {body.response_format} returns one file: n must be 1",
+                         param="response_format")
+        file_format = "wav" if body.response_format == "b64_json" else body.response_format
+        outputs = await self._fan_out(body, {"modality": "audio", "duration": body.duration,
+                                             "audio_format": file_format})
+        if isinstance(outputs, JSONResponse):
+            return outputs
+        if body.response_format != "b64_json":
+            return Response(outputs[0]["audio"], media_type=f"audio/{file_format}",
+                            headers={"X-Seed": str(outputs[0]["seed"])})
+        data = [{"b64_json": base64.b64encode(o["audio"]).decode(), "seed": o["seed"], "nfe": o["nfe"],
+                 "latency_s": round(o["seconds"], 4), "duration": o["duration"], "sample_rate": o["sample_rate"]}
+                for o in outputs]
+        return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
 
 
 def build_app(args: dict) -> serve.Application:

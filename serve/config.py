@@ -60,9 +60,9 @@ class ServeConfig:
     device: str = "auto"  # auto: cuda when present
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    # SamplerConfig fields (steps, solver, schedule, guidance, max_side, max_pixels, …) or a preset ({preset:
-    # official}). The merge order is SamplerConfig's defaults ← the model folder's ← these ← the request's fields, so
-    # this stays the partial dict the user wrote (a full SamplerConfig could not tell which fields it sets); it is
+    # SamplerConfig fields (steps, solver, schedule, guidance, max_side, max_pixels, max_duration, …) or a preset
+    # ({preset: official}). The merge order is SamplerConfig's defaults ← the model folder's ← these ← the request's
+    # fields, so this stays the partial dict the user wrote (a full SamplerConfig could not tell which fields it sets); it is
     # checked against SamplerConfig here, so a typo or a bad value fails `--dry-run` and `serve deploy`.
     sampler: dict = field(default_factory=dict)
 

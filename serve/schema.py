@@ -41,6 +41,43 @@ class ImageGenerationRequest(BaseModel):
     context_drop: bool | None = None
 
 
+class AudioGenerationRequest(BaseModel):
+    """``POST /v1/audio/generations`` (audio models). Unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=100_000, description="text prompt")
+    model: str | None = Field(default=None, max_length=256, description="served model name; default model when absent")
+    n: int = Field(default=1, description="number of clips (1 to the server's limit)")
+    duration: float | None = Field(default=None, allow_inf_nan=False,
+                                   description="seconds per clip (default: the model's; at most sampler.max_duration)")
+    response_format: Literal["b64_json", "wav", "flac"] = Field(
+        default="b64_json", description='"b64_json": {"data": [{"b64_json": WAV bytes}]}; "wav" / "flac": the file '
+                                        "itself (n = 1)")
+    user: str | None = Field(default=None, max_length=256)
+    negative_prompt: str | None = Field(default=None, max_length=100_000)
+    steps: int | None = Field(default=None, description="solver steps (grid intervals)")
+    solver: Literal[SOLVERS] | None = None  # type: ignore[valid-type]
+    schedule: Literal[SCHEDULES] | None = None  # type: ignore[valid-type]
+    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+
+class AudioData(BaseModel):
+    b64_json: str  # a WAV file
+    seed: int
+    nfe: int
+    latency_s: float
+    duration: float
+    sample_rate: int
+
+
+class AudioResponse(BaseModel):
+    created: int
+    model: str
+    data: list[AudioData]
+
+
 class ImageData(BaseModel):
     b64_json: str
     seed: int
@@ -61,6 +98,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lumina-ray"
+    modality: Literal["image", "audio"] = "image"  # which route generates with it
 
 
 class ModelList(BaseModel):

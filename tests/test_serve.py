@@ -16,12 +16,14 @@ import pytest
 from PIL import Image
 
 from models.config_io import to_dict
+from models.tiny import make_tiny_audio_vae
 from tests.conftest import free_port
 from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PATH = "/v1/images/generations"
+AUDIO = "/v1/audio/generations"
 
 
 def serve_config(folders: dict[str, dict], **overrides) -> dict:
@@ -31,7 +33,7 @@ def serve_config(folders: dict[str, dict], **overrides) -> dict:
         "request_timeout_s": 60.0,
         "limits": {"max_n": 2, "max_steps": 4, "max_prompt_tokens": 24},
         "batching": {"max_batch_size": 2, "batch_wait_timeout_s": 0.05},
-        "sampler": {"steps": 2, "solver": "euler", "max_side": 128, "max_pixels": 128 * 96},
+        "sampler": {"steps": 2, "solver": "euler", "max_side": 128, "max_pixels": 128 * 96, "max_duration": 2.0},
     }
     config.update(overrides)
     return config
@@ -46,7 +48,9 @@ def folders(tmp_path_factory):
             "tiny-b": {"path": make_tiny_model_folder(root / "m1", te, vae, seed=1)},
             "tiny-lora": {"path": base, "adapter": make_lora_adapter(base, root / "lora")},
             "tiny-class": {"path": make_tiny_model_folder(root / "class", vae=vae, preset_name="tiny-class",
-                                                          class_names=[f"shape {i}" for i in range(10)])}}
+                                                          class_names=[f"shape {i}" for i in range(10)])},
+            "tiny-audio": {"path": make_tiny_model_folder(root / "audio", te, make_tiny_audio_vae(root / "mel-vae"),
+                                                          preset_name="tiny-audio")}}
 
 
 def make_lora_adapter(base: str, path) -> str:
@@ -132,9 +136,50 @@ def test_n_images_get_consecutive_seeds_and_batch_mates_do_not_change_an_image(s
 def test_models_health_and_openapi(server):
     assert server.get("/healthz").json() == {"status": "ok"}
     models = server.get("/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-class"]
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-class", "tiny-audio"]
+    assert [m["modality"] for m in models["data"]] == ["image"] * 4 + ["audio"]
     schema = server.get("/openapi.json").json()
     assert PATH in schema["paths"] and "requestBody" in schema["paths"][PATH]["post"]
+    assert "requestBody" in schema["paths"][AUDIO]["post"]
+
+
+def clip(client, **body):
+    return client.post(AUDIO, json={"prompt": "a low hum", "model": "tiny-audio", **body}, headers=AUTH)
+
+
+def test_audio_models_return_wav_clips_of_the_asked_duration(server):
+    import soundfile
+
+    first = clip(server, duration=0.5, seed=4, n=2)
+    assert first.status_code == 200, first.text
+    data = first.json()["data"]
+    assert [d["seed"] for d in data] == [4, 5] and data[0]["duration"] == 0.5 and data[0]["sample_rate"] == 16_000
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(data[0]["b64_json"])))
+    assert rate == 16_000 and samples.shape == (8_000,)
+    again = clip(server, duration=0.5, seed=4).json()["data"][0]
+    assert again["b64_json"] == data[0]["b64_json"]  # same seed, same bytes
+    flac = clip(server, duration=0.5, seed=4, response_format="flac")
+    assert flac.status_code == 200 and flac.headers["content-type"] == "audio/flac"
+    samples, rate = soundfile.read(io.BytesIO(flac.content))
+    assert rate == 16_000 and samples.shape == (8_000,) and flac.headers["x-seed"] == "4"
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"duration": 3.0}, "exceeds the maximum of 2.0 s"),  # the serve config's sampler.max_duration
+    ({"duration": -1}, "positive number of seconds"),
+    ({"n": 2, "response_format": "wav"}, "returns one file: n must be 1"),
+    ({"model": "tiny"}, "this is an image model: use POST /v1/images/generations"),
+    ({"size": "32x32"}, "unknown field 'size'"),
+])
+def test_bad_audio_requests_get_400(server, body, match):
+    response = clip(server, **body)
+    assert response.status_code == 400 and match in response.json()["error"]["message"], response.text
+
+
+def test_an_audio_model_on_the_image_route_gets_400(server):
+    response = generate(server, model="tiny-audio")
+    assert response.status_code == 400
+    assert "this is an audio model: use POST /v1/audio/generations" in response.json()["error"]["message"]
 
 
 def test_multiplexed_models_and_lora_adapters_are_chosen_by_the_model_field(server):
