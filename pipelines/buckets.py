@@ -19,9 +19,9 @@ from PIL import Image
 
 from models.config_io import from_dict
 from models.geometry import DEFAULT_PATCH_SIZE, image_size, token_grid
-from models.mel import frames_for
+from models.mel import MelConfig, frames_for
 from pipelines import constants as C
-from pipelines.config import PrepareConfig
+from pipelines.config import PrepareConfig, mel_config
 from pipelines.stage import Reject, Stage, meta_of
 
 
@@ -112,8 +112,12 @@ def audio_bucket_name(duration_s: float) -> str:
     return f"{duration_s:g}s"
 
 
-def best_audio_duration(duration_s: float, durations: list[float]) -> float | None:
-    """The longest bucket duration the clip fills; None if it is shorter than every bucket."""
+def best_audio_duration(duration_s: float, durations: list[float], pad_to_s: float | None = None) -> float | None:
+    """The bucket duration of a clip: ``pad_to_s`` when the clip is shorter (it is padded up to it), else the longest
+    bucket duration the clip fills (it is centre-cropped to it: a clip longer than every bucket goes to the longest);
+    None if it is shorter than every bucket and nothing pads it."""
+    if pad_to_s is not None and duration_s < pad_to_s - 1e-9:
+        return pad_to_s
     fitting = [d for d in sorted(durations) if d <= duration_s + 1e-9]
     return fitting[-1] if fitting else None
 
@@ -127,9 +131,9 @@ def best_point_count(count: int, counts: list[int]) -> int | None:
     return fitting[-1] if fitting else None
 
 
-def mel_frames(num_samples: int) -> int:
-    """Log-mel frames of a clip (centred frames every hop: ``models.mel.frames_for``)."""
-    return frames_for(num_samples)
+def mel_frames(num_samples: int, mel: MelConfig | None = None) -> int:
+    """Log-mel frames of a clip (centred frames every hop: ``models.mel.frames_for``; default ``MelConfig()``)."""
+    return frames_for(num_samples, mel or MelConfig())
 
 
 def micro_batch_for(modality: str, size: tuple, config: PrepareConfig) -> int:
@@ -148,15 +152,17 @@ def bucket_size(row: dict) -> tuple:
     return tuple(np.asarray(row[C.BUCKET_SIZE]).tolist())
 
 
-def bucket_table(config) -> list[Bucket]:
-    """Every bucket the config allows, for --dry-run, docs and the trainer's sampler."""
+def bucket_table(config, mel: MelConfig | None = None) -> list[Bucket]:
+    """Every bucket the config allows, for --dry-run, docs and the trainer's sampler; audio sizes in samples at the
+    run's mel sample rate (``encode.run_mel``: the mel VAE's with ``encode.audio_vae``; default ``MelConfig()``)."""
+    mel = mel or MelConfig()
     table = []
     img = config.bucket.image
     for size in image_bucket_sizes(img.max_patches, img.max_aspect):
         table.append(Bucket(C.IMAGE, image_bucket_name(size), size, micro_batch_for(C.IMAGE, size, config)))
     for d in sorted(config.bucket.audio_durations_s):
         mb = micro_batch_for(C.AUDIO, (d,), config)
-        table.append(Bucket(C.AUDIO, audio_bucket_name(d), (round(d * C.SAMPLE_RATE),), mb))
+        table.append(Bucket(C.AUDIO, audio_bucket_name(d), (round(d * mel.sample_rate),), mb))
     for n in sorted(config.bucket.point_counts):
         table.append(Bucket(C.POINTS, points_bucket_name(n), (n,), micro_batch_for(C.POINTS, (n,), config)))
     return table
@@ -166,12 +172,15 @@ def bucket_table(config) -> list[Bucket]:
 class Bucketize(Stage):
     """Assign each sample its bucket (name in ``BUCKET``, numbers in ``BUCKET_SIZE``) and bring its payload to the
     bucket's size: images keep the bucket the decode stage chose and decoded them to (``decode.decode_to_bucket``),
-    audio is centre-cropped to the bucket duration, points subsampled (seeded by key, so reruns agree)."""
+    audio is centre-cropped to the bucket duration (``best_audio_duration``) or, shorter than
+    ``bucket.audio_pad_to_s``, padded with silence on the right up to it — its json records the crop start and the
+    padding in seconds —, points subsampled (seeded by key, so reruns agree)."""
 
     stage = C.STAGE_BUCKET
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, mel: dict | None = None):
         self.config = from_dict(PrepareConfig, config)
+        self.sample_rate = mel_config(mel).sample_rate  # of the decoded audio (encode.run_mel)
 
     def process_row(self, row: dict) -> dict:
         modality, payload, meta = row[C.MODALITY], row[C.PAYLOAD], meta_of(row)
@@ -180,14 +189,19 @@ class Bucketize(Stage):
             row[C.PAYLOAD] = resize_to_bucket(payload, size)  # a no-op: decoded at this size
             row[C.BUCKET] = image_bucket_name(size)
         elif modality == C.AUDIO:
-            duration = best_audio_duration(len(payload) / C.SAMPLE_RATE, self.config.bucket.audio_durations_s)
+            rate, b = self.sample_rate, self.config.bucket
+            duration = best_audio_duration(len(payload) / rate, b.audio_durations_s, b.audio_pad_to_s)
             if duration is None:
-                raise Reject(C.Reason.NO_BUCKET, f"{len(payload) / C.SAMPLE_RATE:.2f}s is shorter than every bucket")
-            n = round(duration * C.SAMPLE_RATE)
-            start = (len(payload) - n) // 2  # centre crop: keeps the middle of the clip
-            row[C.PAYLOAD] = np.ascontiguousarray(payload[start:start + n])
+                raise Reject(C.Reason.NO_BUCKET, f"{len(payload) / rate:.2f}s is shorter than every bucket "
+                                                 f"{sorted(b.audio_durations_s)} (bucket.audio_pad_to_s pads)")
+            n = round(duration * rate)
+            start = max(0, (len(payload) - n) // 2)  # centre crop: keeps the middle of the clip
+            clip = np.asarray(payload[start:start + n], dtype=np.float32)
+            pad = n - len(clip)  # silence after a clip shorter than its (padded-to) bucket
+            row[C.PAYLOAD] = np.ascontiguousarray(np.pad(clip, (0, pad)) if pad else clip)
             row[C.BUCKET], row[C.BUCKET_SIZE] = audio_bucket_name(duration), (duration,)
-            meta["crop_start_s"] = round(start / C.SAMPLE_RATE, 4)
+            meta[C.CROP_START] = round(start / rate, 4)
+            meta[C.PAD] = round(pad / rate, 4)
         else:
             count = best_point_count(len(payload), self.config.bucket.point_counts)
             if count is None:

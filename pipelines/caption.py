@@ -19,7 +19,7 @@ import torch
 from models.config_io import from_dict
 from models.storage import local_path
 from pipelines import constants as C
-from pipelines.config import PrepareConfig
+from pipelines.config import PrepareConfig, mel_config
 from pipelines.stage import Stage, meta_of, reject_row
 
 
@@ -54,9 +54,10 @@ class Captioner(Stage):
 
     stage = C.STAGE_CAPTION
 
-    def __init__(self, config: dict, modality: str, device: str | None = None):
+    def __init__(self, config: dict, modality: str, device: str | None = None, mel: dict | None = None):
         self.cfg = from_dict(PrepareConfig, config).caption
         self.modality = modality
+        self.sample_rate = mel_config(mel).sample_rate  # of the decoded audio (encode.run_mel)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = local_path(self.cfg.audio_model if modality == C.AUDIO else self.cfg.model)  # s3:// → local cache
         self.path = path
@@ -92,10 +93,10 @@ class Captioner(Stage):
         gen = {"max_new_tokens": self.cfg.max_new_tokens}
         if self.modality == C.AUDIO:
             rate = int(self.features.sampling_rate)
-            if rate != C.SAMPLE_RATE:
+            if rate != self.sample_rate:
                 import torchaudio.functional as AF
 
-                inputs = [AF.resample(torch.from_numpy(x), C.SAMPLE_RATE, rate).numpy() for x in inputs]
+                inputs = [AF.resample(torch.from_numpy(x), self.sample_rate, rate).numpy() for x in inputs]
             batch = self.features(inputs, sampling_rate=rate, return_tensors="pt", padding=True)
             out = self.model.generate(**{k: v.to(self.device) for k, v in batch.items()}, **gen)
             return self.tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -2,16 +2,17 @@
 
 Model stages run only when their model path is set (issue "Ray Data curation"): ``caption.model``,
 ``caption.audio_model``, ``filter.clip_model``, ``filter.aesthetic_model``, ``filter.clap_model``, ``encode.vae``,
-``encode.text_encoder``. Every stage has its own ``resources`` so encoders can land on other hardware than decoders.
+``encode.audio_vae``, ``encode.text_encoder``. Every stage has its own ``resources`` so encoders can land on other
+hardware than decoders.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.config_io import ConfigError
+from models.config_io import ConfigError, from_dict
+from models.mel import MelConfig
 from models.presets import OFFICIAL_MAX_ASPECT
-
 from pipelines import constants as C
 
 
@@ -129,7 +130,11 @@ class ImageBucketConfig:
 @dataclass
 class BucketConfig:
     image: ImageBucketConfig = field(default_factory=ImageBucketConfig)
+    # a clip goes to the longest of these it fills, centre-cropped to it (a clip longer than every one: the longest)
     audio_durations_s: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0, 30.0])
+    # one of audio_durations_s: a clip shorter than it is padded with silence (on the right) up to it instead of being
+    # cropped to a shorter bucket or rejected (no_bucket); None: never pad. The paper pads audio to 10 s.
+    audio_pad_to_s: float | None = None
     audio_batch_seconds: float = 320.0
     point_counts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     point_batch_points: int = 65536
@@ -139,10 +144,13 @@ class BucketConfig:
 class EncodeConfig:
     enabled: bool = True
     vae: str | None = None  # diffusers AutoencoderKL folder; without it the bucket-sized image is stored
+    # mel VAE folder (models.audio_vae, local or s3://): audio becomes its latents, computed from its own log-mel
+    # parameters (also the decode sample rate and the buckets' frame counts); without it audio is stored as log-mel
+    audio_vae: str | None = None
     vae_scaling_factor: float | None = None
     vae_shift_factor: float | None = None
-    latent_mode: str = "sample"  # "sample" (official training) or "mean" of the posterior
-    latent_dtype: str = "float16"
+    latent_mode: str = "sample"  # "sample" (official training) or "mean" of the posterior; image and audio latents
+    latent_dtype: str = "float16"  # image and audio latents
     # precomputed caption features with models.text_encoder.TextEncoder (what the trainer and sampler use online)
     text_encoder: str | None = None  # transformers model folder
     text_encoder_kind: str = "decoder"  # "decoder" (Gemma, Qwen, any AutoModel) or "t5"
@@ -150,6 +158,7 @@ class EncodeConfig:
     text_hidden_layer: int | None = None  # None: the kind's default (-2 for decoders: Lumina-Next's Gemma layer)
     text_dtype: str = "float16"
     vae_resources: Resources = field(default_factory=_actor_resources)
+    audio_vae_resources: Resources = field(default_factory=_actor_resources)
     text_resources: Resources = field(default_factory=_actor_resources)
 
 
@@ -210,8 +219,20 @@ class PrepareConfig:
             raise ConfigError("bucket.image.max_patches must be >= 1 and bucket.image.max_aspect >= 1")
         if not self.bucket.audio_durations_s or not self.bucket.point_counts:
             raise ConfigError("bucket.audio_durations_s and bucket.point_counts need at least one value")
+        if min(self.bucket.audio_durations_s) <= 0:
+            raise ConfigError(f"bucket.audio_durations_s must be > 0, got {self.bucket.audio_durations_s}")
+        pad = self.bucket.audio_pad_to_s
+        if pad is not None and not any(abs(pad - d) < 1e-9 for d in self.bucket.audio_durations_s):
+            raise ConfigError(f"bucket.audio_pad_to_s={pad:g} must be one of bucket.audio_durations_s "
+                              f"{self.bucket.audio_durations_s} (clips are padded up to that bucket)")
         if self.filter.aesthetic_model and not self.filter.clip_model:
             raise ConfigError("filter.aesthetic_model scores CLIP embeddings: set filter.clip_model too")
         if not 0 <= self.filter.phash_max_distance < 64:
             raise ConfigError("filter.phash_max_distance must be in [0, 63]")
         return self
+
+
+def mel_config(mel: dict | None) -> MelConfig:
+    """The log-mel parameters a stage was handed (``pipelines.encode.run_mel`` on the driver, as a dict: the audio VAE's
+    with ``encode.audio_vae``), or the default ``MelConfig()``."""
+    return from_dict(MelConfig, mel) if mel else MelConfig()

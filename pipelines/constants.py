@@ -37,19 +37,30 @@ SIDECAR_SUFFIX = ".json"  # 000000.json beside 000000.tar: the commit record of 
 
 # ---- encoder records (manifest columns, stats.json) -------------------------------------------------------------------
 # Manifest columns (nullable strings): canonical JSON (json.dumps(record, sort_keys=True)) of the encoder that wrote a
-# shard's tensors — the VAE of a latent shard, the text encoder of a shard with text.npy — or null without one.
+# shard's tensors — the VAE of a latent shard, the text encoder of a shard with text.npy — or null without one. The
+# ``vae`` column names the VAE of the shard's own modality: the image VAE (encode.vae, VAE_RECORD_KEYS) on image
+# latent shards, the mel VAE (encode.audio_vae, AUDIO_VAE_RECORD_KEYS) on audio latent shards
+# (docs/curation.md#encoder-records).
 MANIFEST_VAE = "vae"
 MANIFEST_TEXT_ENCODER = "text_encoder"
 ENCODER_COLUMNS = (MANIFEST_VAE, MANIFEST_TEXT_ENCODER)
-STATS_ENCODERS = "encoders"  # stats.json: {"vae": record | null, "text_encoder": record | null} of the run
-# The keys of each record. path: the model reference as given (encode.vae / encode.text_encoder: an s3:// URI, a local
-# path or a hub id — never a local cache copy); layer: the hidden-states index actually used (a default resolved).
+# The run's models by their encode.* key: encoder_records(), and stats.json's "encoders" —
+# {"vae": record | null, "audio_vae": record | null, "text_encoder": record | null}.
+AUDIO_VAE = "audio_vae"
+RUN_ENCODERS = (MANIFEST_VAE, AUDIO_VAE, MANIFEST_TEXT_ENCODER)
+STATS_ENCODERS = "encoders"
+# The keys of each record. path: the model reference as given (encode.vae / encode.audio_vae / encode.text_encoder: an
+# s3:// URI, a local path or a hub id — never a local cache copy); layer: the hidden-states index actually used (a
+# default resolved). The mel VAE's record also has its folder format, its mel frames per latent frame (downsample) and
+# its models.mel.MelConfig as a dict (mel): the features its latents were computed from.
 VAE_RECORD_KEYS = ("path", "scaling_factor", "shift_factor", "latent_channels")
+AUDIO_VAE_RECORD_KEYS = ("path", "format", "scaling_factor", "shift_factor", "latent_channels", "downsample", "mel")
 TEXT_ENCODER_RECORD_KEYS = ("path", "kind", "layer", "max_length", "pad_to_multiple_of", "hidden_size")
 
 # ---- sample members (WebDataset extensions) ----------------------------------------------------------------------------
-LATENT_MEMBER = "latent.npy"  # image VAE latents (C, H/8, W/8)
-MEL_MEMBER = "mel.npy"  # audio log-mel spectrogram (n_mels, frames), models.mel.log_mel
+# VAE latents in encode.latent_dtype: images (C, H/8, W/8); audio with encode.audio_vae (C, ⌈frames / downsample⌉)
+LATENT_MEMBER = "latent.npy"
+MEL_MEMBER = "mel.npy"  # audio without a mel VAE: log-mel spectrogram (n_mels, frames), models.mel.log_mel
 POINTS_MEMBER = "points.npy"  # point samples (N, 3) on the unit sphere
 TEXT_FEATURES_MEMBER = "text.npy"  # optional precomputed caption features (L, D), unpadded
 CAPTION_MEMBER = "txt"
@@ -85,8 +96,17 @@ CAPTION_FROM_TAR = "tar"
 CAPTION_FROM_MODEL = "model"
 
 # ---- audio (docs/design-decisions.md#log-mel-features) --------------------------------------------------------------
-# The log-mel parameters are models.mel.MelConfig's; decoding resamples every clip to its sample rate.
+# The log-mel parameters are models.mel.MelConfig's — with encode.audio_vae that VAE folder's own (its config.json),
+# handed to every audio stage by the driver (pipelines.encode.run_mel); decoding resamples every clip to its sample
+# rate. SAMPLE_RATE is the default's.
 SAMPLE_RATE = MelConfig().sample_rate
+# Keys of an audio sample's json: the caption for the audio model's second text encoder (a source's own — a sidecar
+# json / list column / tar json "structured_caption" — else the caption itself), the clip's duration as decoded (s) and
+# the silence appended to reach the bucket (s; bucket.audio_pad_to_s), next to "crop_start_s" (s cut from the start).
+STRUCTURED_CAPTION = "structured_caption"
+DURATION = "duration_s"
+PAD = "pad_s"
+CROP_START = "crop_start_s"
 
 # ---- images (docs/official-formats.md#buckets) ----------------------------------------------------------------------
 # Pixels, latents and tokens (VAE ×8, DiT patch 2: 16 pixels per token side) are models/geometry.py's to state.

@@ -4,7 +4,8 @@
   decoded straight to the sample's bucket (JPEG draft decoding at 1/2..1/8 scale, box reduction, one bicubic pass over
   the centre crop only), so a 6000-px photo never travels through the pipeline at full size and every later stage —
   models included — sees exactly the pixels that are trained on;
-- audio: any libsndfile format (wav/flac/mp3/ogg), NaN/inf, mixed to mono, resampled to 16 kHz, duration, silence;
+- audio: any libsndfile format (wav/flac/mp3/ogg), NaN/inf, mixed to mono, resampled to the run's mel sample rate
+  (16 kHz, or the mel VAE's: ``encode.run_mel``), duration, silence;
 - 3D: ply/obj/off meshes through trimesh with area-weighted surface sampling of N points, npy/npz point clouds; empty and
   degenerate shapes rejected; normalised to the unit sphere.
 
@@ -27,7 +28,7 @@ from models.config_io import from_dict
 from models.storage import filesystem
 from pipelines import constants as C
 from pipelines.buckets import best_image_bucket, cover_size, fit_to_bucket, image_bucket_sizes
-from pipelines.config import PrepareConfig
+from pipelines.config import PrepareConfig, mel_config
 from pipelines.io import options_for, read_range
 from pipelines.sources import CAPTION_COLUMNS, extension, split_source
 from pipelines.stage import Reject, Stage, meta_of
@@ -107,8 +108,8 @@ def dhash(image: np.ndarray | Image.Image) -> int:
 
 
 # ---- audio -------------------------------------------------------------------------------------------------------------
-def decode_audio(data: bytes, cfg) -> tuple[np.ndarray, dict[str, Any]]:
-    """Encoded bytes → (float32 mono waveform at SAMPLE_RATE, info). Raises Reject."""
+def decode_audio(data: bytes, cfg, sample_rate: int = C.SAMPLE_RATE) -> tuple[np.ndarray, dict[str, Any]]:
+    """Encoded bytes → (float32 mono waveform at ``sample_rate``, info). Raises Reject."""
     import soundfile as sf
 
     if not data:
@@ -125,11 +126,11 @@ def decode_audio(data: bytes, cfg) -> tuple[np.ndarray, dict[str, Any]]:
     if info["duration_s"] > cfg.max_duration_s:
         raise Reject(R.TOO_LONG, f"{info['duration_s']:.1f}s > {cfg.max_duration_s}s")
     mono = wave.mean(axis=1)
-    if rate != C.SAMPLE_RATE:
+    if rate != sample_rate:
         import torch
         import torchaudio.functional as AF
 
-        mono = AF.resample(torch.from_numpy(mono), int(rate), C.SAMPLE_RATE).numpy()
+        mono = AF.resample(torch.from_numpy(mono), int(rate), int(sample_rate)).numpy()
     rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
     level = 20 * math.log10(rms) if rms > 0 else -math.inf
     info["rms_db"] = round(level, 2) if math.isfinite(level) else None
@@ -244,10 +245,11 @@ class Decode(Stage):
 
     stage = C.STAGE_DECODE
 
-    def __init__(self, config: dict, modality: str, s3_options: dict):
+    def __init__(self, config: dict, modality: str, s3_options: dict, mel: dict | None = None):
         self.config = from_dict(PrepareConfig, config)
         self.modality = modality
         self.s3_options = s3_options
+        self.sample_rate = mel_config(mel).sample_rate  # audio: the run's log-mel parameters (encode.run_mel)
         b = self.config.bucket.image
         self.bucket_sizes = image_bucket_sizes(b.max_patches, b.max_aspect)
         w, e = self.config.write, self.config.encode
@@ -296,7 +298,7 @@ class Decode(Stage):
             payload = np.asarray(img)
             keep = keep or (self.passthrough is not None and stored_as_is(info, payload.shape, self.passthrough))
         elif self.modality == C.AUDIO:
-            payload, info = decode_audio(data, self.config.decode.audio)
+            payload, info = decode_audio(data, self.config.decode.audio, self.sample_rate)
         else:
             seed = int(key, 16) % (2**32)  # same key → same samples on every rerun
             payload, info = decode_points(data, extension(member or url), self.config.decode.points, seed)

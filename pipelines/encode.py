@@ -1,10 +1,13 @@
-"""Encode (issue "Stages: encode"): image VAE latents, audio log-mel spectrograms, point samples, optional text features.
+"""Encode (issue "Stages: encode"): image VAE latents, audio log-mel spectrograms or mel-VAE latents (paper §5.2), point
+samples, optional text features.
 
 Each stage fills the ``tensor`` column with what goes into the sample's tensor member (``constants.*_MEMBER``); without a
-VAE the image itself (bucket-sized uint8 HxWx3) is the tensor and is stored as an image file.
+VAE the image itself (bucket-sized uint8 HxWx3) is the tensor and is stored as an image file, without a mel VAE the
+audio's log-mel spectrogram.
 
-``encoder_records`` gives the VAE / text-encoder records the manifest and stats.json carry (docs/curation.md "Encoder
-records"), read on the driver from each model's config.json; the encode stages check the models they load against them.
+``encoder_records`` gives the VAE / mel-VAE / text-encoder records the manifest and stats.json carry (docs/curation.md
+"Encoder records"), read on the driver from each model's config.json; the encode stages check the models they load
+against them. ``run_mel`` gives the log-mel parameters of a run's audio: the mel VAE's own, from its record.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from models.config_io import ConfigError, from_dict
+from models.config_io import ConfigError, from_dict, to_dict
 from models.mel import MelConfig
 from models.storage import filesystem
 from pipelines import constants as C
-from pipelines.config import EncodeConfig, PrepareConfig
+from pipelines.config import EncodeConfig, PrepareConfig, mel_config
 from pipelines.io import options_for
 from pipelines.stage import Stage, meta_of
 
@@ -97,11 +100,57 @@ def text_encoder_record(encode: EncodeConfig, s3_options: dict | None = None) ->
             "hidden_size": feature_width(config)}
 
 
+def _audio_vae_fields(path: str, cfg) -> dict[str, Any]:
+    """The record (constants.AUDIO_VAE_RECORD_KEYS) of a mel VAE at ``path`` with ``AudioVAEConfig`` ``cfg``."""
+    from models.audio_vae import AUDIO_VAE_FORMAT
+
+    return {"path": path, "format": AUDIO_VAE_FORMAT, "scaling_factor": float(cfg.scaling_factor),
+            "shift_factor": float(cfg.shift_factor), "latent_channels": int(cfg.latent_channels),
+            "downsample": int(cfg.downsample), "mel": to_dict(cfg.mel)}
+
+
+def audio_vae_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str, Any] | None:
+    """The mel-VAE record of ``encode`` (constants.AUDIO_VAE_RECORD_KEYS), from the folder's config.json alone
+    (``models.audio_vae.read_audio_vae_config``): scale and shift, latent channels, downsampling and the VAE's
+    ``MelConfig``, which the run's audio stages then use (``run_mel``). None when no mel VAE encodes; a ConfigError
+    naming ``encode.audio_vae`` when the folder is not a mel VAE. ``AudioVaeEncode`` checks its model against it."""
+    if not (encode.enabled and encode.audio_vae):
+        return None
+    from models.audio_vae import AUDIO_VAE_FORMAT, read_audio_vae_config
+
+    try:
+        cfg = _read_config(encode.audio_vae, s3_options, read_audio_vae_config, "encode.audio_vae",
+                           f"a mel VAE ({AUDIO_VAE_FORMAT!r})")
+    except (KeyError, TypeError, AttributeError) as exc:  # the right format, but no "model" mapping
+        raise ConfigError(f"encode.audio_vae={encode.audio_vae!r}: its config.json is not that of a mel VAE folder "
+                          f"(models.audio_vae.AudioVAE.save_pretrained): {type(exc).__name__}: {exc}") from exc
+    return _audio_vae_fields(encode.audio_vae, cfg)
+
+
 def encoder_records(config: PrepareConfig, s3_options: dict | None = None) -> dict[str, dict[str, Any] | None]:
-    """``{"vae": record | None, "text_encoder": record | None}`` of a run (the VAE only when it reads images).
-    Raises ConfigError when a configured model has no readable config.json."""
-    vae = vae_record(config.encode, s3_options) if C.IMAGE in config.read.modalities else None
-    return {C.MANIFEST_VAE: vae, C.MANIFEST_TEXT_ENCODER: text_encoder_record(config.encode, s3_options)}
+    """``{"vae": record | None, "audio_vae": record | None, "text_encoder": record | None}`` of a run (the VAE only when
+    it reads images, the mel VAE only when it reads audio). Raises ConfigError when a configured model has no readable
+    config.json, or the mel VAE folder is not one."""
+    modalities = config.read.modalities
+    vae = vae_record(config.encode, s3_options) if C.IMAGE in modalities else None
+    audio_vae = audio_vae_record(config.encode, s3_options) if C.AUDIO in modalities else None
+    return {C.MANIFEST_VAE: vae, C.AUDIO_VAE: audio_vae,
+            C.MANIFEST_TEXT_ENCODER: text_encoder_record(config.encode, s3_options)}
+
+
+def run_encoders(modality: str, encoders: dict[str, dict | None]) -> dict[str, dict | None]:
+    """What a run with ``encoders`` (``encoder_records``) records on its shards of ``modality``, by manifest column
+    (cf. ``shards.shard_encoders``): ``vae`` is the VAE of that modality's latents — the image VAE for images, the mel
+    VAE for audio, none for points."""
+    vae = {C.IMAGE: encoders.get(C.MANIFEST_VAE), C.AUDIO: encoders.get(C.AUDIO_VAE)}.get(modality)
+    return {C.MANIFEST_VAE: vae, C.MANIFEST_TEXT_ENCODER: encoders.get(C.MANIFEST_TEXT_ENCODER)}
+
+
+def run_mel(encoders: dict[str, dict | None]) -> MelConfig:
+    """The log-mel parameters of a run's audio — decode sample rate, bucket frame counts, features: the mel VAE's own
+    (its record's ``mel``) with ``encode.audio_vae``, else ``MelConfig()``. So a VAE and its data never disagree."""
+    record = encoders.get(C.AUDIO_VAE)
+    return mel_config(record["mel"]) if record else MelConfig()
 
 
 def _check_record(stage: str, expected: dict[str, Any] | None, loaded: dict[str, Any]) -> None:
@@ -151,6 +200,51 @@ class VaeEncode(Stage):
         return rows, []
 
 
+class AudioVaeEncode(Stage):
+    """Bucket-sized waveforms → log-mel with the VAE's own ``MelConfig`` → normalised mel-VAE latents
+    (latent_channels, ⌈frames / downsample⌉) with ``models.audio_vae.AudioVAE`` (paper §5.2), in
+    ``encode.latent_dtype``. The json's ``latent`` entry has the scale and shift, the mode and ``mel_frames``, the
+    frame count to crop a decoded latent back to (``AudioVAE.decode(latent, frames=mel_frames)``).
+
+    A batch may mix buckets; it is encoded one length at a time."""
+
+    stage = C.STAGE_ENCODE
+
+    def __init__(self, config: dict, device: str | None = None, record: dict | None = None):
+        import torch
+
+        from models.audio_vae import AudioVAE
+
+        cfg = from_dict(PrepareConfig, config).encode
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.vae = AudioVAE.from_pretrained(cfg.audio_vae, device=self.device)  # s3:// → the local cache
+        _check_record("AudioVaeEncode", record, _audio_vae_fields(cfg.audio_vae, self.vae.config))
+        self.sample = cfg.latent_mode == "sample"
+        self.dtype = np.dtype(cfg.latent_dtype)
+
+    def process_rows(self, rows):
+        import torch
+
+        from models import mel
+
+        groups = defaultdict(list)
+        for i, r in enumerate(rows):
+            groups[len(r[C.PAYLOAD])].append(i)
+        vae = self.vae.config
+        for indices in groups.values():
+            waves = torch.from_numpy(np.stack([np.asarray(rows[i][C.PAYLOAD], np.float32) for i in indices]))
+            spectra = mel.log_mel(waves.to(self.device), vae.mel)  # (B, n_mels, frames)
+            # the posterior's noise is drawn on the CPU (AudioVAE.sample_posterior), so every device agrees
+            generator = torch.Generator().manual_seed(int(rows[indices[0]][C.KEY], 16) % (2**31))
+            z = self.vae.encode(spectra, sample=self.sample, generator=generator).float().cpu().numpy()
+            for j, i in enumerate(indices):
+                rows[i][C.TENSOR] = z[j].astype(self.dtype)
+                meta_of(rows[i])["latent"] = {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
+                                              "mode": "sample" if self.sample else "mean",
+                                              "mel_frames": int(spectra.shape[-1])}
+        return rows, []
+
+
 def log_mel(waveform: np.ndarray, cfg: MelConfig | None = None) -> np.ndarray:
     """float32 mono waveform at ``cfg.sample_rate`` → (n_mels, frames) float32 natural-log mel spectrogram, computed by
     ``models.mel.log_mel`` (docs/design-decisions.md#log-mel-features; default ``MelConfig()``: 16 kHz, n_fft 1024,
@@ -164,14 +258,18 @@ def log_mel(waveform: np.ndarray, cfg: MelConfig | None = None) -> np.ndarray:
 
 
 class TensorEncode(Stage):
-    """The model-free encodings: log-mel for audio, points as they are, the bucket-sized image when there is no VAE."""
+    """The model-free encodings: log-mel for audio (with the run's ``mel`` parameters: ``run_mel``), points as they
+    are, the bucket-sized image when there is no VAE."""
 
     stage = C.STAGE_ENCODE
+
+    def __init__(self, mel: dict | None = None):
+        self.mel = mel_config(mel)
 
     def process_row(self, row):
         modality = row[C.MODALITY]
         if modality == C.AUDIO:
-            row[C.TENSOR] = log_mel(row[C.PAYLOAD])
+            row[C.TENSOR] = log_mel(row[C.PAYLOAD], self.mel)
         else:
             row[C.TENSOR] = np.ascontiguousarray(row[C.PAYLOAD])
         return row

@@ -13,7 +13,7 @@ from typing import Any
 
 from models.config_io import from_dict
 from pipelines import constants as C
-from pipelines.config import PrepareConfig
+from pipelines.config import PrepareConfig, mel_config
 from pipelines.stage import Reject, Stage, meta_of, reject_row
 
 R = C.Reason
@@ -24,8 +24,9 @@ class RuleFilter(Stage):
 
     stage = C.STAGE_FILTER
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, mel: dict | None = None):
         self.cfg = from_dict(PrepareConfig, config).filter
+        self.sample_rate = mel_config(mel).sample_rate  # of the decoded audio (encode.run_mel)
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         cfg, modality = self.cfg, row[C.MODALITY]
@@ -37,7 +38,7 @@ class RuleFilter(Stage):
             if max(w, h) / min(w, h) > cfg.max_image_aspect:
                 raise Reject(R.BAD_ASPECT, f"{w}x{h} aspect > {cfg.max_image_aspect}")
         elif modality == C.AUDIO:
-            duration = len(row[C.PAYLOAD]) / C.SAMPLE_RATE
+            duration = len(row[C.PAYLOAD]) / self.sample_rate
             if duration < cfg.min_duration_s:
                 raise Reject(R.TOO_SHORT, f"{duration:.2f}s < {cfg.min_duration_s}s")
             if duration > cfg.max_duration_s:

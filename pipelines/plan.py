@@ -19,9 +19,18 @@ from models.config_io import ConfigError, to_dict
 from pipelines import constants as C
 from pipelines.buckets import Bucketize, bucket_table
 from pipelines.caption import Captioner
-from pipelines.config import PrepareConfig, Resources
+from pipelines.config import PrepareConfig, Resources, mel_config
 from pipelines.decode import Decode
-from pipelines.encode import TensorEncode, TextEncode, VaeEncode, encoder_records
+from pipelines.encode import (
+    AudioVaeEncode,
+    TensorEncode,
+    TextEncode,
+    VaeEncode,
+    audio_vae_record,
+    encoder_records,
+    run_encoders,
+    run_mel,
+)
 from pipelines.filters import Dedup, DedupIndex, RuleFilter, dedup_name
 from pipelines.io import options_for, resolve_storage
 from pipelines.ledger import Ledger, ledger_name, new_run_id
@@ -56,13 +65,14 @@ class PreparePlan:
     config: PrepareConfig
     run_id: str
     stages: dict[str, list[StageSpec]] = field(default_factory=dict)
+    mel: dict[str, Any] = field(default_factory=dict)  # the audio stages' log-mel parameters (run_mel), as a dict
 
     def describe(self) -> str:
         lines = [f"run {self.run_id}: {', '.join(self.config.inputs)} → {self.config.output}"]
         for modality, specs in self.stages.items():
             lines.append(f"  {modality}:")
             lines.extend(f"    {i + 1}. {describe(group)}" for i, group in enumerate(operators(specs)))
-        table = bucket_table(self.config)
+        table = bucket_table(self.config, mel_config(self.mel))
         for modality in self.stages:
             buckets = [b for b in table if b.modality == modality]
             shown = ", ".join(f"{b.name}(mb {b.micro_batch})" for b in buckets[:6])
@@ -72,33 +82,45 @@ class PreparePlan:
 
 def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = None,
                encoders: dict[str, dict | None] | None = None) -> PreparePlan:
-    """The stages of each modality, from the config alone (nothing is read, no model is loaded). ``encoders``: the
-    run's records (``encoder_records``), which the encode stages check the models they load against."""
-    encoders = encoders or {}
+    """The stages of each modality, from the config alone (no model is loaded). ``encoders``: the run's records
+    (``encoder_records``), which the encode stages check the models they load against, and whose mel-VAE record gives
+    the audio stages their log-mel parameters (``run_mel``); without them (``--dry-run``) only the mel VAE's
+    config.json is read, for those parameters — a folder that is no mel VAE is a ConfigError here too."""
+    if encoders is None:
+        audio = C.AUDIO in config.read.modalities
+        encoders = {C.AUDIO_VAE: audio_vae_record(config.encode, s3_options) if audio else None}
     run_id = run_id or new_run_id()
     cfg = to_dict(config)  # stages rebuild the dataclass inside the worker (docs/architecture.md#design-rules)
-    plan = PreparePlan(config, run_id)
+    mel = to_dict(run_mel(encoders))
+    plan = PreparePlan(config, run_id, mel=mel)
     dec_res = config.decode.resources
     for modality in config.read.modalities:
-        specs = [StageSpec(Decode, {"config": cfg, "modality": modality, "s3_options": s3_options}, dec_res, False)]
+        # the audio stages' sample rate, frame counts, features: the mel VAE's parameters (docs/curation.md#encodings)
+        audio = {"mel": mel} if modality == C.AUDIO else {}
+        specs = [StageSpec(Decode, {"config": cfg, "modality": modality, "s3_options": s3_options, **audio}, dec_res,
+                           False)]
         f = config.filter
         if f.enabled:
-            specs.append(StageSpec(RuleFilter, {"config": cfg}, dec_res, False))
+            specs.append(StageSpec(RuleFilter, {"config": cfg, **audio}, dec_res, False))
         caption_model = config.caption.audio_model if modality == C.AUDIO else config.caption.model
         if config.caption.enabled and caption_model:
-            specs.append(StageSpec(Captioner, {"config": cfg, "modality": modality}, config.caption.resources, True))
+            specs.append(StageSpec(Captioner, {"config": cfg, "modality": modality, **audio},
+                                   config.caption.resources, True))
         score_model = {C.IMAGE: f.clip_model, C.AUDIO: f.clap_model}.get(modality)
         if f.enabled and score_model:
-            specs.append(StageSpec(ScoreFilter, {"config": cfg, "modality": modality}, f.resources, True))
+            specs.append(StageSpec(ScoreFilter, {"config": cfg, "modality": modality, **audio}, f.resources, True))
         if f.enabled and (f.dedup_exact or f.dedup_perceptual):
             specs.append(StageSpec(Dedup, {"config": cfg, "index": dedup_name(run_id)}, dec_res, False))
-        specs.append(StageSpec(Bucketize, {"config": cfg}, dec_res, False))
+        specs.append(StageSpec(Bucketize, {"config": cfg, **audio}, dec_res, False))
         e = config.encode
         if modality == C.IMAGE and e.enabled and e.vae:
             specs.append(StageSpec(VaeEncode, {"config": cfg, "record": encoders.get(C.MANIFEST_VAE)},
                                    e.vae_resources, True))
+        elif modality == C.AUDIO and e.enabled and e.audio_vae:
+            specs.append(StageSpec(AudioVaeEncode, {"config": cfg, "record": encoders.get(C.AUDIO_VAE)},
+                                   e.audio_vae_resources, True))
         else:
-            specs.append(StageSpec(TensorEncode, {}, dec_res, False))
+            specs.append(StageSpec(TensorEncode, dict(audio), dec_res, False))
         if e.enabled and e.text_encoder:
             text = {"config": cfg, "output_options": options_for(config.output, s3_options),
                     "record": encoders.get(C.MANIFEST_TEXT_ENCODER)}
@@ -239,16 +261,11 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     return stats
 
 
-def run_encoders(modality: str, encoders: dict[str, dict | None]) -> dict[str, dict | None]:
-    """What a run with ``encoders`` (``encoder_records``) records on its shards of ``modality`` (cf. shard_encoders)."""
-    return {C.MANIFEST_VAE: encoders.get(C.MANIFEST_VAE) if modality == C.IMAGE else None,
-            C.MANIFEST_TEXT_ENCODER: encoders.get(C.MANIFEST_TEXT_ENCODER)}
-
-
 def check_encoders(state: OutputState, config: PrepareConfig, encoders: dict[str, dict | None]) -> None:
     """Refuse (ConfigError) to add shards to an output whose committed shards of a modality this run reads were written
     with other encoders than this run's (``encoders``, from ``encoder_records``): another VAE, scale, shift or latent
-    channels; latents next to images stored as images; another text encoder or text setting; text features next to
+    channels (of the image VAE or of the mel VAE, whose record also has its mel parameters); latents next to images
+    stored as images, or next to audio stored as log-mel; another text encoder or text setting; text features next to
     shards without; shards without records (an older jobs.prepare) next to ones with. Resuming never mixes encoders."""
     rows = state.manifest_table().to_pylist()
     for modality in config.read.modalities:
@@ -261,29 +278,31 @@ def check_encoders(state: OutputState, config: PrepareConfig, encoders: dict[str
             raise ConfigError(f"{config.output}: its {modality} shards already mix encoders: {exc}") from exc
         wanted = run_encoders(modality, encoders)
         fix = "rerun with the encode settings of the existing shards, or write to a new --output"
-        if modality == C.IMAGE:
+        if modality in (C.IMAGE, C.AUDIO):
             members = sorted({str(r["member"]) for r in existing_rows})
             latents = wanted[C.MANIFEST_VAE] is not None
+            key, stored = ("encode.vae", "images") if modality == C.IMAGE else ("encode.audio_vae", "log-mel")
             if latents and members != [C.LATENT_MEMBER]:
-                raise ConfigError(f"{config.output} holds image shards stored as {members}, but this run would add VAE "
-                                  f"latents ({encoder_json(wanted[C.MANIFEST_VAE])}); {fix}")
+                raise ConfigError(f"{config.output} holds {modality} shards stored as {members}, but this run would "
+                                  f"add VAE latents ({encoder_json(wanted[C.MANIFEST_VAE])}); {fix}")
             if not latents and C.LATENT_MEMBER in members:
-                raise ConfigError(f"{config.output} holds image shards of VAE latents "
+                raise ConfigError(f"{config.output} holds {modality} shards of VAE latents "
                                   f"({_described(C.MANIFEST_VAE, existing[C.MANIFEST_VAE])}), but this run would store "
-                                  f"images (no encode.vae, or encode.enabled=false); {fix}")
+                                  f"{stored} (no {key}, or encode.enabled=false); {fix}")
         for column in C.ENCODER_COLUMNS:
             have, want = existing[column], wanted[column]
             if have != want:
-                theirs, ours = _described(column, have), _described(column, want, existing=False)
+                theirs, ours = _described(column, have), _described(column, want, existing=False, modality=modality)
                 raise ConfigError(f"{config.output} holds {modality} shards written with {column} {theirs}, but this "
                                   f"run's is {ours}; {fix}")
 
 
-def _described(column: str, record: dict | None, existing: bool = True) -> str:
+def _described(column: str, record: dict | None, existing: bool = True, modality: str = C.IMAGE) -> str:
     if record is not None:
         return encoder_json(record)
     if not existing:
-        return f"none (no encode.{column}, or encode.enabled=false)"
+        key = C.AUDIO_VAE if column == C.MANIFEST_VAE and modality == C.AUDIO else column
+        return f"none (no encode.{key}, or encode.enabled=false)"
     if column == C.MANIFEST_VAE:
         return "none (no VAE latents, or latents written by an older jobs.prepare without a record)"
     return "none (no precomputed text features, or features written by an older jobs.prepare without a record)"
@@ -311,7 +330,7 @@ def make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, wall, encod
     encoders = encoders or {}
     return {
         "run_id": run_id,
-        C.STATS_ENCODERS: {name: encoders.get(name) for name in C.ENCODER_COLUMNS},
+        C.STATS_ENCODERS: {name: encoders.get(name) for name in C.RUN_ENCODERS},
         "run": {"stages": stages, "written_samples": written, "written_shards": sum(t["shards"] for t in totals),
                 "seconds": round(elapsed, 3), "wall_seconds": round(wall, 3),
                 "samples_per_s": round(written / elapsed, 2) if elapsed > 0 else None},

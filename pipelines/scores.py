@@ -12,7 +12,7 @@ import torch
 from models.config_io import from_dict
 from models.storage import local_path
 from pipelines import constants as C
-from pipelines.config import PrepareConfig
+from pipelines.config import PrepareConfig, mel_config
 from pipelines.stage import Stage, meta_of, reject_row
 
 R = C.Reason
@@ -61,11 +61,12 @@ class ScoreFilter(Stage):
 
     stage = C.STAGE_SCORE
 
-    def __init__(self, config: dict, modality: str, device: str | None = None):
+    def __init__(self, config: dict, modality: str, device: str | None = None, mel: dict | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = from_dict(PrepareConfig, config).filter
         self.modality = modality
+        self.sample_rate = mel_config(mel).sample_rate  # of the decoded audio (encode.run_mel)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = local_path(self.cfg.clip_model if modality == C.IMAGE else self.cfg.clap_model)  # s3:// → local cache
         self.model = AutoModel.from_pretrained(path).to(self.device).eval()
@@ -90,7 +91,7 @@ class ScoreFilter(Stage):
         import torchaudio.functional as AF
 
         rate = int(self.processor.sampling_rate)
-        waves = [AF.resample(torch.from_numpy(p), C.SAMPLE_RATE, rate).numpy() if rate != C.SAMPLE_RATE else p
+        waves = [AF.resample(torch.from_numpy(p), self.sample_rate, rate).numpy() if rate != self.sample_rate else p
                  for p in payloads]
         inputs = self.processor(waves, sampling_rate=rate, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}

@@ -67,14 +67,16 @@ def shard_encoders(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any] | Non
 
     ``rows`` are manifest rows of ONE modality (``read_manifest(root).to_pylist()`` filtered by ``row["modality"]``, or
     ``list_shards(root, modality=...)``); rows of several modalities raise ValueError, because one modality may
-    legitimately have text features and another not. Records are those of ``constants.VAE_RECORD_KEYS`` /
-    ``constants.TEXT_ENCODER_RECORD_KEYS``, parsed from the ``vae`` / ``text_encoder`` columns.
+    legitimately have text features and another not (and images and audio have VAEs of their own). Records are those of
+    ``constants.VAE_RECORD_KEYS`` (audio: ``AUDIO_VAE_RECORD_KEYS``) / ``constants.TEXT_ENCODER_RECORD_KEYS``, parsed
+    from the ``vae`` / ``text_encoder`` columns.
 
     Every shard must agree, else ValueError naming two shards (their paths) and their records:
 
-    - ``vae`` is judged over the latent shards only (member ``latent.npy``): images stored as images carry no VAE and
-      audio / point shards no latent, so a modality without latent shards gives None. Latent shards that all lack the
-      record (a manifest written before the records existed: the column is missing or null) give None, "unknown";
+    - ``vae`` is judged over the latent shards only (member ``latent.npy``): the image VAE's record for image latents,
+      the mel VAE's (``constants.AUDIO_VAE_RECORD_KEYS``, with its mel parameters) for audio latents; images stored as
+      images, audio stored as log-mel and point shards carry no VAE, so a modality without latent shards gives None.
+      Latent shards that all lack the record (a manifest written before the records existed: the column is missing or null) give None, "unknown";
       some latent shards with a record and some without is an error, as are two different records.
     - ``text_encoder`` is judged over every row: None when no shard records one (no precomputed text features, or an
       older manifest); a shard with a record next to one without (features from a text encoder next to shards without

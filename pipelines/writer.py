@@ -5,8 +5,9 @@ owns their bucket. A writer streams each bucket into one open tar at a time; aft
 closes the tar and commits it: the tar gets its final name (rename on a filesystem; on S3 the upload itself completes
 atomically), then the sidecar ``NNNNNN.json`` is written atomically. The sidecar is the commit record: the manifest is
 rebuilt from sidecars only, so an interrupted run leaves no half shard in it, and the sidecar's key list is what a rerun
-skips; it also carries the shard's encoder records (``vae`` for latent shards, ``text_encoder`` for shards with text
-features). At the end of a run ``flush`` commits every bucket's last, partial shard.
+skips; it also carries the shard's encoder records (``vae`` for latent shards: the image VAE or the mel VAE, by
+modality; ``text_encoder`` for shards with text features). At the end of a run ``flush`` commits every bucket's last,
+partial shard.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipelines import constants as C
 from pipelines.buckets import bucket_size, micro_batch_for
 from pipelines.config import PrepareConfig
 from pipelines.decode import stored_as_is
+from pipelines.encode import run_encoders
 from pipelines.io import is_local, write_atomic
 from pipelines.shards import encoder_json
 from pipelines.stage import Stage, meta_of
@@ -109,8 +111,8 @@ class ShardWriter:
     def __init__(self, output: str, s3_options: dict, run_id: str, samples_per_shard: int,
                  next_index: dict[str, int], encoders: dict[str, dict | None] | None = None):
         self.fs, self.root = filesystem(output, s3_options)
-        # this run's encoder records ({"vae": …, "text_encoder": …}, pipelines.encode.encoder_records), stamped on the
-        # sidecar (→ manifest row) of each shard whose tensors they wrote
+        # this run's encoder records ({"vae": …, "audio_vae": …, "text_encoder": …}, pipelines.encode.encoder_records),
+        # stamped on the sidecar (→ manifest row) of each shard whose tensors they wrote (encode.run_encoders)
         self.encoders = dict(encoders or {})
         self.local = is_local(self.fs)
         self.run_id = run_id
@@ -155,8 +157,9 @@ class ShardWriter:
         if shard["target"] != shard["final"]:
             self.fs.mv(shard["target"], shard["final"])
         modality, bucket = slot.split("/", 1)
-        vae = self.encoders.get(C.MANIFEST_VAE) if shard["info"].get("member") == C.LATENT_MEMBER else None
-        text_encoder = self.encoders.get(C.MANIFEST_TEXT_ENCODER) if shard["text"] else None
+        records = run_encoders(modality, self.encoders)
+        vae = records[C.MANIFEST_VAE] if shard["info"].get("member") == C.LATENT_MEMBER else None
+        text_encoder = records[C.MANIFEST_TEXT_ENCODER] if shard["text"] else None
         sidecar = {
             "path": shard["rel"], "modality": modality, "bucket": bucket, **shard["info"],
             "samples": len(shard["records"]), "bytes": shard["stream"].size, "sha256": shard["stream"].sha.hexdigest(),
@@ -189,9 +192,11 @@ class WriteShards(Stage):
         self.writers = [ray.get_actor(writer_name(run_id, i)) for i in range(self.config.write.num_writers)]
 
     def member_of(self, modality: str) -> str:
+        e = self.config.encode
         if modality == C.IMAGE:
-            return C.LATENT_MEMBER if self.config.encode.vae and self.config.encode.enabled else \
-                self.config.write.image_format
+            return C.LATENT_MEMBER if e.vae and e.enabled else self.config.write.image_format
+        if modality == C.AUDIO and e.audio_vae and e.enabled:
+            return C.LATENT_MEMBER
         return TENSOR_MEMBERS[modality]
 
     def sample_of(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +206,8 @@ class WriteShards(Stage):
         meta.update(key=str(row[C.KEY]), source=str(row[C.SOURCE]), modality=modality, bucket=str(row[C.BUCKET]),
                     caption_source=str(row[C.CAPTION_SOURCE]) or None, sha256=str(row[C.SHA256]),
                     phash=int(row[C.PHASH]), shape=list(tensor.shape), member=member)
+        if modality == C.AUDIO:
+            meta[C.STRUCTURED_CAPTION] = structured_caption(meta.get(C.STRUCTURED_CAPTION), str(row[C.CAPTION]))
         w = self.config.write
         original = bytes(row.get(C.DATA, b""))
         if member.endswith(".npy"):
@@ -237,6 +244,16 @@ class WriteShards(Stage):
         ray.get(pending)  # back-pressure: the next batch waits for the writers
         # only the keys leave the stage: the payloads are written, nothing downstream needs them
         return [{C.KEY: str(r[C.KEY])} for r in rows], []
+
+
+def structured_caption(given: Any, caption: str) -> str:
+    """The caption of an audio sample's second text encoder (``constants.STRUCTURED_CAPTION``): the source's own — a
+    string as it is, anything else (a mapping of tags, a list) as its canonical JSON — else the caption itself."""
+    if isinstance(given, str):
+        return given if given.strip() else caption
+    if given is None or given in ({}, []):
+        return caption
+    return json.dumps(given, sort_keys=True, default=str)
 
 
 def new_writer_id() -> str:

@@ -141,7 +141,7 @@ def test_corrupted_corpus_local(local_run, corpus):
     saved = json.loads((out / C.STATS_FILE).read_text())
     assert saved["total"]["samples"] == len(good) and saved["total"]["rejected"] == len(bad)
     # no VAE, no text encoder: the records say so
-    assert saved[C.STATS_ENCODERS] == {C.MANIFEST_VAE: None, C.MANIFEST_TEXT_ENCODER: None}
+    assert saved[C.STATS_ENCODERS] == {C.MANIFEST_VAE: None, C.AUDIO_VAE: None, C.MANIFEST_TEXT_ENCODER: None}
     assert all(r[C.MANIFEST_VAE] is None and r[C.MANIFEST_TEXT_ENCODER] is None
                for r in read_manifest(str(out)).to_pylist())
 
@@ -317,7 +317,8 @@ def test_model_stages_with_list_and_tar_inputs(ray_cluster, corpus, tmp_path):
         assert row[C.MANIFEST_VAE] == (json.dumps(vae, sort_keys=True) if row["modality"] == C.IMAGE else None)
         assert row[C.MANIFEST_TEXT_ENCODER] == json.dumps(text, sort_keys=True)
     saved = json.loads((Path(cfg.output) / C.STATS_FILE).read_text())
-    assert stats[C.STATS_ENCODERS] == saved[C.STATS_ENCODERS] == {C.MANIFEST_VAE: vae, C.MANIFEST_TEXT_ENCODER: text}
+    assert stats[C.STATS_ENCODERS] == saved[C.STATS_ENCODERS] == {C.MANIFEST_VAE: vae, C.AUDIO_VAE: None,
+                                                                  C.MANIFEST_TEXT_ENCODER: text}
     assert shard_encoders([r for r in rows if r["modality"] == C.IMAGE]) == {C.MANIFEST_VAE: vae,
                                                                              C.MANIFEST_TEXT_ENCODER: text}
     assert shard_encoders([r for r in rows if r["modality"] == C.POINTS]) == {C.MANIFEST_VAE: None,

@@ -355,6 +355,7 @@ def test_encoder_records_from_config_json_on_s3(tmp_path, s3_bucket, s3_server):
     assert records == {
         C.MANIFEST_VAE: {"path": f"s3://{s3_bucket}/models/vae", "scaling_factor": vae.scaling_factor,
                          "shift_factor": 0.5, "latent_channels": vae.latent_channels},
+        C.AUDIO_VAE: None,  # no encode.audio_vae
         C.MANIFEST_TEXT_ENCODER: {"path": f"s3://{s3_bucket}/models/te", "kind": "decoder", "layer": te.layer,
                                   "max_length": 64, "pad_to_multiple_of": te.pad_to_multiple_of,
                                   "hidden_size": te.hidden_size},

@@ -163,14 +163,17 @@ def check_encoders(cfg: TrainJobConfig, catalog: ShardCatalog) -> None:
     scale, shift or latent channels differ from the VAE that made the latents is an error (the export would decode
     with it: silently wrong images); another location of the same settings, or of a text encoder whose width agrees,
     is a warning (the export records the given one)."""
-    vae = catalog.encoders.get("vae")
+    vae = catalog.encoders.get("vae")  # the VAE of the shards' latents: the image VAE, or the mel VAE of audio
     if vae and cfg.model.vae and cfg.model.vae != vae["path"]:
         from pipelines.config import EncodeConfig
-        from pipelines.encode import vae_record
+        from pipelines.encode import audio_vae_record, vae_record
 
-        given = vae_record(EncodeConfig(vae=cfg.model.vae))  # its config.json alone
-        differ = {k: (given[k], vae[k]) for k in ("scaling_factor", "shift_factor", "latent_channels")
-                  if given[k] != vae[k]}
+        audio = cfg.data.modality == C.AUDIO
+        # its config.json alone
+        given = audio_vae_record(EncodeConfig(audio_vae=cfg.model.vae)) if audio else vae_record(
+            EncodeConfig(vae=cfg.model.vae))
+        keys = ("scaling_factor", "shift_factor", "latent_channels") + (("downsample", "mel") if audio else ())
+        differ = {k: (given[k], vae[k]) for k in keys if given[k] != vae[k]}
         if differ:
             raise ConfigError(f"model.vae {cfg.model.vae} is not the VAE that encoded the shards ({vae['path']}): "
                               + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
