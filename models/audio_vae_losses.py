@@ -126,7 +126,8 @@ def adaptive_weight(rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tens
 def vae_loss(vae: nn.Module, discriminator: MultiWindowDiscriminator, mel: torch.Tensor, step: int,
              cfg: AudioVAELossConfig, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """L_VAE of a batch ``mel`` (B, n_mels, T) for an ``AudioVAE``: (loss, reconstruction, logged floats)."""
+    """L_VAE of a batch ``mel`` (B, n_mels, T) for an ``AudioVAE`` (or a DistributedDataParallel of one: its
+    ``module`` gives the last layer): (loss, reconstruction, logged floats)."""
     reconstruction, mean, logvar = vae(mel, sample=True, generator=generator)
     rec = reconstruction_loss(mel, reconstruction)
     kl = kl_loss(mean, logvar, mel[0].numel())
@@ -134,7 +135,7 @@ def vae_loss(vae: nn.Module, discriminator: MultiWindowDiscriminator, mel: torch
     logs = {"rec_l1": float(rec.detach()), "kl": float(kl.detach())}
     if step >= cfg.disc_start:
         adv = hinge_generator_loss(discriminator(reconstruction, generator=generator))
-        weight = cfg.adversarial_weight * adaptive_weight(rec, adv, vae.last_layer)
+        weight = cfg.adversarial_weight * adaptive_weight(rec, adv, getattr(vae, "module", vae).last_layer)
         loss = loss + weight * adv
         logs.update(adv=float(adv.detach()), adv_weight=float(weight))
     logs["loss"] = float(loss.detach())
@@ -145,8 +146,8 @@ def discriminator_loss(discriminator: MultiWindowDiscriminator, mel: torch.Tenso
                        step: int, cfg: AudioVAELossConfig, generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_D on real ``mel`` and (detached) ``reconstruction``, both seen through the same random windows; zero before
-    ``cfg.disc_start``. Returns (loss, logged floats)."""
-    starts = discriminator.random_starts(mel.shape[-1], generator)
+    ``cfg.disc_start``. Returns (loss, logged floats). ``discriminator`` may be a DistributedDataParallel of one."""
+    starts = getattr(discriminator, "module", discriminator).random_starts(mel.shape[-1], generator)
     real = discriminator(mel.detach(), starts)
     fake = discriminator(reconstruction.detach(), starts)
     factor = 1.0 if step >= cfg.disc_start else 0.0
