@@ -213,7 +213,7 @@ class Sampler:
         self.vae = vae
         wanted = AudioVAE if model.config.modality == "audio" else ImageVAE
         if vae is not None and not isinstance(vae, wanted):
-            raise ValueError(f"an {model.config.modality} model decodes with a {wanted.__name__}, got a "
+            raise ValueError(f"an {model.config.modality} model decodes with {wanted.__name__}, got "
                              f"{type(vae).__name__}")
         if model.config.conditioning == "class":
             if text_encoder is not None:
@@ -291,7 +291,8 @@ class Sampler:
         """Seconds of an audio clip when the request names none: the config's, else the training length."""
         if self.config.duration is not None:
             return self.config.duration
-        frames = self.model.config.train_grid[2] * self.vae.config.downsample  # mel frames of the trained latents
+        cfg = self.model.config  # mel frames of the trained latents: tokens × patch × the VAE's downsampling
+        frames = cfg.train_grid[2] * cfg.patch_size * self.vae.config.downsample
         return samples_for(frames, self.vae.mel) / self.vae.mel.sample_rate
 
     def _shape(self, i: int, req: GenerationRequest) -> tuple[int | None, int | None, tuple[int, int],

@@ -63,7 +63,7 @@ def test_modalities_do_not_mix(folders):
     image = Sampler.from_pretrained(folders["image"])
     with pytest.raises(ValueError, match="an image model takes a width and height, not a duration"):
         image.generate([GenerationRequest("a red square", duration=1.0)])
-    with pytest.raises(ValueError, match="an image model decodes with a ImageVAE, got a AudioVAE"):
+    with pytest.raises(ValueError, match="an image model decodes with ImageVAE, got AudioVAE"):
         Sampler.from_pretrained(folders["image"], vae=AudioVAE.from_pretrained(folders["mel-vae"]))
 
 
