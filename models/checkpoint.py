@@ -194,29 +194,26 @@ def read_config(path: str) -> NextDiTConfig:
     return read_checkpoint(path, tensors=False).config
 
 
-def read_metadata(path: str) -> dict:
-    """The extra entries (text encoder / VAE references, …) of our model folder's config.json; {} for other formats."""
+def _our_config(path: str) -> dict:
+    """The config.json of our model folder at ``path`` (local or s3://, nothing else fetched); {} for other formats."""
     fs, remote = filesystem(str(path))
     config = remote.rstrip("/") + "/" + CONFIG_FILE
     if not fs.exists(config):
         return {}
     with fs.open(config, "r") as f:
         data = json.load(f)
-    if data.get("format") != OUR_FORMAT:
-        return {}
-    return {k: v for k, v in data.items() if k not in ("format", "model")}
+    return data if data.get("format") == OUR_FORMAT else {}
+
+
+def read_metadata(path: str) -> dict:
+    """The extra entries (text encoder / VAE references, …) of our model folder's config.json; {} for other formats."""
+    return {k: v for k, v in _our_config(path).items() if k not in ("format", "model")}
 
 
 def read_modality(path: str) -> str:
     """What the model at ``path`` generates (``NextDiTConfig.modality``), from our config.json alone; official and
     diffusers checkpoints are image models."""
-    fs, remote = filesystem(str(path))
-    config = remote.rstrip("/") + "/" + CONFIG_FILE
-    if not fs.exists(config):
-        return "image"
-    with fs.open(config, "r") as f:
-        data = json.load(f)
-    return (data.get("model") or {}).get("modality", "image") if data.get("format") == OUR_FORMAT else "image"
+    return (_our_config(path).get("model") or {}).get("modality", "image")
 
 
 def has_ema(path: str | os.PathLike) -> bool:

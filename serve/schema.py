@@ -19,17 +19,13 @@ from models.solvers import SOLVERS
 MAX_SEED = 2**63 - 1
 
 
-class ImageGenerationRequest(BaseModel):
-    """Unknown fields are rejected (a typo must not silently fall back to a default)."""
+class _GenerationRequest(BaseModel):
+    """The fields every generation route takes. Unknown fields are rejected (a typo must not silently fall back to a
+    default)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=100_000,
-                        description="text prompt; for a class-conditional model a class index or class name")
     model: str | None = Field(default=None, max_length=256, description="served model name; default model when absent")
-    n: int = Field(default=1, description="number of images (1 to the server's limit)")
-    size: str | None = Field(default=None, max_length=16, description='"WxH" in pixels, multiples of 16')
-    response_format: Literal["b64_json"] = "b64_json"
     user: str | None = Field(default=None, max_length=256)
     negative_prompt: str | None = Field(default=None, max_length=100_000)
     steps: int | None = Field(default=None, description="solver steps (grid intervals)")
@@ -37,30 +33,30 @@ class ImageGenerationRequest(BaseModel):
     schedule: Literal[SCHEDULES] | None = None  # type: ignore[valid-type]
     guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+
+class ImageGenerationRequest(_GenerationRequest):
+    """``POST /v1/images/generations``: the OpenAI Images request plus our sampling fields."""
+
+    prompt: str = Field(min_length=1, max_length=100_000,
+                        description="text prompt; for a class-conditional model a class index or class name")
+    n: int = Field(default=1, description="number of images (1 to the server's limit)")
+    size: str | None = Field(default=None, max_length=16, description='"WxH" in pixels, multiples of 16')
+    response_format: Literal["b64_json"] = "b64_json"
     rope_scaling: Literal[ROPE_MODES] | None = None  # type: ignore[valid-type]
     context_drop: bool | None = None
 
 
-class AudioGenerationRequest(BaseModel):
-    """``POST /v1/audio/generations`` (audio models). Unknown fields are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
+class AudioGenerationRequest(_GenerationRequest):
+    """``POST /v1/audio/generations`` (audio models)."""
 
     prompt: str = Field(min_length=1, max_length=100_000, description="text prompt")
-    model: str | None = Field(default=None, max_length=256, description="served model name; default model when absent")
     n: int = Field(default=1, description="number of clips (1 to the server's limit)")
     duration: float | None = Field(default=None, allow_inf_nan=False,
                                    description="seconds per clip (default: the model's; at most sampler.max_duration)")
     response_format: Literal["b64_json", "wav", "flac"] = Field(
         default="b64_json", description='"b64_json": {"data": [{"b64_json": WAV bytes}]}; "wav" / "flac": the file '
                                         "itself (n = 1)")
-    user: str | None = Field(default=None, max_length=256)
-    negative_prompt: str | None = Field(default=None, max_length=100_000)
-    steps: int | None = Field(default=None, description="solver steps (grid intervals)")
-    solver: Literal[SOLVERS] | None = None  # type: ignore[valid-type]
-    schedule: Literal[SCHEDULES] | None = None  # type: ignore[valid-type]
-    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class AudioData(BaseModel):

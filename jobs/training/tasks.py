@@ -14,6 +14,8 @@ sample's draws do not depend on which worker reads it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 
@@ -33,7 +35,7 @@ class Batch:
         self.caption_tokens = caption_tokens
 
 
-class Task:
+class Task(ABC):
     """Samples → :class:`Batch`. Every random draw of a sample comes from its own generator (data.sample_seed), in a
     fixed order: VAE posterior sample (online VAE only), t, noise, conditioning dropout. ``modality`` and
     ``conditioned_on`` say which models the task trains (``task_for`` picks the task of a model)."""
@@ -67,8 +69,9 @@ class Task:
         return Batch(torch.stack(x1).to(self.device), t.to(self.device), noise.to(self.device), args, kwargs,
                      caption_tokens)
 
+    @abstractmethod
     def conditioning(self, samples: list[dict], gens: list[torch.Generator]) -> tuple[tuple, dict, int]:
-        raise NotImplementedError
+        """(model args, model keyword args, mean caption tokens) of the micro-batch's conditioning."""
 
 
 class TextToImage(Task):
