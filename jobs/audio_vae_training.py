@@ -15,6 +15,13 @@ CPU, NCCL on GPU); every worker holds its share of the data as log-mel spectrogr
 At the end the workers measure the standard deviation of posterior samples of ``scale_batches`` batches of crops each
 (the official ``scale_by_std`` measures one batch), rank 0 stores ``scaling_factor = 1/std`` and writes the model
 folder (``AudioVAE.save_pretrained``: config.json + model.safetensors, local or s3://) and ``history.json`` in it.
+
+Every ``checkpoint_every`` steps and at the last one the run writes a Ray Train checkpoint under ``storage`` (default:
+the output path + ``.checkpoints``): both networks, both optimizers, the losses so far (``state.pt``) and every rank's
+crop and noise generators (``rng_rank{r}.pt``). Running the same command again — the same ``storage`` and ``name``,
+possibly more ``steps`` — resumes from the latest one (Ray Train V2's resume, as ``jobs.train``), with the same draws an
+uninterrupted run makes when the worker count is unchanged; with another count every rank re-seeds its generators from
+(seed, rank, step). ``max_failures`` restarts a failed worker group from the latest checkpoint inside one run.
 Lives in an importable module (not the ``-m`` entry point) so Ray workers unpickle the config class by reference.
 """
 
@@ -56,6 +63,11 @@ class TrainAudioVAEConfig:
     seed: int = 0
     log_every: int = 1  # steps between logged losses (the mean over the workers), kept in history.json
     report_every: int = 100  # steps between ray.train.report calls (and the last step): a collective of seconds
+    checkpoint_every: int = 1000  # steps between checkpoints (the last step always writes one)
+    storage: str | None = None  # where checkpoints go (local or s3://); None: the output path + ".checkpoints"
+    name: str = "train-audio-vae"  # the run under storage: the same storage and name resume
+    num_to_keep: int = 2  # checkpoints kept
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint within one run
     model: AudioVAEConfig = field(default_factory=AudioVAEConfig)  # --preset tiny|paper, --set model.channels=…
     loss: AudioVAELossConfig = field(default_factory=AudioVAELossConfig)  # kl_weight, disc_start, discriminator
 
@@ -63,9 +75,16 @@ class TrainAudioVAEConfig:
         if not self.data or not self.output:
             raise ConfigError("train_vae needs --data and --output")
         if min(self.workers, self.steps, self.batch_size, self.crop_frames, self.scale_batches, self.log_every,
-               self.report_every) < 1:
-            raise ConfigError("workers, steps, batch_size, crop_frames, scale_batches, log_every and report_every "
-                              "must be ≥ 1")
+               self.report_every, self.checkpoint_every, self.num_to_keep) < 1:
+            raise ConfigError("workers, steps, batch_size, crop_frames, scale_batches, log_every, report_every, "
+                              "checkpoint_every and num_to_keep must be ≥ 1")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures must be ≥ 0 (or -1: unlimited), got {self.max_failures}")
+
+    @property
+    def checkpoints(self) -> str:
+        """Where this run's checkpoints go."""
+        return self.storage or f"{self.output.rstrip('/')}.checkpoints"
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
@@ -282,6 +301,50 @@ def latent_std(vae, clips: list, weights, cfg: TrainAudioVAEConfig, device, gene
     return math.sqrt(max(s2 - s * s / n, 0.0) / max(n - 1, 1))
 
 
+# ---- checkpoints -------------------------------------------------------------------------------------------------------
+STATE_FILE = "state.pt"  # rank 0: step, world, both networks and optimizers, the logged losses
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def save_state(folder: str, step: int, world: int, rank: int, nets: dict, optimizers: dict, history: list,
+               generators: dict) -> None:
+    """This rank's files of a checkpoint in the local ``folder``: rank 0 the networks, optimizers and losses, every rank
+    its generators."""
+    import torch
+
+    if rank == 0:
+        torch.save({"step": step, "world": world, "history": history,
+                    **{k: n.state_dict() for k, n in nets.items()},
+                    **{k: o.state_dict() for k, o in optimizers.items()}}, os.path.join(folder, STATE_FILE))
+    torch.save({k: g.get_state() for k, g in generators.items()}, os.path.join(folder, _rng_file(rank)))
+
+
+def load_state(folder: str, seed: int, rank: int, world: int, nets: dict, optimizers: dict,
+               generators: dict) -> tuple[int, list]:
+    """Restore a checkpoint into the networks, optimizers and this rank's generators; returns (step, history). A
+    checkpoint of another architecture is a ConfigError (the user changed the model, not the run)."""
+    import torch
+
+    state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    try:
+        for key, module in {**nets, **optimizers}.items():
+            module.load_state_dict(state[key])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"the checkpoint of this run (step {state['step']}) does not fit the configured model: "
+                          f"{str(exc).splitlines()[0]}; use another --set name=… or storage to start afresh") from exc
+    rng = os.path.join(folder, _rng_file(rank))
+    if state["world"] == world and os.path.exists(rng):
+        for key, value in torch.load(rng, weights_only=True).items():
+            generators[key].set_state(value)
+    else:  # another worker count: fresh, distinct draws per rank from here on
+        for i, generator in enumerate(generators.values()):
+            generator.manual_seed(seed + 1000 * rank + 10 * i + 7919 * state["step"])
+    return int(state["step"]), list(state["history"])
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train worker loop: load this rank's clips, train, measure the latent scale; rank 0 writes the folder."""
     import ray.train
@@ -317,8 +380,17 @@ def train_worker(loop_config: dict) -> None:
     noise = torch.Generator().manual_seed(cfg.seed + 1000 * rank + 2)  # posterior samples, discriminator windows
     history: list[dict[str, float]] = []
     vae = vae_model.module if hasattr(vae_model, "module") else vae_model
+    nets = {"vae": vae, "disc": disc_model.module if hasattr(disc_model, "module") else disc_model}
+    optimizers, generators = {"opt_vae": opt_vae, "opt_disc": opt_disc}, {"crops": crops, "noise": noise}
+    done = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            done, history = load_state(folder, cfg.seed, rank, world, nets, optimizers, generators)
+        if rank == 0:
+            log.info("resuming from the checkpoint of step %d", done)
     started = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    for step in range(done + 1, cfg.steps + 1):
         mel = random_crops(clips, weights, cfg.batch_size, cfg.crop_frames, cfg.model.mel.silence, crops).to(device)
         # L_VAE's gradient reaches the discriminator too: zeroed below, so not worth its all-reduce
         with disc_model.no_sync() if hasattr(disc_model, "no_sync") else nullcontext():
@@ -338,11 +410,16 @@ def train_worker(loop_config: dict) -> None:
             if rank == 0:
                 log.info("step %d/%d %s", step, cfg.steps, " ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                                      if k != "step"))
-        if history and (step % cfg.report_every == 0 or step == cfg.steps):
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as folder:
+                save_state(folder, step, world, rank, nets, optimizers, history, generators)
+                ray.train.report(history[-1] if history else {"step": step},
+                                 checkpoint=ray.train.Checkpoint.from_directory(folder))
+        elif history and step % cfg.report_every == 0:
             ray.train.report(history[-1])  # the latest logged losses
 
     if rank == 0:
-        log.info("%d steps in %.1f s", cfg.steps, time.perf_counter() - started)
+        log.info("%d steps in %.1f s", cfg.steps - done, time.perf_counter() - started)
     vae.eval()
     std = latent_std(vae, clips, weights, cfg, device, torch.Generator().manual_seed(cfg.seed + 1000 * rank + 3))
     scale = 1.0 / std
@@ -381,17 +458,22 @@ def run(cfg: TrainAudioVAEConfig, sources: AudioSources | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from jobs.runtime import init_ray
+    from jobs.training.driver import ray_storage
 
     sources = sources or find_sources(cfg)
-    cfg = replace(cfg, output=absolute(cfg.output))  # rank 0 writes it, wherever its working directory is
+    # rank 0 writes the folder, wherever its working directory is; checkpoints beside it unless storage says
+    cfg = replace(cfg, output=absolute(cfg.output), storage=absolute(cfg.checkpoints))
     init_ray()
     resources = {"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}
+    storage_path, storage_fs = ray_storage(cfg.storage)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "sources": to_dict(sources)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name="train-audio-vae", storage_path=tempfile.mkdtemp(prefix="train-vae-")),
+        run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     try:
         trainer.fit()

@@ -23,7 +23,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (250, 250, 250), "grey": (200, 200, 200)}
 IMAGE_SIZES = ((128, 128), (160, 128), (128, 160))  # (width, height): several aspect ratios → several buckets
-TONES = {"low": 220.0, "middle": 440.0, "high": 880.0}
+# four pitches an octave apart (A3 to A6), each named by its frequency in the caption: "a tone at 440 hertz"
+PITCHES_HZ = (220, 440, 880, 1760)
 SAMPLE_RATE = 16000
 SOLIDS = ("sphere", "cube", "cylinder")
 
@@ -31,7 +32,7 @@ SOLIDS = ("sphere", "cube", "cylinder")
 @dataclass
 class DemoCounts:
     images: int = 480
-    tones: int = 12
+    tones: int = 48  # the audio model's training set: an equal share of every pitch
     solids: int = 12
 
 
@@ -82,6 +83,10 @@ f 1 2 3\nf 1 3 4\nf 5 6 7\nf 5 7 8\nf 1 2 6\nf 1 6 5\nf 2 3 7\nf 2 7 6\nf 3 4 8\
 """
 
 
+def tone_caption(hertz: int) -> str:
+    return f"a tone at {hertz} hertz"
+
+
 def write_corrupt_files(root: Path) -> dict[str, str]:
     """The bad inputs of the corrupted-corpus check; returns {relative path: what is wrong}."""
     bad = root / "images"
@@ -124,12 +129,12 @@ def build_demo_dataset(root: str | Path, counts: DemoCounts | None = None, seed:
         (root / "images" / f"{name}.txt").write_text(f"a {colour} {shape} on a {background} background")
     (root / "audio").mkdir(exist_ok=True)
     for i in range(counts.tones):
-        pitch = list(TONES)[i % len(TONES)]
+        hertz = PITCHES_HZ[i % len(PITCHES_HZ)]
         seconds = float(rng.uniform(1.0, 3.0))
         t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-        tone = 0.5 * np.sin(2 * math.pi * TONES[pitch] * t) * np.minimum(1, 20 * t) * np.minimum(1, 20 * (seconds - t))
+        tone = 0.5 * np.sin(2 * math.pi * hertz * t) * np.minimum(1, 20 * t) * np.minimum(1, 20 * (seconds - t))
         write_wav(root / "audio" / f"tone_{i:04d}.wav", tone + rng.normal(0, 0.003, t.shape))
-        (root / "audio" / f"tone_{i:04d}.txt").write_text(f"a {pitch} pitched tone")
+        (root / "audio" / f"tone_{i:04d}.txt").write_text(tone_caption(hertz))
     (root / "points").mkdir(exist_ok=True)
     for i in range(counts.solids):
         solid = SOLIDS[i % len(SOLIDS)]
@@ -152,3 +157,25 @@ def dominant_colour(image: np.ndarray) -> str:
         return "none"
     mean = chosen.mean(0)
     return min(COLOURS, key=lambda name: float(np.sum((np.array(COLOURS[name]) - mean) ** 2)))
+
+
+def dominant_frequency(waveform: np.ndarray, rate: int = SAMPLE_RATE) -> float:
+    """The frequency (Hz) of the peak of the clip's magnitude spectrum (Hann-windowed FFT of the whole clip), 0 for
+    silence; below 50 Hz (DC, rumble) does not count."""
+    samples = np.asarray(waveform, dtype=np.float64).reshape(-1)
+    if len(samples) < 2 or not np.any(samples):
+        return 0.0
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    freqs = np.fft.rfftfreq(len(samples), 1 / rate)
+    spectrum[freqs < 50] = 0
+    return float(freqs[int(spectrum.argmax())]) if spectrum.max() > 0 else 0.0
+
+
+def dominant_pitch(waveform: np.ndarray, rate: int = SAMPLE_RATE) -> int | None:
+    """The named pitch (one of ``PITCHES_HZ``) nearest to the clip's dominant frequency on a log scale, if it is within
+    half an octave of it (the pitches are an octave apart, so each gets its own band); else None."""
+    found = dominant_frequency(waveform, rate)
+    if found <= 0:
+        return None
+    nearest = min(PITCHES_HZ, key=lambda hz: abs(math.log2(found / hz)))
+    return nearest if abs(math.log2(found / nearest)) < 0.5 else None

@@ -1,4 +1,4 @@
-"""Small PNG reports drawn with Pillow (no plotting stack needed): line charts and captioned image grids."""
+"""Small PNG reports drawn with Pillow (no plotting stack needed): line charts, captioned image grids and spectrograms."""
 
 from __future__ import annotations
 
@@ -74,6 +74,23 @@ def image_grid(images: list[np.ndarray], captions: list[str], path: str | Path, 
         for line_index, line in enumerate(_wrap(caption, 26)[:2]):
             draw.text(((i % columns) * cell + 4, text_y + 12 * line_index), line, fill="black", font=font)
     grid.save(path)
+
+
+# a dark-to-bright map (black → purple → orange → yellow), for spectrograms
+HEAT = np.array([(0, 0, 4), (80, 18, 123), (182, 54, 121), (251, 136, 97), (252, 253, 191)], dtype=np.float32)
+
+
+def spectrogram_image(log_mel: np.ndarray, size: tuple[int, int] = (152, 152), floor: float = -11.5) -> np.ndarray:
+    """A (n_mels, frames) log-mel as an H×W×3 uint8 picture of ``size`` (width, height): time to the right, low
+    frequencies at the bottom, values from ``floor`` (silence: log 1e-5) to the clip's maximum mapped dark → bright."""
+    values = np.asarray(log_mel, dtype=np.float32)
+    top = max(float(values.max()), floor + 1e-3)
+    scaled = np.clip((values - floor) / (top - floor), 0, 1)[::-1]  # row 0 is the highest mel bin
+    position = scaled * (len(HEAT) - 1)
+    low = np.minimum(position.astype(int), len(HEAT) - 2)
+    frac = (position - low)[..., None]
+    rgb = (HEAT[low] * (1 - frac) + HEAT[low + 1] * frac).astype(np.uint8)
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.NEAREST))
 
 
 def _wrap(text: str, width: int) -> list[str]:

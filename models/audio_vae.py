@@ -88,6 +88,15 @@ class AudioVAEConfig:
         """Mel frames per latent frame."""
         return 2 ** len(self.down_levels)
 
+    @property
+    def latent_rows(self) -> int:
+        """Frequency rows of a latent: 1, the mel bins are channels (a 2D mel VAE has more: models/audioldm.py)."""
+        return 1
+
+    @property
+    def format(self) -> str:
+        return AUDIO_VAE_FORMAT
+
 
 # ---- blocks (official autoencoder1d.py: ResnetBlock1D, AttnBlock1D, Downsample1D, Upsample1D) ------------------------
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -236,7 +245,30 @@ class Decoder1D(nn.Module):
 
 
 # ---- the VAE ---------------------------------------------------------------------------------------------------------
-class AudioVAE(nn.Module):
+class MelLatents:
+    """What a mel VAE's config says of its latents, shared by ours and AudioLDM's (``models/audioldm.py``): the
+    features it reads, latent channels and frequency rows, and latent frames per mel frames."""
+
+    config: AudioVAEConfig
+
+    @property
+    def mel(self) -> MelConfig:
+        return self.config.mel
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def latent_rows(self) -> int:
+        return self.config.latent_rows
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a mel of ``frames`` frames: ⌈frames / downsample⌉ (the rest is padded with silence)."""
+        return -(-frames // self.config.downsample)
+
+
+class AudioVAE(MelLatents, nn.Module):
     """Log-mel spectrograms (B, n_mels, T) ↔ normalised latents (B, latent_channels, ⌈T / downsample⌉) (paper §5.2).
 
     ``encode`` / ``decode`` are the inference API (no gradients, normalised latents); training calls ``forward``
@@ -252,17 +284,9 @@ class AudioVAE(nn.Module):
         self.post_quant_conv = _conv(z, z, 1)
 
     @property
-    def mel(self) -> MelConfig:
-        return self.config.mel
-
-    @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's output weight: where the adaptive adversarial weight compares gradients."""
         return self.decoder.conv_out.weight
-
-    def latent_frames(self, frames: int) -> int:
-        """Latent frames of a mel of ``frames`` frames: ⌈frames / downsample⌉ (odd counts are padded)."""
-        return -(-frames // self.config.downsample)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.ndim != 3 or x.shape[1] != channels:
@@ -340,10 +364,11 @@ class AudioVAE(nn.Module):
         return vae.to(device, dtype).eval()
 
 
-def read_audio_vae_config(path: str | os.PathLike) -> AudioVAEConfig:
-    """The ``AudioVAEConfig`` (architecture, mel config, latent scale) of a mel VAE folder, local or s3://, from its
-    config.json alone: what curation needs to compute the VAE's own features."""
-    fs, root = filesystem(str(path))
+def read_audio_vae_config(path: str | os.PathLike, storage: dict | None = None) -> AudioVAEConfig:
+    """The ``AudioVAEConfig`` (architecture, mel config, latent scale) of a mel VAE folder, local or s3:// (fsspec
+    ``storage`` options over the environment's), from its config.json alone: what curation needs to compute the VAE's
+    own features."""
+    fs, root = filesystem(str(path), storage)
     config = f"{root}/{CONFIG_FILE}"
     if not fs.exists(config):
         raise FileNotFoundError(f"no {CONFIG_FILE} at {path}: not a mel VAE folder")

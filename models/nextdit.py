@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import attention, pool_tokens
+from models.points import PointEmbedder, fourier_frequencies
 from models.presets import NextDiTConfig
 from models.rope import NDRotaryEmbedding, RopeScaling, apply_rope
 
@@ -121,7 +122,8 @@ class Attention(nn.Module):
         q = self.q_norm(self.wq(x)).view(batch, n, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x)).view(batch, n, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, n, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if rope is not None:  # point clouds have none: a set has no positions
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         if pool is not None:  # Context Drop: merge keys/values spatially, keep every query
             grids, kernel = pool
@@ -211,7 +213,11 @@ class NextDiT(nn.Module):
         super().__init__()
         cfg = self.config = config
         p = cfg.patch_size
-        self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.dim)
+        self.points = cfg.modality == "points"
+        if self.points:  # coordinates → Time-Aware Scaled Fourier Features → linear (paper §5.3)
+            self.x_embedder = PointEmbedder(cfg.fourier_features, cfg.fourier_max_freq, cfg.rope_sides[2], cfg.dim)
+        else:
+            self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.dim)
         self.pad_token = nn.Parameter(torch.empty(cfg.dim))
         self.t_embedder = TimestepEmbedder(cfg.cond_dim)
         if cfg.conditioning == "text":
@@ -221,7 +227,7 @@ class NextDiT(nn.Module):
             self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.cond_dim)
         self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_layer = FinalLayer(cfg)
-        self.rope = NDRotaryEmbedding.for_model(cfg)
+        self.rope = None if self.points else NDRotaryEmbedding.for_model(cfg)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -289,6 +295,13 @@ class NextDiT(nn.Module):
         out = tokens[: frames * h * w].view(frames, h, w, p, p, c_out).permute(5, 0, 1, 3, 2, 4)
         return out.reshape(c_out, frames, h * p, w * p)[: self.config.in_channels]
 
+    def embed(self, tokens: torch.Tensor, t: torch.Tensor, scaling: RopeScaling | None) -> torch.Tensor:
+        """(B, N, C·p·p) patches → (B, N, dim): a linear layer; for point clouds the Fourier features of the
+        coordinates, their frequencies scaled for the cloud's density and t by the scaling mode (models/points.py)."""
+        if self.points:
+            return self.x_embedder(tokens, t, scaling.mode if scaling is not None else "none")
+        return self.x_embedder(tokens)
+
     def rope_tables(self, grids, t, scaling, n_tokens, device):
         """Unit complex rotations e^{iφ} (B, N, hd/2). Pad positions copy the last valid position
         (docs/official-formats.md#architecture-constants)."""
@@ -336,16 +349,16 @@ class NextDiT(nn.Module):
         lengths = [tok.shape[0] for tok in tokens]
         n_tokens = max(lengths)
         if all(n == n_tokens for n in lengths):
-            h = self.x_embedder(torch.stack(tokens))
+            h = self.embed(torch.stack(tokens), t, rope_scaling)
             x_mask = None
         else:
-            embedded = [self.x_embedder(tok) for tok in tokens]
+            embedded = [self.embed(tok[None], t[b: b + 1], rope_scaling)[0] for b, tok in enumerate(tokens)]
             h = self.pad_token.to(embedded[0].dtype).expand(batch, n_tokens, -1).clone()
             x_mask = torch.zeros(batch, n_tokens, dtype=torch.bool, device=device)
             for b, emb in enumerate(embedded):
                 h[b, : emb.shape[0]] = emb
                 x_mask[b, : emb.shape[0]] = True
-        rope = self.rope_tables(grids, t, rope_scaling, n_tokens, device)
+        rope = None if self.points else self.rope_tables(grids, t, rope_scaling, n_tokens, device)
         self_scale = self.attention_scale(lengths, device, proportional_attn)
 
         # Conditioning vector c = t_emb + pooled caption (or label) embedding, (B, D_c).
@@ -368,6 +381,8 @@ class NextDiT(nn.Module):
             y = y_mask = None
 
         drop_blocks = 0
+        if context_drop is not None and self.points:
+            raise ValueError("Context Drop merges neighbouring tokens of a grid; a point cloud has no grid")
         if context_drop is not None and n_tokens >= context_drop.min_tokens:
             drop_blocks = context_drop.pooled_blocks(float(t[0]), cfg.n_layers)
         for i, block in enumerate(self.layers):
@@ -417,8 +432,12 @@ class NextDiT(nn.Module):
                 parts.append(f"shape mismatches: {', '.join(mismatched[:10])}")
             raise CheckpointError("checkpoint does not match the model config; " + "; ".join(parts))
         model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=True, assign=True)
-        # Non-persistent buffers (RoPE pair layout) are not in the state dict: rebuild them off the meta device.
-        model.rope = NDRotaryEmbedding.for_model(cfg)
+        # Non-persistent buffers (the RoPE pair layout, the points' Fourier ladder) are not in the state dict: rebuild
+        # them off the meta device.
+        if model.points:
+            model.x_embedder.freqs = fourier_frequencies(cfg.fourier_features, cfg.fourier_max_freq)
+        else:
+            model.rope = NDRotaryEmbedding.for_model(cfg)
         return model.to(device)
 
     def save_pretrained(self, path: str, fmt: str = "ours", ema_state: dict[str, torch.Tensor] | None = None,

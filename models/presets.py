@@ -13,8 +13,9 @@ from models.config_io import ConfigError, from_dict
 
 CONDITIONINGS = ("text", "class")
 # What the latents decode to. Image latents are (C, H, W); audio latents are (C, 1, T) — one row of latent frames, so
-# the same blocks run 1D RoPE on the time axis (rope_axes_dims (0, 0, head_dim)) — or a VAE's (C, F, T) mel latents.
-MODALITIES = ("image", "audio")
+# the same blocks run 1D RoPE on the time axis (rope_axes_dims (0, 0, head_dim)) — or a VAE's (C, F, T) mel latents;
+# point clouds are (3, 1, N), N points as tokens with no RoPE at all (models/points.py).
+MODALITIES = ("image", "audio", "points")
 # The official recipe's aspect-ratio limit of its training crops (docs/sampling.md, "Resolution extrapolation"): buckets up to 4:1
 # within the token budget. pipelines' bucket config takes its default from here.
 OFFICIAL_MAX_ASPECT = 4.0
@@ -47,6 +48,9 @@ class NextDiTConfig:
     # "text": pooled caption + gated cross-attention (T2I); "class": label embedding with a null class (ImageNet).
     conditioning: str = "text"
     modality: str = "image"  # one of MODALITIES
+    # points: Fourier features of the coordinates (models/points.py), this many frequencies from 1 to the maximum
+    fourier_features: int = 16
+    fourier_max_freq: float = 32.0
     cap_feat_dim: int = 2048
     num_classes: int = 1000
     rope_theta: float = 10000.0
@@ -78,7 +82,13 @@ class NextDiTConfig:
         if self.modality == "audio" and self.conditioning != "text":
             raise ConfigError("an audio model is text-conditioned (conditioning: text)")
         axes = self.rope_axes
-        if sum(axes) != self.head_dim or any(d % 2 for d in axes):
+        if self.modality == "points":
+            if (self.in_channels, self.patch_size, self.learn_sigma) != (3, 1, False) or any(axes):
+                raise ConfigError("a points model takes (3, 1, N) clouds: in_channels 3, patch_size 1, learn_sigma "
+                                  "false, and no RoPE (rope_axes_dims (0, 0, 0): a cloud is a set)")
+            if self.fourier_features < 1 or self.fourier_max_freq < 1:
+                raise ConfigError("fourier_features and fourier_max_freq must be ≥ 1")
+        elif sum(axes) != self.head_dim or any(d % 2 for d in axes):
             raise ConfigError(f"rope_axes_dims {axes} must be even and sum to the head dim {self.head_dim}")
         if self.rope_axes_dims is None and self.head_dim % 4:
             raise ConfigError(f"2D RoPE needs a head dim divisible by 4, got {self.head_dim}")
@@ -158,6 +168,11 @@ _IMAGENET = dict(conditioning="class", train_grid=(1, 16, 16), trained_sides=(1,
 # (20, 1, T) latent), 1D RoPE on the time axis, no learned variance. The area rule of RoPE scaling has no meaning for
 # one row of frames, so the training length is recorded per axis.
 _AUDIO = dict(modality="audio", in_channels=20, patch_size=1, learn_sigma=False)
+_AUDIO_2D = dict(_AUDIO, in_channels=8)  # AudioLDM's mel VAE: (8, 16, T) latents, one token per latent pixel
+# Point clouds (paper §5.3): 3 coordinates × one row of N points, one token per point, no RoPE; trained on 256 points
+# (the paper's density), recorded per axis like audio so that sampling at N points knows its density ratio.
+_POINTS = dict(modality="points", in_channels=3, patch_size=1, learn_sigma=False, rope_axes_dims=(0, 0, 0),
+               train_grid=(1, 1, 256), trained_sides=(1, 1, 256), trained_area=256)
 _TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, cap_feat_dim=32, train_grid=(1, 8, 8))
 
 # One registry of every preset; CLIs validate --preset against its keys.
@@ -182,6 +197,18 @@ PRESETS: dict[str, dict] = {
                   train_grid=(1, 1, 312), trained_sides=(1, 1, 312), trained_area=312),
     "tiny-audio": dict(_TINY, **_AUDIO, rope_axes_dims=(0, 0, 16), train_grid=(1, 1, 32), trained_sides=(1, 1, 32),
                        trained_area=32),
+    # The same on the 2D latents of AudioLDM's mel VAE (docs/design-decisions.md#audioldm-vae): 8 channels × 16
+    # frequency rows × frames at 25 a second, 2D RoPE over frequency × time (half the channels each). audio-2d's 10 s
+    # are 1001 mel frames → 251 latent frames.
+    "audio-2d": dict(_AUDIO_2D, dim=768, n_layers=16, n_heads=32, cap_feat_dim=1024, rope_axes_dims=(0, 12, 12),
+                     train_grid=(1, 16, 251), trained_sides=(1, 16, 251), trained_area=16 * 251),
+    "tiny-audio-2d": dict(_TINY, **_AUDIO_2D, rope_axes_dims=(0, 8, 8), train_grid=(1, 16, 16),
+                          trained_sides=(1, 16, 16), trained_area=256),
+    # Point clouds (paper §5.3, docs/design-decisions.md#time-aware-scaled-fourier-features). The paper gives no size;
+    # ours: the official audio model's width and depth with 64-wide heads, Gemma-2B captions (Cap3D) or ShapeNet's 55
+    # classes (conditioning: class).
+    "points": dict(_POINTS, dim=768, n_layers=16, n_heads=12, cap_feat_dim=2048, num_classes=55),
+    "tiny-points": dict(_TINY, **_POINTS, num_classes=3),  # the demo's solids: sphere, cube, cylinder
 }
 
 

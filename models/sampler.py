@@ -55,19 +55,30 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from models.audio import MAX_DURATION_S, ClipShape, check_duration, clip_shape, decode_audio
-from models.audio_vae import AudioVAE
+from models.audio import (
+    MAX_DURATION_S,
+    MEL_VAES,
+    ClipShape,
+    check_audio_latents,
+    check_duration,
+    clip_shape,
+    decode_audio,
+    find_audio_vae,
+    load_audio_vae,
+)
 from models.checkpoint import read_checkpoint
 from models.config_io import expand_preset, from_dict, merge, to_dict
 from models.flow import pad_captions, solve, velocity_fn
 from models.geometry import MAX_SIDE, check_size, image_size, latent_size, pixels_per_token
 from models.mel import samples_for
 from models.nextdit import ContextDrop, NextDiT
+from models.points import MAX_POINTS, check_points
 from models.rope import RopeScaling
 from models.schedules import OFFICIAL_SHIFT, ScheduleConfig, make_schedule
 from models.solvers import ADAPTIVE_SOLVERS, check_solver
-from models.text_encoder import TextEncoder, TextEncoderConfig
+from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoderStack
 from models.vae import ImageVAE, VAEConfig, images_to_uint8
+from models.vocoder import GriffinLim, Vocoder, VocoderConfig, load_vocoder
 
 CAPTION_PAD = 1  # masked caption positions added to every text solve: attention never runs unmasked (module docstring)
 STEPS_MEANING = "solver steps = grid intervals (the official num_sampling_steps N is steps + 1 grid points)"
@@ -103,6 +114,8 @@ class SamplerConfig:
     max_side: int = MAX_SIDE  # largest width or height a request may ask for
     duration: float | None = None  # audio models: default clip length in seconds; None: the training length
     max_duration: float = MAX_DURATION_S  # audio models: longest clip a request may ask for
+    points: int | None = None  # point-cloud models: default points per cloud; None: the training density
+    max_points: int = MAX_POINTS  # point-cloud models: most points a request may ask for
     max_pixels: int | None = None  # largest width × height; None: max_side² bounds it
     # FP8 (e4m3) block projections for inference (models/fp8.py): CUDA compute capability ≥ 8.9; outputs move by
     # ~1e-2 relative, the projections' matmul rate doubles on Hopper
@@ -153,16 +166,20 @@ class GenerationRequest:
     cfg_channels: int | None = None  # None: config (pass the latent channel count to force every channel)
     class_label: int | None = None  # class-conditional models only; None: the prompt names the class (index or name)
     duration: float | None = None  # audio models only: seconds (None: the config's); image models take width/height
+    # the text of a text-encoder stack's structured-caption part (the audio model's T5, paper §5.2); None: the prompt
+    structured_prompt: str | None = None
+    points: int | None = None  # point-cloud models only: points in the cloud (None: the config's)
 
 
 @dataclass
 class GenerationResult:
     image: np.ndarray | None  # H×W×3 uint8 (None without a VAE, and for audio)
-    latent: torch.Tensor  # (C, H/8, W/8) fp32 on the CPU; audio: (C, 1, T) latent frames
+    latent: torch.Tensor  # (C, H/8, W/8) fp32 on the CPU; audio: (C, rows, T) latent frames (rows: 1, or F)
     metadata: dict
     audio: np.ndarray | None = None  # audio models: mono float32 waveform in [-1, 1] at ``sample_rate``
     sample_rate: int | None = None
     mel: np.ndarray | None = None  # audio models: the decoded log-mel (n_mels, frames)
+    points: np.ndarray | None = None  # point-cloud models: (N, 3) float32 coordinates
 
 
 @dataclass(frozen=True)
@@ -174,7 +191,7 @@ class ResolvedRequest:
     negative_prompt: str
     width: int | None  # images; None for audio
     height: int | None
-    latent_shape: tuple[int, int]  # the latent's (h, w); audio: (1, latent frames)
+    latent_shape: tuple[int, int]  # the latent's (h, w); audio: (rows, latent frames)
     clip: ClipShape | None  # audio models: the clip's sizes at every stage
     seed: int
     steps: int
@@ -185,6 +202,17 @@ class ResolvedRequest:
     rope: RopeScaling
     context_drop: ContextDrop | None
     class_label: int | None  # set exactly when the model is class-conditional
+    structured_prompt: str | None = None  # what a stack's structured-caption part reads (None: the prompt)
+
+    @property
+    def text(self) -> tuple[str, str]:
+        """The conditional branch's texts: (prompt, structured prompt) — the text encoder's inputs and cache key."""
+        return self.prompt, self.prompt if self.structured_prompt is None else self.structured_prompt
+
+    @property
+    def negative_text(self) -> tuple[str, str]:
+        """The unconditional branch's texts: the negative prompt for every part of a stack."""
+        return self.negative_prompt, self.negative_prompt
 
     def group_key(self, caption_length: int | None) -> tuple:
         """Requests with equal keys share a solve. ``caption_length`` is None for class requests (they have no caption),
@@ -200,8 +228,9 @@ class Sampler:
     A class-conditional model has no text encoder (passing one is an error: it would be silently unused) and may have
     ``class_names`` (one per class, index order) so that prompts can name classes."""
 
-    def __init__(self, model: NextDiT, text_encoder: TextEncoder | None, vae: ImageVAE | None,
-                 config: SamplerConfig | None = None, class_names: list[str] | None = None):
+    def __init__(self, model: NextDiT, text_encoder: TextEncoder | TextEncoderStack | None, vae: ImageVAE | None,
+                 config: SamplerConfig | None = None, class_names: list[str] | None = None,
+                 vocoder: Vocoder | None = None):
         self.model = model.eval()
         self.config = config or SamplerConfig()
         if self.config.fp8:
@@ -211,10 +240,20 @@ class Sampler:
         self.forward = torch.compile(self.model) if self.config.compile else self.model  # what every solve calls
         self.text_encoder = text_encoder
         self.vae = vae
-        wanted = AudioVAE if model.config.modality == "audio" else ImageVAE
+        audio = model.config.modality == "audio"
+        wanted = MEL_VAES if audio else (ImageVAE,)
+        if model.config.modality == "points" and vae is not None:
+            raise ValueError("a point-cloud model generates coordinates directly: it takes no VAE")
         if vae is not None and not isinstance(vae, wanted):
-            raise ValueError(f"an {model.config.modality} model decodes with {wanted.__name__}, got "
-                             f"{type(vae).__name__}")
+            raise ValueError(f"an {model.config.modality} model decodes with "
+                             f"{' or '.join(c.__name__ for c in wanted)}, got {type(vae).__name__}")
+        if vocoder is not None and not audio:
+            raise ValueError(f"an {model.config.modality} model takes no vocoder")
+        if audio and vae is not None:  # the mel VAE's latents and features must fit the model and the vocoder
+            check_audio_latents(model.config, vae.latent_channels, vae.latent_rows, f"the mel VAE {type(vae).__name__}")
+            vocoder = vocoder or GriffinLim(vae.mel)
+            vocoder.check(vae.mel)
+        self.vocoder = vocoder  # audio models: log-mel → waveform (models/vocoder.py)
         if model.config.conditioning == "class":
             if text_encoder is not None:
                 raise ValueError("a class-conditional model takes no text encoder (its prompts are class indices or "
@@ -232,13 +271,19 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_path: str, text_encoder: str | TextEncoderConfig | TextEncoder | None = None,
+    def from_pretrained(cls, model_path: str,
+                        text_encoder: str | TextEncoderConfig | TextEncoder | TextEncoderStack | None = None,
                         vae: str | VAEConfig | ImageVAE | None = None, config: SamplerConfig | dict | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        ema: bool = False, adapter: str | None = None) -> Sampler:
+                        ema: bool = False, adapter: str | None = None,
+                        vocoder: str | VocoderConfig | Vocoder | None = None) -> Sampler:
         """Load a model folder (ours, official or diffusers). Text encoder / VAE / sampler defaults not given here come
         from the folder's metadata (``text_encoder``, ``vae``, ``sampler`` entries of our config.json). ``adapter``: a
         LoRA adapter folder merged into the model's weights.
+
+        An audio model's vocoder (docs/sampling.md#audio): ``vocoder`` (a ``SpeechT5HifiGan`` folder, or
+        ``"griffin_lim"``), else the metadata's ``vocoder`` entry, else the one published with the mel VAE (an AudioLDM
+        pipeline folder's ``vocoder/``), else Griffin-Lim.
 
         A class-conditional model loads no text encoder (a ``text_encoder`` argument is an error; one recorded in the
         metadata is ignored) and reads its optional ``class_names`` from the metadata."""
@@ -251,23 +296,31 @@ class Sampler:
             model = apply_adapter(model, adapter)
         te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
                                              model_path)
-        loaded = isinstance(vae, (ImageVAE, AudioVAE))
+        loaded = isinstance(vae, (ImageVAE, *MEL_VAES))
         vae_cfg = None if loaded else resolve_vae_config(vae if vae is not None else meta.get("vae"), model_path)
         class_names = None
         if model.config.conditioning == "class":
             if text_encoder is not None:
                 raise ValueError(f"{model_path} is a class-conditional model: it takes no text encoder")
             encoder, class_names = None, meta.get("class_names")
-        elif isinstance(text_encoder, TextEncoder):
+        elif isinstance(text_encoder, (TextEncoder, TextEncoderStack)):
             encoder = text_encoder
         elif te_cfg is not None and te_cfg.path:
             encoder = TextEncoder.from_config(te_cfg, device=device, dtype=dtype)
         else:
             raise ValueError(f"no text encoder given and none recorded in {model_path}'s metadata")
-        if loaded:
+        audio = model.config.modality == "audio"
+        bundled = None  # the vocoder published with the mel VAE (an AudioLDM pipeline folder's vocoder/)
+        if model.config.modality == "points":  # coordinates directly: nothing to decode
+            if vae is not None:
+                raise ValueError(f"{model_path} is a point-cloud model: it takes no VAE")
+            autoencoder = None
+        elif loaded:
             autoencoder = vae
-        elif vae_cfg is not None and vae_cfg.path and model.config.modality == "audio":
-            autoencoder = AudioVAE.from_pretrained(vae_cfg.path, device)  # the mel VAE: its folder holds its scale
+        elif vae_cfg is not None and vae_cfg.path and audio:
+            # the mel VAE (ours or a diffusers one): its folder holds its scale and mel settings
+            autoencoder = load_audio_vae(vae_cfg.path, device)
+            bundled = find_audio_vae(vae_cfg.path).vocoder
         elif vae_cfg is not None and vae_cfg.path:
             # Decoding runs in fp32 (docs/official-formats.md#vae-scaling-factors).
             autoencoder = ImageVAE.from_pretrained(vae_cfg.path, vae_cfg.scaling_factor, vae_cfg.shift_factor, device)
@@ -276,7 +329,12 @@ class Sampler:
         if not isinstance(config, SamplerConfig):  # a preset given here beats the folder's defaults
             config = from_dict(SamplerConfig,
                                merge(meta.get("sampler") or {}, expand_preset(SamplerConfig, config or {})))
-        return cls(model, encoder, autoencoder, config, class_names)
+        if vocoder is not None and not audio:
+            raise ValueError(f"{model_path} is an {model.config.modality} model: it takes no vocoder")
+        if audio and not isinstance(vocoder, Vocoder):
+            spec = resolve_vocoder_config(vocoder if vocoder is not None else meta.get("vocoder"), model_path)
+            vocoder = load_vocoder((spec.path if spec else None) or bundled, autoencoder.mel, device)
+        return cls(model, encoder, autoencoder, config, class_names, vocoder)
 
     @property
     def device(self) -> torch.device:
@@ -297,9 +355,19 @@ class Sampler:
 
     def _shape(self, i: int, req: GenerationRequest) -> tuple[int | None, int | None, tuple[int, int],
                                                               ClipShape | None]:
-        """(width, height, latent (h, w), clip) of request ``i``: a size for image models, a duration for audio."""
+        """(width, height, latent (h, w), clip) of request ``i``: a size for image models, a duration for audio, a
+        point count (latent (1, N)) for point clouds."""
         cfg = self.config
-        if self.model.config.modality == "audio":
+        modality = self.model.config.modality
+        if req.points is not None and modality != "points":
+            raise ValueError(f"request {i}: an {modality} model takes no point count")
+        if modality == "points":
+            if req.width is not None or req.height is not None or req.duration is not None:
+                raise ValueError(f"request {i}: a point-cloud model takes a point count, not a size or duration")
+            count = req.points if req.points is not None else (cfg.points or self.model.config.rope_sides[2])
+            check_points(count, cfg.max_points)
+            return None, None, (1, count), None
+        if modality == "audio":
             if req.width is not None or req.height is not None:
                 raise ValueError(f"request {i}: an audio model takes a duration in seconds, not a width or height")
             if self.vae is None:
@@ -326,6 +394,7 @@ class Sampler:
         for i, req in enumerate(requests):
             if not isinstance(req.prompt, str):
                 raise ValueError(f"request {i}: the prompt must be a string, got {type(req.prompt).__name__}")
+            self._check_structured(i, req.structured_prompt)
             width, height, latent_shape, clip = self._shape(i, req)
             steps = cfg.steps if req.steps is None else req.steps
             if steps < 1:
@@ -362,8 +431,20 @@ class Sampler:
                 negative = ""
             plans.append(ResolvedRequest(i, req.prompt, negative, width, height, latent_shape, clip, int(seed), steps,
                                          solver, schedule,
-                                         guidance, channels, req.rope_scaling or cfg.rope, drop, label))
+                                         guidance, channels, req.rope_scaling or cfg.rope, drop, label,
+                                         req.structured_prompt))
         return plans
+
+    def _check_structured(self, i: int, structured) -> None:
+        """A structured prompt is text, for a text encoder that reads one (a stack with a structured-caption part)."""
+        if structured is None:
+            return
+        if not isinstance(structured, str):
+            raise ValueError(f"request {i}: structured_prompt must be a string, got {type(structured).__name__}")
+        fields = getattr(self.text_encoder, "fields", ())
+        if "structured_caption" not in fields:
+            raise ValueError(f"request {i}: structured_prompt given, but this model's text encoder reads only the "
+                             "prompt (a structured prompt is for a text-encoder stack with a structured_caption part)")
 
     def _class_label(self, i: int, req: GenerationRequest) -> int | None:
         """The class of request ``i`` (None for a text model): ``class_label``, else the prompt as an index, else the
@@ -393,14 +474,15 @@ class Sampler:
                              f"{num_classes} classes; {num_classes} is the null class, used only for CFG)")
         return label
 
-    def _encode(self, texts: list[str], cache: dict) -> None:
-        """Encode each new text on its own (batch of one): its features never depend on the other prompts' lengths."""
+    def _encode(self, texts: list[tuple[str, str]], cache: dict) -> None:
+        """Encode each new (prompt, structured prompt) on its own (batch of one): its features never depend on the
+        other prompts' lengths."""
         for text in texts:
             if text not in cache:
-                feats, mask = self.text_encoder.encode([text])
+                feats, mask = self.text_encoder.encode([text[0]], [text[1]])
                 cache[text] = (feats[0].float(), mask[0])
 
-    def _captions(self, texts: list[str], cache: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _captions(self, texts: list[tuple[str, str]], cache: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached features and masks of ``texts`` right-padded to ``length`` tokens: (B, length, D), (B, length)."""
         padded = [pad_captions(cache[t][0][None], cache[t][1][None], length) for t in texts]
         return torch.cat([feats for feats, _ in padded]), torch.cat([mask for _, mask in padded])
@@ -416,13 +498,13 @@ class Sampler:
         if text:
             if self.text_encoder is None:
                 raise ValueError("this sampler has no text encoder")
-            self._encode([t for p in plans for t in (p.prompt, p.negative_prompt)], cache)
+            self._encode([t for p in plans for t in (p.text, p.negative_text)], cache)
         groups: dict[tuple, list[ResolvedRequest]] = {}
         for plan in plans:
             length = None  # class requests: no caption
             if text:
-                length = max(cache[plan.prompt][0].shape[0],
-                             cache[plan.negative_prompt][0].shape[0] if plan.guidance != 1.0 else 0)
+                length = max(cache[plan.text][0].shape[0],
+                             cache[plan.negative_text][0].shape[0] if plan.guidance != 1.0 else 0)
             groups.setdefault(plan.group_key(length), []).append(plan)
 
         results: list[GenerationResult | None] = [None] * len(plans)
@@ -447,10 +529,10 @@ class Sampler:
         # The group's own caption length plus CAPTION_PAD masked positions: the same length and the same (masked)
         # attention path whatever the other slots' prompts are.
         length = caption_length + CAPTION_PAD
-        feats, mask = self._captions([p.prompt for p in padded], cache, length)
+        feats, mask = self._captions([p.text for p in padded], cache, length)
         uncond_feats = uncond_mask = None
         if guided:
-            negatives = [p.negative_prompt for p in padded]
+            negatives = [p.negative_text for p in padded]
             uncond_feats, uncond_mask = (a.to(device) for a in self._captions(negatives, cache, length))
         return {"cap_feats": feats.to(device), "cap_mask": mask.to(device), "uncond_feats": uncond_feats,
                 "uncond_mask": uncond_mask}
@@ -478,8 +560,11 @@ class Sampler:
         latents = solved.x[: len(chunk)].float()
         images = [None] * len(chunk)
         clips = [(None, None)] * len(chunk)
-        if self.vae is not None and first.clip is not None:  # audio: VAE → log-mel → vocoder, one clip at a time
-            clips = [decode_audio(self.vae, latents[i].cpu(), first.clip) for i in range(len(chunk))]
+        clouds = [None] * len(chunk)
+        if cfg_model.modality == "points":  # (3, 1, N) → (N, 3)
+            clouds = [latents[i][:, 0].T.contiguous().cpu().numpy() for i in range(len(chunk))]
+        elif self.vae is not None and first.clip is not None:  # audio: VAE → log-mel → vocoder, one clip at a time
+            clips = [decode_audio(self.vae, latents[i].cpu(), first.clip, self.vocoder) for i in range(len(chunk))]
         elif self.vae is not None:  # one at a time: a conv's result must not depend on the batch either
             images = [images_to_uint8(self.vae.decode(latents[i: i + 1]))[0] for i in range(len(chunk))]
         seconds = time.perf_counter() - began
@@ -496,9 +581,15 @@ class Sampler:
                 "context_drop": None if plan.context_drop is None else dataclasses.asdict(plan.context_drop),
                 "nfe": solved.nfe, "seconds": round(seconds, 4), "batch": len(chunk), "slots": x0.shape[0],
             }
+            if clouds[i] is not None:  # a cloud has a point count, not a size
+                del meta["width"], meta["height"]
+                meta.update(points=int(clouds[i].shape[0]))
             if plan.clip is not None:  # an audio clip has a duration, not a size
                 del meta["width"], meta["height"]
-                meta.update(duration=plan.clip.seconds, sample_rate=self.vae.mel.sample_rate, vocoder="griffin_lim")
+                meta.update(duration=plan.clip.seconds, sample_rate=self.vae.mel.sample_rate,
+                            vocoder=self.vocoder.name)
+            if plan.structured_prompt is not None:
+                meta["structured_prompt"] = plan.structured_prompt
             if self.config.fp8:
                 meta["fp8"] = True
             if plan.class_label is not None:  # the null class is the unconditional branch: no negative prompt
@@ -506,7 +597,7 @@ class Sampler:
                             class_name=self.class_names[plan.class_label] if self.class_names else None)
             waveform, mel = clips[i]
             out.append(GenerationResult(images[i], latents[i].cpu(), meta, waveform,
-                                        None if waveform is None else self.vae.mel.sample_rate, mel))
+                                        None if waveform is None else self.vae.mel.sample_rate, mel, clouds[i]))
         return out
 
 
@@ -541,8 +632,12 @@ def _component_config(spec, config_cls, instance_cls, model_path: str):
 
 
 def resolve_text_encoder_config(spec, model_path: str) -> TextEncoderConfig | None:
-    return _component_config(spec, TextEncoderConfig, TextEncoder, model_path)
+    return _component_config(spec, TextEncoderConfig, (TextEncoder, TextEncoderStack), model_path)
 
 
 def resolve_vae_config(spec, model_path: str) -> VAEConfig | None:
     return _component_config(spec, VAEConfig, ImageVAE, model_path)
+
+
+def resolve_vocoder_config(spec, model_path: str) -> VocoderConfig | None:
+    return _component_config(spec, VocoderConfig, Vocoder, model_path)

@@ -41,7 +41,8 @@ def vocabulary(extra_text: Iterable[str] = ()) -> list[str]:
 
 
 def word_level_tokenizer(words: list[str], style: str = "gemma"):
-    """A PreTrainedTokenizerFast over ``words``: ``gemma`` puts <bos> first ("" → [<bos>]), ``t5`` appends <eos>.
+    """A PreTrainedTokenizerFast over ``words``: ``gemma`` puts <bos> first ("" → [<bos>]), ``t5`` appends <eos>,
+    ``clap`` does both.
 
     Saved with left padding on purpose (Gemma's default): the TextEncoder must force right padding itself.
     """
@@ -58,8 +59,12 @@ def word_level_tokenizer(words: list[str], style: str = "gemma"):
     elif style == "t5":
         tok.post_processor = processors.TemplateProcessing(
             single="$A <eos>", pair="$A $B <eos>", special_tokens=[("<eos>", vocab["<eos>"])])
+    elif style == "clap":  # RoBERTa's <s> … </s>
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A <eos>", pair="<bos> $A $B <eos>",
+            special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
     else:
-        raise ValueError(f"unknown tokenizer style {style!r}; choose gemma or t5")
+        raise ValueError(f"unknown tokenizer style {style!r}; choose gemma, t5 or clap")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                         unk_token="<unk>", padding_side="left")
     return tokenizer, vocab
@@ -93,6 +98,31 @@ def make_tiny_t5(path, d_model: int = TINY_TEXT_DIM, seed: int = 0, words: list[
     T5EncoderModel(config).eval().save_pretrained(Path(path))
     tokenizer.save_pretrained(Path(path))
     return str(path)
+
+
+def make_tiny_clap(path, projection_dim: int = TINY_TEXT_DIM, seed: int = 0, words: list[str] | None = None) -> str:
+    """A tiny random ClapTextModelWithProjection (CLAP's text branch) + tokenizer saved in ``path``; returns the path."""
+    from transformers import ClapTextConfig, ClapTextModelWithProjection
+
+    tokenizer, vocab = word_level_tokenizer(words or vocabulary(), "clap")
+    config = ClapTextConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=48, projection_dim=projection_dim, max_position_embeddings=128,
+                            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"])
+    torch.manual_seed(seed)
+    ClapTextModelWithProjection(config).eval().save_pretrained(Path(path))
+    tokenizer.save_pretrained(Path(path))
+    return str(path)
+
+
+def make_tiny_text_encoder_stack(path, width: int = TINY_TEXT_DIM, seed: int = 0,
+                                 words: list[str] | None = None) -> str:
+    """The audio model's dual encoder in tiny (paper §5.2): a stack folder with a CLAP text branch on the caption and a
+    T5 encoder on the structured caption, both ``width`` wide, as subfolders; returns the path."""
+    from models.text_encoder import StackPart, write_stack
+
+    make_tiny_clap(Path(path) / "clap", width, seed, words)
+    make_tiny_t5(Path(path) / "t5", width, seed + 1, words)
+    return write_stack(str(path), [StackPart("clap", field="caption"), StackPart("t5", field="structured_caption")])
 
 
 def make_tiny_vae(path, seed: int = 0, scaling_factor: float = 0.13025) -> str:
@@ -153,10 +183,62 @@ def make_tiny_model_folder(path, text_encoder: str | None = None, vae: str | Non
     if class_names is not None:
         metadata["class_names"] = list(class_names)
     if text_encoder is not None:
-        metadata["text_encoder"] = {"path": str(text_encoder), "kind": "decoder", "layer": -2}
+        metadata["text_encoder"] = {"path": str(text_encoder)}  # kind and layer: the folder's (a stack too)
     if vae is not None:
         metadata["vae"] = {"path": str(vae), "scaling_factor": 0.13025, "shift_factor": 0.0}
     if sampler is not None:
         metadata["sampler"] = sampler
     model.save_pretrained(str(path), fmt="ours", metadata=metadata)
+    return str(path)
+
+
+def make_tiny_vocoder(path, mel=None, seed: int = 0) -> str:
+    """A tiny random HiFi-GAN (transformers ``SpeechT5HifiGan``, the layout AudioLDM publishes under vocoder/) for the
+    features ``mel`` (default ``MelConfig()``): ``model_in_dim`` = n_mels, ``sampling_rate`` = the sample rate, and
+    upsample rates (at most 3 stages, 16 → 2 channels) whose product is the hop; returns the path."""
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from models.mel import MelConfig
+
+    mel = mel or MelConfig()
+    rates, n, p = [], mel.hop_length, 2
+    while n > 1:  # the hop's prime factors, then the two smallest merged until three are left
+        while n % p == 0:
+            rates.append(p)
+            n //= p
+        p += 1
+    while len(rates) > 3:
+        rates = sorted([rates[0] * rates[1], *rates[2:]])
+    rates = sorted(rates, reverse=True)
+    config = SpeechT5HifiGanConfig(
+        model_in_dim=mel.n_mels, sampling_rate=mel.sample_rate, upsample_initial_channel=16, upsample_rates=rates,
+        upsample_kernel_sizes=[2 * r if r % 2 == 0 else r for r in rates], resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]], normalize_before=False)
+    torch.manual_seed(seed)
+    SpeechT5HifiGan(config).eval().save_pretrained(Path(path))
+    return str(path)
+
+
+def make_tiny_audioldm(path, seed: int = 0, scaling_factor: float = 0.9227914214134216, vocoder: bool = True) -> str:
+    """A tiny random folder in AudioLDM's pipeline layout (docs/official-formats.md#audioldm-layout): ``vae/`` a
+    diffusers AutoencoderKL on 1-channel mel images (8 latent channels, 3 blocks: /4 in time and frequency),
+    ``vocoder/`` a tiny ``SpeechT5HifiGan`` for AudioLDM's features (``models.audioldm.AUDIOLDM_MEL``) unless
+    ``vocoder`` is False, and a ``model_index.json``; returns the path."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from models.audioldm import AUDIOLDM_MEL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(8, 8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4,
+        sample_size=64, scaling_factor=scaling_factor,
+    ).eval().save_pretrained(Path(path) / "vae")
+    index = {"_class_name": "AudioLDMPipeline", "vae": ["diffusers", "AutoencoderKL"]}
+    if vocoder:
+        make_tiny_vocoder(Path(path) / "vocoder", AUDIOLDM_MEL, seed)
+        index["vocoder"] = ["transformers", "SpeechT5HifiGan"]
+    (Path(path) / "model_index.json").write_text(json.dumps(index, indent=2))
     return str(path)

@@ -10,43 +10,17 @@ Existing captions are kept unless ``caption.recaption``; every sample's json rec
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
 from models.config_io import from_dict
+from models.points import render_views  # the one renderer of clouds: captions see what generate writes
 from models.storage import local_path
 from pipelines import constants as C
 from pipelines.config import PrepareConfig, mel_config
 from pipelines.stage import Stage, meta_of, reject_row
-
-
-def render_views(points: np.ndarray, views: int = 4, size: int = 128, elevation_deg: float = 20.0) -> np.ndarray:
-    """(N,3) points on the unit sphere → a grid image of ``views`` orthographic renders around the vertical axis.
-
-    Each point is splatted as one pixel, nearest-first (z-buffer by sorting), shaded by depth so the shape reads.
-    """
-    cols = math.ceil(math.sqrt(views))
-    rows = math.ceil(views / cols)
-    canvas = np.full((rows * size, cols * size, 3), 255, dtype=np.uint8)
-    el = math.radians(elevation_deg)
-    tilt = np.array([[1, 0, 0], [0, math.cos(el), -math.sin(el)], [0, math.sin(el), math.cos(el)]])
-    for v in range(views):
-        az = 2 * math.pi * v / views
-        spin = np.array([[math.cos(az), 0, math.sin(az)], [0, 1, 0], [-math.sin(az), 0, math.cos(az)]])
-        p = points @ (tilt @ spin).T  # camera looks along -z; y up
-        px = np.clip(((p[:, 0] + 1) / 2 * (size - 1)).round().astype(int), 0, size - 1)
-        py = np.clip(((1 - (p[:, 1] + 1) / 2) * (size - 1)).round().astype(int), 0, size - 1)
-        depth = (p[:, 2] + 1) / 2  # 1 = nearest
-        order = np.argsort(depth)  # far first, so near points overwrite them
-        shade = (40 + 180 * (1 - depth[order])).astype(np.uint8)
-        tile = np.full((size, size, 3), 255, dtype=np.uint8)
-        tile[py[order], px[order]] = shade[:, None]
-        r, c = divmod(v, cols)
-        canvas[r * size:(r + 1) * size, c * size:(c + 1) * size] = tile
-    return canvas
 
 
 class Captioner(Stage):

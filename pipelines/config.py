@@ -152,9 +152,11 @@ class EncodeConfig:
     latent_mode: str = "sample"  # "sample" (official training) or "mean" of the posterior; image and audio latents
     latent_dtype: str = "float16"  # image and audio latents
     # precomputed caption features with models.text_encoder.TextEncoder (what the trainer and sampler use online)
-    text_encoder: str | None = None  # transformers model folder
-    text_encoder_kind: str = "decoder"  # "decoder" (Gemma, Qwen, any AutoModel) or "t5"
-    text_max_length: int = 256
+    text_encoder: str | None = None  # transformers model folder, or a stack folder (models.text_encoder)
+    # "auto" (config.json's model_type; a stack folder by its text_encoders.json), "decoder" (Gemma, Qwen, any
+    # AutoModel), "t5", "clap" or "stack"
+    text_encoder_kind: str = "auto"
+    text_max_length: int | None = None  # None: 256 (models.text_encoder.MAX_LENGTH); a stack's parts carry their own
     text_hidden_layer: int | None = None  # None: the kind's default (-2 for decoders: Lumina-Next's Gemma layer)
     text_dtype: str = "float16"
     vae_resources: Resources = field(default_factory=_actor_resources)

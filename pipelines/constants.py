@@ -51,14 +51,17 @@ RUN_ENCODERS = (MANIFEST_VAE, AUDIO_VAE, MANIFEST_TEXT_ENCODER)
 STATS_ENCODERS = "encoders"
 # The keys of each record. path: the model reference as given (encode.vae / encode.audio_vae / encode.text_encoder: an
 # s3:// URI, a local path or a hub id — never a local cache copy); layer: the hidden-states index actually used (a
-# default resolved). The mel VAE's record also has its folder format, its mel frames per latent frame (downsample) and
-# its models.mel.MelConfig as a dict (mel): the features its latents were computed from.
+# default resolved). The mel VAE's record also has its format (ours, or a diffusers mel AutoencoderKL such as
+# AudioLDM's), its latent's frequency rows (latent_rows: 1 for ours, n_mels / 4 for AudioLDM's), its mel frames per
+# latent frame (downsample) and its models.mel.MelConfig as a dict (mel): the features its latents were computed from.
 VAE_RECORD_KEYS = ("path", "scaling_factor", "shift_factor", "latent_channels")
-AUDIO_VAE_RECORD_KEYS = ("path", "format", "scaling_factor", "shift_factor", "latent_channels", "downsample", "mel")
+AUDIO_VAE_RECORD_KEYS = ("path", "format", "scaling_factor", "shift_factor", "latent_channels", "latent_rows",
+                         "downsample", "mel")
 TEXT_ENCODER_RECORD_KEYS = ("path", "kind", "layer", "max_length", "pad_to_multiple_of", "hidden_size")
 
 # ---- sample members (WebDataset extensions) ----------------------------------------------------------------------------
-# VAE latents in encode.latent_dtype: images (C, H/8, W/8); audio with encode.audio_vae (C, ⌈frames / downsample⌉)
+# VAE latents in encode.latent_dtype: images (C, H/8, W/8); audio with encode.audio_vae (C, ⌈frames / downsample⌉),
+# or (C, F, ⌈frames / downsample⌉) with a 2D mel VAE (AudioLDM's: F = n_mels / 4)
 LATENT_MEMBER = "latent.npy"
 MEL_MEMBER = "mel.npy"  # audio without a mel VAE: log-mel spectrogram (n_mels, frames), models.mel.log_mel
 POINTS_MEMBER = "points.npy"  # point samples (N, 3) on the unit sphere

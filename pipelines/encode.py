@@ -27,7 +27,7 @@ from models.storage import filesystem
 from pipelines import constants as C
 from pipelines.config import EncodeConfig, PrepareConfig, mel_config
 from pipelines.io import options_for
-from pipelines.stage import Stage, meta_of
+from pipelines.stage import Stage, meta_of, structured_caption
 
 
 # ---- encoder records: what the manifest and stats.json say about the encoders (docs/curation.md) ----------------------
@@ -82,45 +82,52 @@ def vae_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str
 
 
 def text_encoder_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str, Any] | None:
-    """The text-encoder record of ``encode`` (constants.TEXT_ENCODER_RECORD_KEYS): the ``TextEncoderConfig`` fields that
-    change the features (the layer resolved to the kind's default when unset) and the hidden size (= feature width)
-    from config.json alone. None when no text features are precomputed. ``TextEncode`` checks its model against it."""
+    """The text-encoder record of ``encode`` (constants.TEXT_ENCODER_RECORD_KEYS): ``models.text_encoder.describe`` of
+    it — the settings that change the features (kind and layer resolved) and the feature width — from config files
+    alone; a stack's parts are read the same way. None when no text features are precomputed. ``TextEncode`` checks
+    its model against it."""
     if not (encode.enabled and encode.text_encoder):
         return None
     from transformers import AutoConfig
 
-    from models.text_encoder import DEFAULT_LAYER, PAD_TO_MULTIPLE_OF, feature_width
+    from models.text_encoder import describe
 
-    config = _read_config(encode.text_encoder, s3_options, AutoConfig.from_pretrained, "encode.text_encoder",
-                          "a transformers")
-    kind = encode.text_encoder_kind
-    return {"path": encode.text_encoder, "kind": kind,
-            "layer": DEFAULT_LAYER[kind] if encode.text_hidden_layer is None else int(encode.text_hidden_layer),
-            "max_length": int(encode.text_max_length), "pad_to_multiple_of": PAD_TO_MULTIPLE_OF,
-            "hidden_size": feature_width(config)}
+    def read_config(uri: str):
+        return _read_config(uri, s3_options, AutoConfig.from_pretrained, "encode.text_encoder", "a transformers")
+
+    try:
+        settings = describe(encode.text_encoder, encode.text_encoder_kind, encode.text_hidden_layer,
+                            encode.text_max_length, read_config)
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"encode.text_encoder={encode.text_encoder!r}: {exc}") from exc
+    return {"path": encode.text_encoder, **settings}
 
 
 def _audio_vae_fields(path: str, cfg) -> dict[str, Any]:
-    """The record (constants.AUDIO_VAE_RECORD_KEYS) of a mel VAE at ``path`` with ``AudioVAEConfig`` ``cfg``."""
-    from models.audio_vae import AUDIO_VAE_FORMAT
-
-    return {"path": path, "format": AUDIO_VAE_FORMAT, "scaling_factor": float(cfg.scaling_factor),
+    """The record (constants.AUDIO_VAE_RECORD_KEYS) of a mel VAE at ``path`` with config ``cfg`` (ours or a diffusers
+    one: ``models.audio.audio_vae_config``)."""
+    return {"path": path, "format": cfg.format, "scaling_factor": float(cfg.scaling_factor),
             "shift_factor": float(cfg.shift_factor), "latent_channels": int(cfg.latent_channels),
-            "downsample": int(cfg.downsample), "mel": to_dict(cfg.mel)}
+            "latent_rows": int(cfg.latent_rows), "downsample": int(cfg.downsample), "mel": to_dict(cfg.mel)}
 
 
 def audio_vae_record(encode: EncodeConfig, s3_options: dict | None = None) -> dict[str, Any] | None:
-    """The mel-VAE record of ``encode`` (constants.AUDIO_VAE_RECORD_KEYS), from the folder's config.json alone
-    (``models.audio_vae.read_audio_vae_config``): scale and shift, latent channels, downsampling and the VAE's
-    ``MelConfig``, which the run's audio stages then use (``run_mel``). None when no mel VAE encodes; a ConfigError
-    naming ``encode.audio_vae`` when the folder is not a mel VAE. ``AudioVaeEncode`` checks its model against it."""
+    """The mel-VAE record of ``encode`` (constants.AUDIO_VAE_RECORD_KEYS), from the folder's json files alone
+    (``models.audio.audio_vae_config``: ours, a diffusers mel AutoencoderKL, or an AudioLDM pipeline folder): format,
+    scale and shift, latent channels and frequency rows, downsampling and the VAE's ``MelConfig``, which the run's
+    audio stages then use (``run_mel``). None when no mel VAE encodes; a ConfigError naming ``encode.audio_vae`` when
+    the folder is not a mel VAE. ``AudioVaeEncode`` checks its model against it."""
     if not (encode.enabled and encode.audio_vae):
         return None
-    from models.audio_vae import AUDIO_VAE_FORMAT, read_audio_vae_config
+    from models.audio import audio_vae_config
 
     try:
-        cfg = _read_config(encode.audio_vae, s3_options, read_audio_vae_config, "encode.audio_vae",
-                           f"a mel VAE ({AUDIO_VAE_FORMAT!r})")
+        cfg = audio_vae_config(encode.audio_vae, options_for(encode.audio_vae, s3_options))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"encode.audio_vae={encode.audio_vae!r}: cannot read a mel VAE config.json there "
+                          f"({exc})") from exc
     except (KeyError, TypeError, AttributeError) as exc:  # the right format, but no "model" mapping
         raise ConfigError(f"encode.audio_vae={encode.audio_vae!r}: its config.json is not that of a mel VAE folder "
                           f"(models.audio_vae.AudioVAE.save_pretrained): {type(exc).__name__}: {exc}") from exc
@@ -201,10 +208,11 @@ class VaeEncode(Stage):
 
 
 class AudioVaeEncode(Stage):
-    """Bucket-sized waveforms → log-mel with the VAE's own ``MelConfig`` → normalised mel-VAE latents
-    (latent_channels, ⌈frames / downsample⌉) with ``models.audio_vae.AudioVAE`` (paper §5.2), in
-    ``encode.latent_dtype``. The json's ``latent`` entry has the scale and shift, the mode and ``mel_frames``, the
-    frame count to crop a decoded latent back to (``AudioVAE.decode(latent, frames=mel_frames)``).
+    """Bucket-sized waveforms → log-mel with the VAE's own ``MelConfig`` → normalised mel-VAE latents in
+    ``encode.latent_dtype``: (latent_channels, ⌈frames / downsample⌉) with our ``models.audio_vae.AudioVAE`` (paper
+    §5.2), (latent_channels, rows, ⌈frames / downsample⌉) with a 2D one (``models.audioldm.AudioLDMVAE``); the folder
+    kind is ``models.audio.load_audio_vae``'s. The json's ``latent`` entry has the scale and shift, the mode and
+    ``mel_frames``, the frame count to crop a decoded latent back to (``vae.decode(latent, frames=mel_frames)``).
 
     A batch may mix buckets; it is encoded one length at a time."""
 
@@ -213,11 +221,11 @@ class AudioVaeEncode(Stage):
     def __init__(self, config: dict, device: str | None = None, record: dict | None = None):
         import torch
 
-        from models.audio_vae import AudioVAE
+        from models.audio import load_audio_vae
 
         cfg = from_dict(PrepareConfig, config).encode
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.vae = AudioVAE.from_pretrained(cfg.audio_vae, device=self.device)  # s3:// → the local cache
+        self.vae = load_audio_vae(cfg.audio_vae, device=self.device)  # s3:// → the local cache
         _check_record("AudioVaeEncode", record, _audio_vae_fields(cfg.audio_vae, self.vae.config))
         self.sample = cfg.latent_mode == "sample"
         self.dtype = np.dtype(cfg.latent_dtype)
@@ -307,8 +315,9 @@ class TextEncode(Stage):
         if prepare.output:
             self.write_null_features(prepare.output, output_options)
 
-    def features(self, captions: list[str]) -> list[np.ndarray]:
-        feats, mask = self.encoder.encode(captions)  # (B, L, D), (B, L) right-padded
+    def features(self, captions: list[str], structured: list[str] | None = None) -> list[np.ndarray]:
+        """Unpadded (L, D) features of each caption; a stack's structured-caption parts read ``structured``."""
+        feats, mask = self.encoder.encode(captions, structured)  # (B, L, D), (B, L) right-padded
         feats, lengths = feats.float().cpu().numpy(), mask.sum(-1).cpu().tolist()
         return [f[: int(n)].astype(self.dtype) for f, n in zip(feats, lengths)]
 
@@ -325,6 +334,8 @@ class TextEncode(Stage):
     def process_rows(self, rows):
         if not rows:
             return rows, []
-        for r, f in zip(rows, self.features([str(r[C.CAPTION]) for r in rows])):
+        captions = [str(r[C.CAPTION]) for r in rows]
+        structured = [structured_caption(meta_of(r).get(C.STRUCTURED_CAPTION), c) for r, c in zip(rows, captions)]
+        for r, f in zip(rows, self.features(captions, structured)):
             r[C.TEXT_FEATURES] = f
         return rows, []

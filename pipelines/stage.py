@@ -132,6 +132,16 @@ def meta_of(row: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def structured_caption(given: Any, caption: str) -> str:
+    """The caption of an audio sample's second text encoder (``constants.STRUCTURED_CAPTION``): the source's own — a
+    string as it is, anything else (a mapping of tags, a list) as its canonical JSON — else the caption itself."""
+    if isinstance(given, str):
+        return given if given.strip() else caption
+    if given is None or given in ({}, []):
+        return caption
+    return json.dumps(given, sort_keys=True, default=str)
+
+
 _CHAIN_CACHE: dict[str, StageChain] = {}
 
 

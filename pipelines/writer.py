@@ -31,7 +31,7 @@ from pipelines.decode import stored_as_is
 from pipelines.encode import run_encoders
 from pipelines.io import is_local, write_atomic
 from pipelines.shards import encoder_json
-from pipelines.stage import Stage, meta_of
+from pipelines.stage import Stage, meta_of, structured_caption
 
 TENSOR_MEMBERS = {C.AUDIO: C.MEL_MEMBER, C.POINTS: C.POINTS_MEMBER}
 FIXED_MTIME = 0  # identical inputs give byte-identical tars
@@ -244,16 +244,6 @@ class WriteShards(Stage):
         ray.get(pending)  # back-pressure: the next batch waits for the writers
         # only the keys leave the stage: the payloads are written, nothing downstream needs them
         return [{C.KEY: str(r[C.KEY])} for r in rows], []
-
-
-def structured_caption(given: Any, caption: str) -> str:
-    """The caption of an audio sample's second text encoder (``constants.STRUCTURED_CAPTION``): the source's own — a
-    string as it is, anything else (a mapping of tags, a list) as its canonical JSON — else the caption itself."""
-    if isinstance(given, str):
-        return given if given.strip() else caption
-    if given is None or given in ({}, []):
-        return caption
-    return json.dumps(given, sort_keys=True, default=str)
 
 
 def new_writer_id() -> str:

@@ -8,7 +8,8 @@
 #
 # Budget: 15 device-minutes a session (the machine's start included), 10 a command. Estimated: `model` (CUDA tests,
 # 2B forward eager ± FP8 at 1024²/2048², compiled at 1024², issue 2) ≈ 6 min; `train` (2B ZeRO-3 steps at 512²/1024² and the
-# largest micro-batch, issue 5) ≈ 3 min; `sampler` (one sampler step, one whole 1024² image) ≈ 2 min;
+# largest micro-batch, issue 5) ≈ 3 min; `sampler` (one sampler step, one whole 1024² image, one 10-s audio clip of the
+# `audio` preset with its step against the plain-PyTorch reference) ≈ 3 min;
 # `train-compiled` (train.compile at 1024², one compile of a 2B block) ≈ 2 min. Run `model` in one call and
 # `train sampler train-compiled` in the next, on the same warm machine (stages run in that order): a timeout cuts the
 # last stage, and the files already under $OUT still come back. (`jobs.bench image --compile` adds three compiles of
@@ -28,8 +29,10 @@ mkdir -p "$OUT"
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 if [ -n "${REHEARSE:-}" ]; then
     DEVICE=cpu PRESET=tiny SIZE=128 LARGE=256 TRAIN_SIZES=128:4,256:1 MAX_BATCH=8 REPEATS=2
+    AUDIO_PRESET=tiny-audio DURATION=2
 else
     DEVICE=cuda PRESET=2B-GQA SIZE=1024 LARGE=2048 TRAIN_SIZES=512:4,1024:1 MAX_BATCH=64 REPEATS=10
+    AUDIO_PRESET=audio DURATION=10
 fi
 if [ -d .whl ]; then
     PY=${PYTHON:-python3}
@@ -73,6 +76,11 @@ if want sampler; then
     # whole 1024² image: Gemma-2B-shaped encoder + SDXL-shaped VAE, 10 midpoint steps vs LuminaPipeline 20 Euler steps
     $PY -m jobs.bench image --device $DEVICE --preset $PRESET --size $SIZE --fp8 --json "$OUT/image.jsonl" 2>&1 \
         | grep -v -i "warn" | tee "$OUT/image.txt"
+    # text-to-audio (docs/benchmarks.md#text-to-audio-cpu): real-time factor of a 10-s clip through our Sampler (FLAN-T5-large-
+    # shaped encoder, paper-sized mel VAE, Griffin-Lim on the CPU) with its per-stage split, and one CFG-pair step of
+    # the `audio` preset against the plain-PyTorch reference (checked allclose first). About 1 min.
+    $PY -m jobs.bench audio --device $DEVICE --preset $AUDIO_PRESET --duration $DURATION --json "$OUT/audio.jsonl" \
+        2>&1 | grep -v -i "warn" | tee "$OUT/audio.txt"
 fi
 if want train-compiled; then
     # train.compile (every block's forward compiled under ZeRO-3 + checkpointing) at the 1024² target bucket

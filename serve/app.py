@@ -18,6 +18,7 @@ import random
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -37,12 +38,16 @@ from serve.schema import (
     ImagesResponse,
     ModelCard,
     ModelList,
+    PointsGenerationRequest,
+    PointsResponse,
 )
 
 log = logging.getLogger("serve")
 
 GENERATIONS_PATH = "/v1/images/generations"
 AUDIO_PATH = "/v1/audio/generations"
+POINTS_PATH = "/v1/points/generations"
+ROUTES = {"image": GENERATIONS_PATH, "audio": AUDIO_PATH, "points": POINTS_PATH}  # the route of each modality
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 
@@ -93,7 +98,8 @@ class SamplerReplica:
         # same slot, equal to rounding across slots (models/sampler.py).
         overrides = dict(self.config.sampler, batch_size=self.config.batching.max_batch_size)
         sampler = Sampler.from_pretrained(spec.path, text_encoder=spec.text_encoder, vae=spec.vae, config=overrides,
-                                          device=self.device, dtype=self.dtype, ema=spec.ema, adapter=spec.adapter)
+                                          device=self.device, dtype=self.dtype, ema=spec.ema, adapter=spec.adapter,
+                                          vocoder=spec.vocoder)
         log.info("loaded model %s from %s on %s", name, spec.path, self.device)
         return sampler
 
@@ -149,10 +155,10 @@ class SamplerReplica:
     def _validate(self, sampler, request: dict) -> str | None:
         modality = sampler.model.config.modality
         if request["modality"] != modality:
-            route = AUDIO_PATH if modality == "audio" else GENERATIONS_PATH
-            return f"this is an {modality} model: use POST {route}"
+            article = "an" if modality[0] in "aeiou" else "a"
+            return f"this is {article} {modality} model: use POST {ROUTES[modality]}"
         if sampler.text_encoder is not None:  # a class-conditional model has none: its prompt is a class index or name
-            tokens = len(sampler.text_encoder.tokenizer(request["prompt"])["input_ids"])
+            tokens = sampler.text_encoder.token_count(request["prompt"], request.get("structured_prompt"))
             limit = self.config.limits.max_prompt_tokens
             if tokens > limit:
                 return f"prompt is {tokens} tokens long; the limit is {limit}"
@@ -164,6 +170,7 @@ class SamplerReplica:
 
     def _run(self, sampler, requests: list[dict]) -> list[dict]:
         from models.audio import audio_bytes
+        from models.points import ply_bytes
 
         began = time.perf_counter()
         results = sampler.generate([generation_request(r) for r in requests])
@@ -173,6 +180,16 @@ class SamplerReplica:
             meta = result.metadata
             self.nfe.observe(meta["nfe"])
             common = {"seed": meta["seed"], "nfe": meta["nfe"], "seconds": meta.get("seconds", elapsed)}
+            if result.points is not None:
+                cloud = result.points
+                if request.get("points_format") == "npy":
+                    buffer = io.BytesIO()
+                    np.save(buffer, cloud)
+                    data = buffer.getvalue()
+                else:
+                    data = ply_bytes(cloud)
+                out.append({"cloud": data, "points": int(cloud.shape[0]), **common})
+                continue
             if result.audio is not None:
                 data = audio_bytes(result.audio, result.sample_rate, request.get("audio_format") or "wav")
                 out.append({"audio": data, "duration": meta["duration"], "sample_rate": meta["sample_rate"],
@@ -182,12 +199,14 @@ class SamplerReplica:
             Image.fromarray(result.image).save(buffer, format="PNG")
             out.append({"png": buffer.getvalue(), "width": meta["width"], "height": meta["height"], **common})
         first = requests[0]
-        size = f"{first['duration']}s" if first.get("duration") else f"{first.get('width')}x{first.get('height')}"
+        size = (f"{first['duration']}s" if first.get("duration") else f"{first['points']}pts" if first.get("points")
+                else f"{first.get('width')}x{first.get('height')}")
         self.latency.observe(elapsed, tags={"size": size})
         return out
 
 
-ROUTE_KEYS = ("modality", "audio_format")  # what a route adds to the GenerationRequest fields of a request dict
+# what a route adds to the GenerationRequest fields of a request dict
+ROUTE_KEYS = ("modality", "audio_format", "points_format")
 
 
 def generation_request(request: dict):
@@ -211,6 +230,7 @@ def body_doc(schema) -> dict:
 
 REQUEST_BODY_DOC = body_doc(ImageGenerationRequest)
 AUDIO_BODY_DOC = body_doc(AudioGenerationRequest)
+POINTS_BODY_DOC = body_doc(PointsGenerationRequest)
 
 
 def validation_error(exc: ValidationError) -> JSONResponse:
@@ -368,6 +388,7 @@ class Ingress:
                          param="response_format")
         file_format = "wav" if body.response_format == "b64_json" else body.response_format
         outputs = await self._fan_out(body, {"modality": "audio", "duration": body.duration,
+                                             "structured_prompt": body.structured_prompt,
                                              "audio_format": file_format})
         if isinstance(outputs, JSONResponse):
             return outputs
@@ -377,6 +398,29 @@ class Ingress:
         data = [{"b64_json": base64.b64encode(o["audio"]).decode(), "seed": o["seed"], "nfe": o["nfe"],
                  "latency_s": round(o["seconds"], 4), "duration": o["duration"], "sample_rate": o["sample_rate"]}
                 for o in outputs]
+        return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
+
+
+    @api.post(POINTS_PATH, response_model=PointsResponse, openapi_extra=POINTS_BODY_DOC,
+              responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
+    async def points_generations(self, request: Request):
+        """Clouds from a point-cloud model: binary PLY files as b64_json, or (n = 1) the PLY / NPY file itself."""
+        body = await self._body(request, PointsGenerationRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        if body.response_format != "b64_json" and body.n != 1:
+            return error(400, f"response_format {body.response_format} returns one file: n must be 1",
+                         param="response_format")
+        file_format = "ply" if body.response_format == "b64_json" else body.response_format
+        outputs = await self._fan_out(body, {"modality": "points", "points": body.points,
+                                             "points_format": file_format})
+        if isinstance(outputs, JSONResponse):
+            return outputs
+        if body.response_format != "b64_json":
+            media = "application/octet-stream" if file_format == "npy" else "application/x-ply"
+            return Response(outputs[0]["cloud"], media_type=media, headers={"X-Seed": str(outputs[0]["seed"])})
+        data = [{"b64_json": base64.b64encode(o["cloud"]).decode(), "seed": o["seed"], "nfe": o["nfe"],
+                 "latency_s": round(o["seconds"], 4), "points": o["points"]} for o in outputs]
         return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
 
 

@@ -18,6 +18,7 @@ class ModelSpec:
     path: str = ""
     text_encoder: str | None = None
     vae: str | None = None
+    vocoder: str | None = None  # audio models: a SpeechT5HifiGan folder or "griffin_lim" (None: Sampler's default)
     ema: bool = False
     adapter: str | None = None  # a LoRA adapter folder (jobs.export of a LoRA run) merged onto `path` at load
 

@@ -51,12 +51,42 @@ class AudioGenerationRequest(_GenerationRequest):
     """``POST /v1/audio/generations`` (audio models)."""
 
     prompt: str = Field(min_length=1, max_length=100_000, description="text prompt")
+    structured_prompt: str | None = Field(
+        default=None, max_length=100_000,
+        description="the text of a dual text encoder's structured-caption part (default: the prompt)")
     n: int = Field(default=1, description="number of clips (1 to the server's limit)")
     duration: float | None = Field(default=None, allow_inf_nan=False,
                                    description="seconds per clip (default: the model's; at most sampler.max_duration)")
     response_format: Literal["b64_json", "wav", "flac"] = Field(
         default="b64_json", description='"b64_json": {"data": [{"b64_json": WAV bytes}]}; "wav" / "flac": the file '
                                         "itself (n = 1)")
+
+
+class PointsGenerationRequest(_GenerationRequest):
+    """``POST /v1/points/generations`` (point-cloud models, paper §5.3)."""
+
+    prompt: str = Field(min_length=1, max_length=100_000,
+                        description="text prompt; for a label-conditioned model a class index or class name")
+    points: int | None = Field(default=None, description="points per cloud (default: the model's training density; "
+                                                         "at most sampler.max_points)")
+    n: int = Field(default=1, description="number of clouds (1 to the server's limit)")
+    response_format: Literal["b64_json", "ply", "npy"] = Field(
+        default="b64_json", description='"b64_json": {"data": [{"b64_json": PLY bytes}]}; "ply" / "npy": the file '
+                                        "itself (n = 1)")
+
+
+class PointsData(BaseModel):
+    b64_json: str  # a binary PLY file
+    seed: int
+    nfe: int
+    latency_s: float
+    points: int
+
+
+class PointsResponse(BaseModel):
+    created: int
+    model: str
+    data: list[PointsData]
 
 
 class AudioData(BaseModel):
@@ -94,7 +124,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lumina-ray"
-    modality: Literal["image", "audio"] = "image"  # which route generates with it
+    modality: Literal["image", "audio", "points"] = "image"  # which route generates with it
 
 
 class ModelList(BaseModel):

@@ -1,6 +1,10 @@
-"""Text-to-audio end to end (paper §5.2), with tiny random models: jobs.prepare encodes captioned clips with a mel VAE,
-jobs.train trains tiny-audio on 2 workers (t2a picked from the model), jobs.export writes a model folder that names the
-mel VAE, and jobs.generate writes WAV clips of the asked duration and rate, the same bytes for the same seed."""
+"""Text-to-audio and text-to-music end to end (paper §5.2), with tiny random models: jobs.prepare encodes captioned
+clips with a mel VAE, jobs.train trains tiny-audio on 2 workers (t2a picked from the model), jobs.export writes a model
+folder that names the mel VAE and the text encoder, and jobs.generate writes WAV clips of the asked duration and rate,
+the same bytes for the same seed.
+
+Music conditions on one T5 encoder (``--text-encoder T5``, its kind read from the folder); audio on the dual encoder, a
+stack of CLAP on the caption and T5 on the structured caption (docs/design-decisions.md#the-dual-text-encoder)."""
 
 from __future__ import annotations
 
@@ -10,54 +14,116 @@ import numpy as np
 import pytest
 
 RATE = 16_000
+PITCHES = [220, 330, 440, 550]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, ray_cluster):
+def write_tones(clips, structured: bool = False) -> None:
+    """Twelve 1.2-s tones of four pitches, captioned with their pitch (and, if asked, a structured caption)."""
     import soundfile
 
+    clips.mkdir()
+    for i in range(12):
+        freq = PITCHES[i % 4]
+        t = np.arange(int(1.2 * RATE)) / RATE
+        detune = 0.5 * (i // 4)  # distinct files: jobs.prepare drops exact duplicates
+        soundfile.write(clips / f"tone_{i:02d}.wav", 0.5 * np.sin(2 * np.pi * (freq + detune) * t), RATE)
+        meta = {"caption": f"a tone at {freq} hertz"}
+        if structured:
+            meta["structured_caption"] = {"pitch": freq, "timbre": "sine"}
+        (clips / f"tone_{i:02d}.json").write_text(json.dumps(meta))
+
+
+def prepare_train_export(root, text_encoder: str, structured: bool, train_flags: list[str]) -> str:
     from jobs.export import main as export
     from jobs.prepare import main as prepare
     from jobs.train import main as train
-    from models.tiny import make_tiny_audio_vae, make_tiny_text_encoder
+    from models.tiny import make_tiny_audio_vae
 
-    root = tmp_path_factory.mktemp("audio-e2e")
-    clips = root / "clips"
-    clips.mkdir()
-    for i in range(12):  # 1.2-s tones of four pitches, captioned with their pitch
-        freq = [220, 330, 440, 550][i % 4]
-        t = np.arange(int(1.2 * RATE)) / RATE
-        soundfile.write(clips / f"tone_{i:02d}.wav", 0.5 * np.sin(2 * np.pi * freq * t), RATE)
-        (clips / f"tone_{i:02d}.json").write_text(json.dumps({"caption": f"a tone at {freq} hertz"}))
-    vae, text_encoder = make_tiny_audio_vae(root / "mel-vae"), make_tiny_text_encoder(root / "te")
+    write_tones(root / "clips", structured)
+    vae = make_tiny_audio_vae(root / "mel-vae")
     data = root / "prepared"
-    assert prepare(["--input", str(clips), "--output", str(data), "--set", "read.modalities=[audio]",
+    assert prepare(["--input", str(root / "clips"), "--output", str(data), "--set", "read.modalities=[audio]",
                     "--set", f"encode.audio_vae={vae}", "--set", f"encode.text_encoder={text_encoder}",
                     "--set", "bucket.audio_durations_s=[1.0]", "--set", "filter.min_duration_s=0.5",
                     "--set", "write.samples_per_shard=4"]) == 0
     runs = root / "runs"
     assert train(["--data", str(data), "--storage", str(runs), "--workers", "2", "--preset", "tiny-audio",
-                  "--steps", "4", "--set", "data.micro_batch=2", "--set", "train.ckpt_every=4",
-                  "--set", "logging.wandb=disabled", "--set", "logging.progress=false"]) == 0
+                  "--steps", "4", "--text-encoder", text_encoder, "--set", "data.micro_batch=2",
+                  "--set", "train.ckpt_every=4", "--set", "logging.wandb=disabled", "--set", "logging.progress=false",
+                  *train_flags]) == 0
     model = root / "model"
     assert export([str(runs / "nextdit"), str(model)]) == 0
-    return {"model": str(model), "vae": vae, "root": root}
+    return str(model)
 
 
-def test_the_exported_folder_names_its_mel_vae_and_generates_wav_clips(exported):
+@pytest.fixture(scope="module")
+def music(tmp_path_factory, ray_cluster):
+    """Music: one T5 encoder, caption features precomputed by jobs.prepare."""
+    from models.tiny import make_tiny_t5
+
+    root = tmp_path_factory.mktemp("music-e2e")
+    t5 = make_tiny_t5(root / "t5")
+    return {"model": prepare_train_export(root, t5, False, []), "vae": str(root / "mel-vae"), "t5": t5, "root": root}
+
+
+def test_a_music_model_names_its_mel_vae_and_t5_and_generates_wav_clips(music):
     import soundfile
 
     from jobs.generate import main as generate
     from models.checkpoint import read_checkpoint, read_modality
 
-    cfg, _, meta = read_checkpoint(exported["model"], tensors=False)
+    cfg, _, meta = read_checkpoint(music["model"], tensors=False)
     assert cfg.modality == "audio" and cfg.trained_sides == (1, 1, 32)  # 1-s bucket: 63 mel frames → 32 latent frames
-    assert meta["vae"]["path"] == exported["vae"] and read_modality(exported["model"]) == "audio"
-    out = exported["root"] / "clips-out"
-    argv = ["--model", exported["model"], "--prompt", "a tone at 440 hertz", "--duration", "0.75", "--seed", "5",
+    assert meta["vae"]["path"] == music["vae"] and read_modality(music["model"]) == "audio"
+    assert meta["text_encoder"]["path"] == music["t5"] and meta["text_encoder"]["kind"] == "t5"
+    out = music["root"] / "clips-out"
+    argv = ["--model", music["model"], "--prompt", "a tone at 440 hertz", "--duration", "0.75", "--seed", "5",
             "--steps", "2", "--out", str(out)]
     assert generate(argv) == 0
     samples, rate = soundfile.read(out / "000000_5.wav")
     assert rate == RATE and samples.shape == (12_000,)
-    assert generate(argv[:-1] + [str(exported["root"] / "again")]) == 0
-    assert (exported["root"] / "again" / "000000_5.wav").read_bytes() == (out / "000000_5.wav").read_bytes()
+    assert generate(argv[:-1] + [str(music["root"] / "again")]) == 0
+    assert (music["root"] / "again" / "000000_5.wav").read_bytes() == (out / "000000_5.wav").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dual(tmp_path_factory, ray_cluster):
+    """Audio: the CLAP + T5 stack; jobs.prepare precomputes features from caption and structured caption, and
+    training encodes online from the same fields (both paths of the stack)."""
+    from models.tiny import make_tiny_text_encoder_stack
+
+    root = tmp_path_factory.mktemp("dual-e2e")
+    stack = make_tiny_text_encoder_stack(root / "dual")
+    model = prepare_train_export(root, stack, True, ["--set", "data.text_features=online"])
+    return {"model": model, "stack": stack, "root": root}
+
+
+def test_the_dual_encoder_reads_caption_and_structured_caption_in_prepare_and_in_training(dual):
+    import soundfile
+
+    from jobs.generate import main as generate
+    from models.checkpoint import read_checkpoint
+    from models.text_encoder import TextEncoder
+    from pipelines.shards import iter_samples, list_shards, shard_url
+
+    _, _, meta = read_checkpoint(dual["model"], tensors=False)
+    assert meta["text_encoder"]["path"] == dual["stack"] and meta["text_encoder"]["kind"] == "stack"
+    stack = TextEncoder.from_pretrained(dual["stack"])
+    prepared = str(dual["root"] / "prepared")
+    (shard, *_) = list_shards(prepared, modality="audio")
+    sample = next(iter_samples(shard_url(prepared, shard["path"])))
+    structured = sample["meta"]["structured_caption"]
+    assert structured == '{"pitch": %d, "timbre": "sine"}' % int(sample["caption"].split()[3])
+    feats, mask = stack.encode([sample["caption"]], [structured])
+    np.testing.assert_allclose(np.asarray(sample["text_features"], np.float32), feats[0, : int(mask.sum())].numpy(),
+                               atol=2e-3)  # stored as float16
+    out = dual["root"] / "out"
+    argv = ["--model", dual["model"], "--prompt", "a tone at 330 hertz", "--duration", "0.5", "--seed", "1",
+            "--steps", "2"]
+    assert generate(argv + ["--out", str(out / "plain")]) == 0
+    assert generate(argv + ["--structured-prompt", '{"pitch": 330, "timbre": "sine"}', "--out", str(out / "tags")]) == 0
+    plain, rate = soundfile.read(out / "plain" / "000000_1.wav")
+    tagged, _ = soundfile.read(out / "tags" / "000000_1.wav")
+    assert rate == RATE and plain.shape == tagged.shape == (8_000,) and not np.array_equal(plain, tagged)
+    sidecar = json.loads((out / "tags" / "000000_1.json").read_text())
+    assert sidecar["structured_prompt"] == '{"pitch": 330, "timbre": "sine"}'

@@ -106,3 +106,18 @@ def test_schedules_bench_ranks_schedules_against_uniform_in_one_run(tmp_path):
         assert len(row["errors"]) == 2 and all(e > 0 for e in row["errors"])
         assert row["vs_uniform"] == pytest.approx([e / u for e, u in zip(row["errors"], rows[0]["errors"])])
     assert "best:" in stdout
+
+
+def test_audio_bench_reports_the_real_time_factor_and_the_step_against_a_matching_reference(tmp_path):
+    stdout, (row,) = run_bench(["audio", "--device", "cpu", "--duration", "1", "--steps", "1", "--batch", "2",
+                                "--warmup", "0", "--repeats", "1", "--step-repeats", "1"], tmp_path)
+    assert "\ndevice: CPU" in "\n" + stdout and "Next-DiT tiny-audio" in stdout  # (DeepSpeed may log a line first)
+    assert "allclose(rtol=0.0001" in stdout and ") True |" in stdout  # checked before anything was timed
+    assert row["reference_matched"] and row["reference_rel_err"] < 1e-5 and row["step_rel_err"] < 1e-5
+    assert "ratio ours/reference" in stdout and row["step_ratio"] == pytest.approx(row["step_ours_ms"] /
+                                                                                   row["step_ref_ms"])
+    assert "real-time factor" in stdout and row["rtf"] == pytest.approx(2 * 1.0 / (row["total_ms"] / 1000))
+    assert row["nfe"] == 2 and row["latent_frames"] == 32 and row["vocoder"] == "griffin_lim"
+    assert list(row["stages_ms"]) == ["text_encode", "solve", "vae_decode", "vocoder"]
+    assert all(v > 0 for v in row["stages_ms"].values()) and 0 < row["model_ms"] < row["stages_ms"]["solve"]
+    assert sum(row["stages_ms"].values()) == pytest.approx(row["total_ms"])  # one run: the split adds up

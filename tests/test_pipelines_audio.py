@@ -164,7 +164,7 @@ def test_padded_clips_encode_to_the_bucket_latent(tmp_path):
 
 
 def test_structured_caption_is_the_sources_or_the_caption():
-    from pipelines.writer import structured_caption
+    from pipelines.stage import structured_caption
 
     assert structured_caption(None, "a tone") == structured_caption("  ", "a tone") == "a tone"
     assert structured_caption({}, "a tone") == "a tone"

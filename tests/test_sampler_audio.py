@@ -88,5 +88,30 @@ def test_generate_job_writes_clips_readable_at_the_asked_duration_and_rate(folde
     assert main(argv[:-2] + ["--out", str(tmp_path / "flac"), "--format", "flac"]) == 0
     samples, rate = soundfile.read(tmp_path / "flac" / "000000_7.flac")
     assert rate == 16_000 and samples.shape == (8_000,)
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError, match="give one of --size"):
         main(argv + ["--size", "64x64"])
+
+
+def test_a_dual_encoder_model_reads_the_structured_prompt(tmp_path):
+    """Paper §5.2: the audio model's CLAP part reads the prompt, its T5 part the structured prompt (default: the
+    prompt); a model with one text encoder refuses a structured prompt rather than ignore it."""
+    from models.tiny import make_tiny_text_encoder_stack
+
+    stack = make_tiny_text_encoder_stack(tmp_path / "dual")
+    folder = make_tiny_model_folder(tmp_path / "model", stack, make_tiny_audio_vae(tmp_path / "mel-vae"),
+                                    preset_name="tiny-audio", sampler={"steps": 2, "solver": "euler"})
+    dual = Sampler.from_pretrained(folder)
+    assert dual.text_encoder.kind == "stack"
+
+    def clip(**kw):
+        return dual.generate([GenerationRequest("a tone at 440 hertz", duration=0.5, seed=2, **kw)])[0]
+
+    plain, same, tagged = clip(), clip(structured_prompt="a tone at 440 hertz"), clip(structured_prompt="genre: jazz")
+    assert np.array_equal(plain.audio, same.audio)  # the default structured prompt is the prompt itself
+    assert not np.array_equal(plain.audio, tagged.audio)
+    assert tagged.metadata["structured_prompt"] == "genre: jazz" and "structured_prompt" not in plain.metadata
+
+
+def test_a_single_encoder_refuses_a_structured_prompt(sampler):
+    with pytest.raises(ValueError, match="reads only the prompt"):
+        sampler.generate([GenerationRequest("x", duration=0.5, structured_prompt="genre: jazz")])

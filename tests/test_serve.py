@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from models.config_io import to_dict
-from models.tiny import make_tiny_audio_vae
+from models.tiny import make_tiny_audio_vae, make_tiny_text_encoder_stack
 from tests.conftest import free_port
 from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
 
@@ -49,8 +49,11 @@ def folders(tmp_path_factory):
             "tiny-lora": {"path": base, "adapter": make_lora_adapter(base, root / "lora")},
             "tiny-class": {"path": make_tiny_model_folder(root / "class", vae=vae, preset_name="tiny-class",
                                                           class_names=[f"shape {i}" for i in range(10)])},
-            "tiny-audio": {"path": make_tiny_model_folder(root / "audio", te, make_tiny_audio_vae(root / "mel-vae"),
-                                                          preset_name="tiny-audio")}}
+            # the audio model conditions on the paper's dual encoder (CLAP + T5 stack, paper §5.2)
+            "tiny-audio": {"path": make_tiny_model_folder(root / "audio", make_tiny_text_encoder_stack(root / "dual"),
+                                                          make_tiny_audio_vae(root / "mel-vae"),
+                                                          preset_name="tiny-audio")},
+            "tiny-points": {"path": make_tiny_model_folder(root / "points", te, preset_name="tiny-points")}}
 
 
 def make_lora_adapter(base: str, path) -> str:
@@ -136,8 +139,9 @@ def test_n_images_get_consecutive_seeds_and_batch_mates_do_not_change_an_image(s
 def test_models_health_and_openapi(server):
     assert server.get("/healthz").json() == {"status": "ok"}
     models = server.get("/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-class", "tiny-audio"]
-    assert [m["modality"] for m in models["data"]] == ["image"] * 4 + ["audio"]
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-class", "tiny-audio",
+                                                 "tiny-points"]
+    assert [m["modality"] for m in models["data"]] == ["image"] * 4 + ["audio", "points"]
     schema = server.get("/openapi.json").json()
     assert PATH in schema["paths"] and "requestBody" in schema["paths"][PATH]["post"]
     assert "requestBody" in schema["paths"][AUDIO]["post"]
@@ -162,6 +166,11 @@ def test_audio_models_return_wav_clips_of_the_asked_duration(server):
     assert flac.status_code == 200 and flac.headers["content-type"] == "audio/flac"
     samples, rate = soundfile.read(io.BytesIO(flac.content))
     assert rate == 16_000 and samples.shape == (8_000,) and flac.headers["x-seed"] == "4"
+    # the dual encoder's T5 part reads structured_prompt (default: the prompt itself)
+    tagged = clip(server, duration=0.5, seed=4, structured_prompt="genre: ambient, tempo: slow")
+    same = clip(server, duration=0.5, seed=4, structured_prompt="a low hum")
+    assert tagged.status_code == same.status_code == 200, tagged.text
+    assert same.json()["data"][0]["b64_json"] == data[0]["b64_json"] != tagged.json()["data"][0]["b64_json"]
 
 
 @pytest.mark.parametrize("body,match", [
@@ -170,9 +179,43 @@ def test_audio_models_return_wav_clips_of_the_asked_duration(server):
     ({"n": 2, "response_format": "wav"}, "returns one file: n must be 1"),
     ({"model": "tiny"}, "this is an image model: use POST /v1/images/generations"),
     ({"size": "32x32"}, "unknown field 'size'"),
+    ({"structured_prompt": 3}, "structured_prompt"),
 ])
 def test_bad_audio_requests_get_400(server, body, match):
     response = clip(server, **body)
+    assert response.status_code == 400 and match in response.json()["error"]["message"], response.text
+
+
+POINTS = "/v1/points/generations"
+
+
+def test_point_models_return_ply_clouds_of_the_asked_density(server):
+    import trimesh
+
+    first = server.post(POINTS, json={"prompt": "a chair", "model": "tiny-points", "points": 1024, "seed": 7,
+                                      "n": 2, "steps": 2}, headers=AUTH)
+    assert first.status_code == 200, first.text
+    data = first.json()["data"]
+    assert [d["seed"] for d in data] == [7, 8] and data[0]["points"] == 1024
+    cloud = trimesh.load(io.BytesIO(base64.b64decode(data[0]["b64_json"])), file_type="ply")
+    assert np.asarray(cloud.vertices).shape == (1024, 3)
+    raw = server.post(POINTS, json={"prompt": "a chair", "model": "tiny-points", "points": 1024, "seed": 7,
+                                    "steps": 2, "response_format": "npy"}, headers=AUTH)
+    assert raw.status_code == 200 and raw.headers["x-seed"] == "7"
+    np.testing.assert_array_equal(np.load(io.BytesIO(raw.content)), np.asarray(cloud.vertices, dtype=np.float32))
+    default = server.post(POINTS, json={"prompt": "a chair", "model": "tiny-points", "steps": 2}, headers=AUTH)
+    assert default.json()["data"][0]["points"] == 256  # the training density
+
+
+@pytest.mark.parametrize("route,body,match", [
+    (POINTS, {"model": "tiny-points", "points": 0}, "whole number ≥ 1"),
+    (POINTS, {"model": "tiny-points", "size": "64x64"}, "unknown field 'size'"),
+    (POINTS, {"model": "tiny"}, "this is an image model: use POST /v1/images/generations"),
+    (PATH, {"model": "tiny-points"}, "this is a points model: use POST /v1/points/generations"),
+    (AUDIO, {"model": "tiny-points"}, "use POST /v1/points/generations"),
+])
+def test_bad_point_requests_get_400(server, route, body, match):
+    response = server.post(route, json={"prompt": "a chair", **body}, headers=AUTH)
     assert response.status_code == 400 and match in response.json()["error"]["message"], response.text
 
 

@@ -100,3 +100,88 @@ def test_bad_inputs(gemma_path, tmp_path):
         TextEncoder.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="at least one prompt"):
         TextEncoder.from_pretrained(gemma_path).encode([])
+
+
+# ---- kinds read from the folder, CLAP, stacks (the audio model's dual encoder, paper §5.2) ---------------------------
+@pytest.fixture(scope="module")
+def stack_path(tmp_path_factory):
+    from models.tiny import make_tiny_text_encoder_stack
+
+    return make_tiny_text_encoder_stack(tmp_path_factory.mktemp("stack") / "dual")
+
+
+def test_the_kind_is_read_from_the_folder(gemma_path, t5_path, stack_path):
+    from models.text_encoder import describe
+
+    assert TextEncoder.from_pretrained(t5_path).kind == "t5"  # a T5 folder needs no kind: T5EncoderModel loads it
+    assert TextEncoder.from_pretrained(gemma_path).kind == "decoder"
+    assert TextEncoder.from_pretrained(f"{stack_path}/clap").kind == "clap"
+    assert describe(t5_path) == {"kind": "t5", "layer": -1, "max_length": 256, "pad_to_multiple_of": 8,
+                                 "hidden_size": 32}
+    assert describe(gemma_path)["layer"] == -2 and describe(f"{stack_path}/clap")["kind"] == "clap"
+    assert describe(stack_path) == {"kind": "stack", "layer": None, "max_length": None, "pad_to_multiple_of": 8,
+                                    "hidden_size": 32}
+
+
+def test_clap_features_are_every_token_through_the_text_projection(stack_path):
+    from transformers import ClapTextModelWithProjection
+
+    enc = TextEncoder.from_pretrained(f"{stack_path}/clap")
+    feats, mask = enc.encode(["a red cat", "a dog"])
+    assert feats.shape == (2, 8, 32) and mask.sum(1).tolist() == [5, 4]  # <s> a red cat </s>
+    model = ClapTextModelWithProjection.from_pretrained(f"{stack_path}/clap").eval()
+    ids = enc.tokenize(["a red cat"])["input_ids"][:, :5]
+    with torch.no_grad():
+        out = model(input_ids=ids)
+        ref = model.text_projection(out.last_hidden_state)
+    torch.testing.assert_close(feats[0, :5], ref[0], atol=1e-5, rtol=1e-4)
+    # the per-token features share CLAP's projection with its pooled embedding, so they are as wide as it
+    assert ref.shape[-1] == out.text_embeds.shape[-1] == enc.hidden_size == 32
+
+
+def test_a_stack_concatenates_each_part_on_its_own_field(stack_path):
+    stack = TextEncoder.from_pretrained(stack_path)
+    clap, t5 = stack.encoders
+    assert stack.kind == "stack" and stack.fields == ("caption", "structured_caption") and stack.hidden_size == 32
+    feats, mask = stack.encode(["a red cat", "a dog"], ["genre: jazz", "tempo: slow, genre: rock"])
+    for b, (caption, structured) in enumerate([("a red cat", "genre: jazz"), ("a dog", "tempo: slow, genre: rock")]):
+        f1, m1 = clap.encode([caption])
+        f2, m2 = t5.encode([structured])
+        n1, n2 = int(m1.sum()), int(m2.sum())
+        assert int(mask[b].sum()) == n1 + n2 and bool(mask[b, : n1 + n2].all())  # right-padded, one valid run
+        torch.testing.assert_close(feats[b, :n1], f1[0, :n1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(feats[b, n1: n1 + n2], f2[0, :n2], atol=1e-5, rtol=1e-4)
+    assert feats.shape[1] % 8 == 0
+    # without structured prompts the T5 part reads the prompts themselves
+    same, same_mask = stack.encode(["a red cat"])
+    explicit, explicit_mask = stack.encode(["a red cat"], ["a red cat"])
+    assert torch.equal(same, explicit) and torch.equal(same_mask, explicit_mask)
+    empty, empty_mask = stack.encode([""])
+    assert int(empty_mask.sum()) == 3  # CLAP's <s></s> and T5's </s>: the empty prompt of dropout and CFG
+
+
+def test_stack_errors_name_the_problem(stack_path, gemma_path, tmp_path):
+    import json
+
+    from models.text_encoder import STACK_FILE, describe, hidden_size_of, write_stack
+    from models.tiny import make_tiny_t5
+
+    wide = make_tiny_t5(tmp_path / "wide-t5", d_model=48)
+    uneven = write_stack(str(tmp_path / "uneven"), [{"path": f"{stack_path}/clap"},
+                                                    {"path": wide, "field": "structured_caption"}])
+    with pytest.raises(ValueError, match="different widths"):
+        hidden_size_of(uneven)
+    with pytest.raises(ValueError, match="equally wide"):
+        TextEncoder.from_pretrained(uneven)
+    with pytest.raises(ValueError, match="own layer and max_length"):
+        TextEncoder.from_pretrained(stack_path, layer=-2)
+    with pytest.raises(FileNotFoundError, match="not a text-encoder stack"):
+        TextEncoder.from_pretrained(gemma_path, kind="stack")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / STACK_FILE).write_text(json.dumps({"format": "lumina-ray/text-encoders",
+                                                           "encoders": [{"path": "x", "field": "tags"}]}))
+    with pytest.raises(ValueError, match="field 'tags'"):
+        describe(str(tmp_path / "bad"))
+    (tmp_path / "bad" / STACK_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        describe(str(tmp_path / "bad"))

@@ -110,15 +110,39 @@ def prepared(ray_cluster, tmp_path_factory):
     return out
 
 
-def test_trains_on_the_audio_shards_of_a_prepare_output(prepared, tmp_path):
+@pytest.fixture(scope="module")
+def shard_run(prepared, tmp_path_factory):
+    """6 uninterrupted steps on the prepare output's audio shards, a checkpoint every 3."""
+    out = tmp_path_factory.mktemp("shard-run") / "vae"
+    assert train(prepared, out, "--steps", "6", "--set", "checkpoint_every=3") == 0
+    return out
+
+
+def test_trains_on_the_audio_shards_of_a_prepare_output(prepared, shard_run):
     sources = find_sources(from_dict(TrainAudioVAEConfig, {"data": str(prepared), "output": "o"}))
     assert sources.kind == "shards" and sources.samples == 4
-    out = tmp_path / "vae"
-    assert train(prepared, out, "--steps", "6") == 0
-    vae = AudioVAE.from_pretrained(out)
-    history = read_history(str(out))
+    vae = AudioVAE.from_pretrained(shard_run)
+    history = read_history(str(shard_run))
     assert history["data"] == {"kind": "shards", "sources": len(sources.items), "clips": 4, "skipped": []}
     assert len(history["steps"]) == 6 and math.isfinite(vae.config.scaling_factor)
+    # checkpoints beside the model folder (not in it), the newest two kept
+    run = Path(f"{shard_run}.checkpoints") / "train-audio-vae"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) and (shard_run / "config.json").exists()
+
+
+def test_a_rerun_resumes_from_the_latest_checkpoint_with_the_same_draws(prepared, shard_run, tmp_path):
+    """Stopped after 3 steps and run again to 6 (the same command, more steps): steps 4–6 continue from the checkpoint
+    — weights, optimizers and every rank's generators — so the losses are an uninterrupted run's."""
+    out = tmp_path / "vae"
+    assert train(prepared, out, "--steps", "3", "--set", "checkpoint_every=3") == 0
+    assert train(prepared, out, "--steps", "6", "--set", "checkpoint_every=3") == 0
+    resumed, uninterrupted = read_history(str(out))["steps"], read_history(str(shard_run))["steps"]
+    assert [s["step"] for s in resumed] == list(range(1, 7))
+    for a, b in zip(resumed, uninterrupted):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="does not fit the configured model"):  # another architecture, same run
+        train(prepared, out, "--steps", "7", "--set", "model.channels=16")
 
 
 def test_audio_on_a_prepare_output_without_audio_is_an_error(prepared, tmp_path):

@@ -89,6 +89,14 @@ def fit(cfg: TrainJobConfig):
     return train(cfg)
 
 
+def run_catalog(cfg: TrainJobConfig) -> ShardCatalog:
+    """The shards a validated run trains on, as its workers read them (its modality, micro-batch overrides: audio
+    runs too); before validation (``data.modality`` auto) the image shards at the manifest's micro-batches."""
+    if cfg.data.modality == "auto":
+        return ShardCatalog.from_manifest(cfg.data.uri)
+    return ShardCatalog.from_config(cfg.data)
+
+
 def reference_run(cfg: TrainJobConfig, worlds: list[int]):
     """Single process, no Ray, no DeepSpeed: plain torch AdamW with the same hyper-parameters, model init and data
     order (the order's global batches; ``worlds[i]`` is the world size at step i + 1). Returns losses, weights, EMA."""
@@ -97,7 +105,7 @@ def reference_run(cfg: TrainJobConfig, worlds: list[int]):
     from jobs.training.tasks import make_task
     from models.flow import flow_matching_loss
 
-    catalog = ShardCatalog.from_manifest(cfg.data.uri)
+    catalog = run_catalog(cfg)
     model = build_model(cfg).train()
     forward = training_forward(model, torch.float32, cfg.train.proportional_attn)
     o = cfg.optim
@@ -145,7 +153,7 @@ def recorded_steps(run_dir: Path) -> dict[int, dict]:
 
 
 def expected_steps(cfg: TrainJobConfig, worlds: list[int]) -> dict[int, list[str]]:
-    catalog = ShardCatalog.from_manifest(cfg.data.uri)
+    catalog = run_catalog(cfg)
     reader, state, out = ShardReader(catalog, 8), None, {}
     for world in worlds:
         order = SampleOrder(catalog, cfg.train.grad_accum, world, cfg.data.seed)

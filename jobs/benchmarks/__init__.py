@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 
-def bench_parser(name: str, doc: str | None, preset: str = "small") -> argparse.ArgumentParser:
+def bench_parser(name: str, doc: str | None, preset: str = "small",
+                 gpu_preset: str = "2B-GQA") -> argparse.ArgumentParser:
     """The parser every model benchmark starts from: ``--device`` (CUDA when present) and ``--preset``."""
     import torch
 
     parser = argparse.ArgumentParser(prog=f"python -m jobs.bench {name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default=preset, help=f"Next-DiT preset ({preset} on CPU, 2B-GQA on a GPU)")
+    parser.add_argument("--preset", default=preset, help=f"Next-DiT preset ({preset} on CPU, {gpu_preset} on a GPU)")
     return parser

@@ -61,7 +61,10 @@ class BucketInfo:
 
     def grid(self, patch_size: int) -> tuple[int, int, int]:
         """Token grid (frames, height, width) of one sample: a latent (C, h, w) — an audio latent (C, T) is one row of
-        T frames —, or an image (H, W, 3) counted at its latent size (the VAE's /8)."""
+        T frames —, an image (H, W, 3) counted at its latent size (the VAE's /8), or a cloud (N, 3): one row of N
+        points."""
+        if self.member == C.POINTS_MEMBER:
+            return (1, 1, self.shape[0])
         if self.member == C.LATENT_MEMBER:
             h, w = self.shape[1:] if len(self.shape) == 3 else (1, self.shape[1])
         else:

@@ -60,12 +60,18 @@ def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
     if first.member == C.MEL_MEMBER:
         raise ConfigError("the audio shards carry log-mel spectrograms (mel.npy), not latents: prepare them with "
                           "--set encode.audio_vae=PATH (a mel VAE: python -m jobs.train_vae --modality audio)")
-    if first.member != C.LATENT_MEMBER and not cfg.data.vae:
+    points = first.member == C.POINTS_MEMBER  # a points model on point shards (resolve_task checks the modality)
+    if first.member not in (C.LATENT_MEMBER, C.POINTS_MEMBER) and not cfg.data.vae:
         raise ConfigError(f"the shards carry {first.member} instead of latents: set data.vae for online VAE encoding")
     cfg.model.resolved = mcfg = resolve_model(cfg, catalog, base)
-    latent_channels = first.shape[0] if first.member == C.LATENT_MEMBER else None
+    latent_channels = first.shape[0] if first.member == C.LATENT_MEMBER else (first.shape[1] if points else None)
     if latent_channels is not None and latent_channels != mcfg.in_channels:
         raise ConfigError(f"latents have {latent_channels} channels; the model expects {mcfg.in_channels}")
+    if mcfg.modality == C.AUDIO and latent_channels is not None:  # (C, T): 1D RoPE; a 2D mel VAE's (C, F, T) 2D RoPE
+        from models.audio import check_audio_latents
+
+        rows = first.shape[1] if len(first.shape) == 3 else 1
+        check_audio_latents(mcfg, latent_channels, rows, f"the audio shards (latent shape {list(first.shape)})")
     check_encoders(cfg, catalog)
     if write_probe:
         check_storage(cfg.run.storage)
@@ -137,7 +143,7 @@ def caption_width(cfg: TrainJobConfig, catalog: ShardCatalog) -> tuple[int, str]
     if encoder:
         try:
             encoder_width = hidden_size_of(encoder)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:  # no config there, or a stack of unequal widths
             raise ConfigError(f"data.text_encoder: {exc}") from exc
     feature_width = catalog.text_feature_width() if cfg.data.text_features != "online" else None
     if feature_width is None:
@@ -172,7 +178,8 @@ def check_encoders(cfg: TrainJobConfig, catalog: ShardCatalog) -> None:
         # its config.json alone
         given = audio_vae_record(EncodeConfig(audio_vae=cfg.model.vae)) if audio else vae_record(
             EncodeConfig(vae=cfg.model.vae))
-        keys = ("scaling_factor", "shift_factor", "latent_channels") + (("downsample", "mel") if audio else ())
+        keys = ("scaling_factor", "shift_factor", "latent_channels") + (
+            ("latent_rows", "downsample", "mel") if audio else ())
         differ = {k: (given[k], vae[k]) for k in keys if given[k] != vae[k]}
         if differ:
             raise ConfigError(f"model.vae {cfg.model.vae} is not the VAE that encoded the shards ({vae['path']}): "

@@ -4,8 +4,8 @@ the parallelism are the same for every task (loop.py).
 A task is a ``Task`` subclass registered in ``TASKS`` under the name ``train.task`` selects (``auto``, the default:
 the one whose modality and conditioning are the model's); its constructor takes ``(cfg, catalog, device)``.
 Text-to-image (``t2i``: caption features from the shards or a frozen text encoder), class-conditional (``class``:
-labels from the samples' metadata) and text-to-audio (``t2a``: mel-VAE latent frames) are here; a new modality
-(point clouds) is a new subclass and one registry entry.
+labels from the samples' metadata), text-to-audio (``t2a``: mel-VAE latent frames) and point clouds (``t2p`` and
+``class-points``: the points themselves) are here; a new modality is a new subclass and one registry entry.
 
 Every random draw of a sample comes from its own generator, seeded by (train.seed, epoch, sample key)
 (``data.sample_seed``), in a fixed order — VAE posterior sample (online VAE only), t, noise, conditioning dropout — so a
@@ -23,7 +23,7 @@ from jobs.training.config import TrainJobConfig
 from jobs.training.data import ShardCatalog, sample_seed
 from jobs.training.parallelize import model_config
 from models.config_io import ConfigError
-from models.flow import caption_keep_mask, drop_caption_features, drop_captions, noise_like, pad_captions, sample_t
+from models.flow import caption_keep_mask, drop_caption_features, noise_like, pad_captions, sample_t
 from pipelines import constants as C
 
 
@@ -107,8 +107,12 @@ class TextToImage(Task):
     def conditioning(self, samples, gens):
         prob = self.cfg.flow.caption_dropout
         if self.online:
-            captions = [drop_captions([s["caption"]], prob, g)[0] for s, g in zip(samples, gens)]
-            feats, mask = self.encoder.encode(captions)
+            # one draw per sample drops its caption and its structured caption (a stack's second text) together
+            keep = [bool(caption_keep_mask(1, prob, g)[0]) for g in gens]
+            captions = [s["caption"] if k else "" for s, k in zip(samples, keep)]
+            structured = [(s["meta"].get(C.STRUCTURED_CAPTION) or s["caption"]) if k else ""
+                          for s, k in zip(samples, keep)]
+            feats, mask = self.encoder.encode(captions, structured)
             feats, mask = feats.float(), mask.bool()
         else:
             rows = []
@@ -144,8 +148,9 @@ class ClassConditional(Task):
 
 
 class TextToAudio(TextToImage):
-    """Text-to-audio and text-to-music (paper §5.2): mel-VAE latents (C, T) from the shards, given to the model as one
-    row of latent frames (C, 1, T), so Next-DiT runs 1D RoPE over time; captions exactly as for images."""
+    """Text-to-audio and text-to-music (paper §5.2): mel-VAE latents from the shards — our VAE's (C, T), given to the
+    model as one row of latent frames (C, 1, T) so Next-DiT runs 1D RoPE over time, or a 2D mel VAE's (C, F, T) as
+    they are, 2D RoPE over frequency × time; captions exactly as for images."""
 
     modality = "audio"
 
@@ -153,11 +158,32 @@ class TextToAudio(TextToImage):
         if sample["meta"].get("member", C.LATENT_MEMBER) != C.LATENT_MEMBER:  # the driver checks this first
             raise RuntimeError("audio shards carry log-mel spectrograms, not latents: prepare them with "
                                "--set encode.audio_vae=PATH")
-        return torch.from_numpy(np.asarray(sample["tensor"], dtype=np.float32))[:, None, :]
+        latent = torch.from_numpy(np.asarray(sample["tensor"], dtype=np.float32))
+        return latent if latent.ndim == 3 else latent[:, None, :]
+
+
+class PointClouds:
+    """Point clouds (paper §5.3): a sample's (N, 3) points as the model input (3, 1, N), one token per point (a mixin
+    before the conditioning's task: captions as for images, or labels as for the class-conditional task)."""
+
+    modality = "points"
+
+    def latents(self, sample: dict, gen: torch.Generator) -> torch.Tensor:
+        points = torch.from_numpy(np.asarray(sample["tensor"], dtype=np.float32))  # (N, 3)
+        return points.T[:, None, :].contiguous()
+
+
+class TextToPoints(PointClouds, TextToImage):
+    """Text-conditioned point clouds (the paper's Cap3D model)."""
+
+
+class LabelToPoints(PointClouds, ClassConditional):
+    """Label-conditioned point clouds (the paper's ShapeNet model): labels from the samples' json, as ``class``."""
 
 
 # The registry ``train.task`` names (config validation checks against its keys; "auto" is ``task_for``'s choice).
-TASKS: dict[str, type[Task]] = {"t2i": TextToImage, "class": ClassConditional, "t2a": TextToAudio}
+TASKS: dict[str, type[Task]] = {"t2i": TextToImage, "class": ClassConditional, "t2a": TextToAudio,
+                                "t2p": TextToPoints, "class-points": LabelToPoints}
 
 
 def task_for(modality: str, conditioning: str) -> str:
