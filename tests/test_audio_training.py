@@ -1,8 +1,10 @@
-"""Audio training and generation guarantees, with tiny random models (mel VAE, text encoder, ``tiny-audio`` Next-DiT) on
-one data set prepared once for the module: a prompt file for an audio model runs as a Ray Data job and writes one WAV
-per prompt at its duration; a t2a run killed after its checkpoint resumes with every sample exactly once per epoch (the
-image guarantee of tests/test_train_ray.py, same helpers); LoRA on the audio model exports an adapter that
-``jobs.generate --model BASE --adapter ADAPTER`` samples WAV clips with."""
+"""Audio training and generation guarantees, with tiny random models (mel VAE, a T5 text encoder — the music model's
+kind, read from its folder —, ``tiny-audio`` Next-DiT) on one data set prepared once for the module: a prompt file for
+an audio model runs as a Ray Data job and writes one WAV per prompt at its duration; a t2a run on 2 workers killed
+after its checkpoint resumes with every sample exactly once per epoch (the image guarantee of tests/test_train_ray.py,
+same helpers), and its export names the mel VAE and the T5 encoder and generates the same WAV bytes for the same seed;
+LoRA on the audio model exports an adapter that ``jobs.generate --model BASE --adapter ADAPTER`` samples WAV clips
+with."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def prepared(tmp_path_factory, ray_cluster):
     import soundfile
 
     from jobs.prepare import main as prepare
-    from models.tiny import make_tiny_audio_vae, make_tiny_model_folder, make_tiny_text_encoder
+    from models.tiny import make_tiny_audio_vae, make_tiny_model_folder, make_tiny_t5
 
     root = tmp_path_factory.mktemp("audio-training")
     clips = root / "clips"
@@ -44,7 +46,7 @@ def prepared(tmp_path_factory, ray_cluster):
         freq = [220, 330, 440, 550][i % 4] + 10 * (i // 4)
         soundfile.write(clips / f"tone_{i:02d}.wav", 0.5 * np.sin(2 * np.pi * freq * t), RATE)
         (clips / f"tone_{i:02d}.json").write_text(json.dumps({"caption": f"a tone at {freq} hertz"}))
-    vae, text_encoder = make_tiny_audio_vae(root / "mel-vae"), make_tiny_text_encoder(root / "te")
+    vae, text_encoder = make_tiny_audio_vae(root / "mel-vae"), make_tiny_t5(root / "t5")
     data = root / "prepared"
     assert prepare(["--input", str(clips), "--output", str(data), "--set", "read.modalities=[audio]",
                     "--set", f"encode.audio_vae={vae}", "--set", f"encode.text_encoder={text_encoder}",
@@ -146,6 +148,23 @@ def test_a_killed_audio_run_resumes_exactly_once(prepared, tmp_path):
         assert len(seen) == CLIPS and set(seen) == keys
     ref_losses, _, _, _ = reference_run(cfg, [2] * steps)
     np.testing.assert_allclose([r["loss"] for r in read_history(str(run_dir))], ref_losses, rtol=1e-4, atol=1e-5)
+
+    # the music model it trained: the export names its mel VAE and T5 encoder, and generates WAVs deterministically
+    from jobs.export import main as export
+    from jobs.generate import main as generate
+    from models.checkpoint import read_checkpoint, read_modality
+
+    model = tmp_path / "music"
+    assert export([str(run_dir), str(model)]) == 0
+    mcfg, _, meta = read_checkpoint(str(model), tensors=False)
+    assert read_modality(str(model)) == "audio" and mcfg.trained_sides == (1, 1, 32)  # 63 mel frames → 32 latent
+    assert meta["vae"]["path"] == prepared["vae"] and meta["text_encoder"]["kind"] == "t5"
+    argv = ["--model", str(model), "--prompt", "a tone at 440 hertz", "--duration", "0.75", "--seed", "5",
+            "--steps", "2", "--log-level", "WARNING"]
+    assert generate(argv + ["--out", str(tmp_path / "clips")]) == 0
+    assert wav_samples(tmp_path / "clips" / "000000_5.wav") == 12_000
+    assert generate(argv + ["--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "000000_5.wav").read_bytes() == (tmp_path / "clips" / "000000_5.wav").read_bytes()
 
 
 def test_lora_on_the_audio_model_exports_an_adapter_that_generates(prepared, tmp_path):

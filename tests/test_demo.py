@@ -18,7 +18,7 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path):
     # the audio model keeps the demo's settings (350 steps, its dual text encoder) on a third of its tones, 4 of each
     # pitch: it learns the pitch much sooner than the image model learns the colour
     cfg = DemoConfig(out=str(out), counts=DemoCounts(images=96, tones=16, solids=3), steps=400, lr=4e-3,
-                     batch_tokens=1024, seeds_per_prompt=2, sample_steps=10)
+                     batch_tokens=1024, seeds_per_prompt=2, sample_steps=10, audio_steps=150)
     report = run(cfg)
 
     # every modality curated, every corrupt file rejected with a reason, the job did not fail

@@ -1,5 +1,6 @@
 """Point clouds end to end (paper §5.3), with tiny random models: jobs.prepare samples captioned solids into 256-point
-shards, jobs.train trains tiny-points on 2 workers (the points task picked from the model), jobs.export writes a model
+shards, jobs.train trains tiny-points on 2 workers (the points task picked from the model; the label task:
+tests/test_train.py, and a label model's prompts: tests/test_points_model.py), jobs.export writes a model
 folder trained at 256 points, and jobs.generate writes clouds of 256 and of 2048 points (any density), the same bytes
 for the same seed."""
 
@@ -26,22 +27,19 @@ def exported(tmp_path_factory, ray_cluster):
     for i in range(8):
         solid = SOLIDS[i % len(SOLIDS)]
         np.save(raw / f"solid_{i}.npy", solid_points(solid, 1024, rng).astype(np.float32))
-        (raw / f"solid_{i}.json").write_text(json.dumps({"caption": f"a {solid}", "label": i % len(SOLIDS)}))
+        (raw / f"solid_{i}.json").write_text(json.dumps({"caption": f"a {solid}"}))
     te = make_tiny_text_encoder(root / "te")
     data = root / "prepared"
     assert prepare(["--input", str(raw), "--output", str(data), "--set", "read.modalities=[points]",
                     "--set", "bucket.point_counts=[256]", "--set", f"encode.text_encoder={te}",
                     "--set", "write.samples_per_shard=4"]) == 0
-    models = {}
-    for name, flags in {"text": [], "label": ["--set", "model.overrides.conditioning=class",
-                                              "--set", f"model.class_names={list(SOLIDS)}"]}.items():
-        runs = root / f"runs-{name}"
-        assert train(["--data", str(data), "--storage", str(runs), "--workers", "2", "--preset", "tiny-points",
-                      "--steps", "4", "--set", "data.micro_batch=2", "--set", "train.ckpt_every=4",
-                      "--set", "logging.wandb=disabled", "--set", "logging.progress=false", *flags]) == 0
-        assert export([str(runs / "nextdit"), str(root / name)]) == 0
-        models[name] = str(root / name)
-    return {"model": models["text"], "label": models["label"], "root": root, "te": te}
+    runs = root / "runs"
+    assert train(["--data", str(data), "--storage", str(runs), "--workers", "2", "--preset", "tiny-points",
+                  "--steps", "4", "--set", "data.micro_batch=2", "--set", "train.ckpt_every=4",
+                  "--set", "logging.wandb=disabled", "--set", "logging.progress=false"]) == 0
+    assert export([str(runs / "nextdit"), str(root / "text")]) == 0
+    models = {"text": str(root / "text")}
+    return {"model": models["text"], "root": root, "te": te}
 
 
 def test_trained_at_256_points_generates_any_density(exported):
@@ -62,20 +60,6 @@ def test_trained_at_256_points_generates_any_density(exported):
         assert generate(argv + ["--out", str(out / f"{points}-again")]) == 0
         assert ((out / f"{points}-again" / "000000_4.ply").read_bytes()
                 == (out / f"{points}" / "000000_4.ply").read_bytes())
-
-
-def test_a_label_conditioned_cloud_model_takes_a_class_name_or_index(exported):
-    from jobs.generate import main as generate
-    from models.checkpoint import read_checkpoint
-
-    cfg, _, meta = read_checkpoint(exported["label"], tensors=False)
-    assert cfg.conditioning == "class" and meta["class_names"] == ["sphere", "cube", "cylinder"]
-    out = exported["root"] / "labels"
-    assert generate(["--model", exported["label"], "--prompt", "cube", "--prompt", "1", "--points", "512",
-                     "--seed", "2", "--steps", "2", "--out", str(out)]) == 0
-    by_name, by_index = np.load(out / "000000_2.npy"), np.load(out / "000001_3.npy")
-    assert by_name.shape == by_index.shape == (512, 3)
-    assert json.loads((out / "000000_2.json").read_text())["class_label"] == 1
 
 
 def test_point_shards_need_a_points_model(exported, tmp_path):

@@ -228,3 +228,18 @@ def test_mmd_cov_and_1nna_on_known_cases():
     assert mmd_cov(collapsed, reference)["cov_cd"] == pytest.approx(1 / 6)
     denser = torch.cat([reference, reference], dim=1)  # the same clouds at twice the density: same shapes
     assert mmd_cov(denser, reference)["mmd_cd"] == 0 and one_nna(denser, reference) == 0
+
+
+def test_a_label_conditioned_cloud_model_takes_a_class_name_or_index(tmp_path):
+    from models.sampler import GenerationRequest, Sampler
+    from models.tiny import make_tiny_model_folder, random_nextdit
+
+    model = random_nextdit(preset("tiny-points").replace(conditioning="class"))
+    folder = make_tiny_model_folder(tmp_path / "labels", model=model, class_names=["sphere", "cube", "cylinder"],
+                                    sampler={"steps": 2, "solver": "euler"})
+    sampler = Sampler.from_pretrained(folder)
+    by_name, by_index, other = sampler.generate([GenerationRequest("cube", seed=2, points=512),
+                                                 GenerationRequest("1", seed=2, points=512),
+                                                 GenerationRequest("sphere", seed=2, points=512)])
+    assert by_name.points.shape == (512, 3) and by_name.metadata["class_label"] == 1
+    assert np.array_equal(by_name.points, by_index.points) and not np.array_equal(by_name.points, other.points)

@@ -262,6 +262,29 @@ def test_class_conditional_task_builds_a_loss():
     assert per_sample.shape == (8,) and torch.isfinite(loss)
 
 
+def test_point_tasks_give_the_points_as_tokens_with_labels_or_captions():
+    """The points tasks (paper §5.3): a sample's (N, 3) points become the model input (3, 1, N); the label task reads
+    the json label (dropped to the null class), and both train with the same flow loss."""
+    from jobs.training.parallelize import build_model
+    from jobs.training.tasks import TASKS, LabelToPoints, TextToPoints, task_for
+    from models.flow import flow_matching_loss
+
+    assert task_for("points", "class") == "class-points" and task_for("points", "text") == "t2p"
+    assert TASKS["class-points"] is LabelToPoints and TASKS["t2p"] is TextToPoints
+    cfg = from_dict(TrainJobConfig, {"model": {"preset": "tiny-points", "overrides": {"conditioning": "class"}},
+                                     "train": {"task": "class-points"}, "flow": {"caption_dropout": 0.5}})
+    task = LabelToPoints(cfg, None, torch.device("cpu"))
+    clouds = [np.random.default_rng(i).normal(size=(256, 3)).astype(np.float32) for i in range(8)]
+    samples = [{"key": f"{i:016x}", "tensor": c, "meta": {"member": C.POINTS_MEMBER, "label": i % 3}}
+               for i, c in enumerate(clouds)]
+    batch = task.build(samples, epoch=0)
+    assert batch.x1.shape == (8, 3, 1, 256) and torch.equal(batch.x1[2, :, 0].T, torch.from_numpy(clouds[2]))
+    labels = batch.kwargs["labels"].tolist()
+    assert set(labels) <= {0, 1, 2, 3} and 3 in labels and any(v != 3 for v in labels)  # null class = 3
+    loss, per_sample = flow_matching_loss(build_model(cfg), batch.x1, t=batch.t, noise=batch.noise, **batch.kwargs)
+    assert per_sample.shape == (8,) and torch.isfinite(loss)
+
+
 @pytest.fixture
 def world_of_one(monkeypatch):
     """A gloo process group of one in this process (what Ray Train sets up on each worker), torn down afterwards with

@@ -141,8 +141,31 @@ def test_a_rerun_resumes_from_the_latest_checkpoint_with_the_same_draws(prepared
     for a, b in zip(resumed, uninterrupted):
         assert a.keys() == b.keys()
         np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-4, atol=1e-6)
-    with pytest.raises(ConfigError, match="does not fit the configured model"):  # another architecture, same run
-        train(prepared, out, "--steps", "7", "--set", "model.channels=16")
+
+
+def test_a_checkpoint_of_another_architecture_is_a_config_error(tmp_path):
+    """A rerun whose model config changed cannot resume the old run's checkpoint: a ConfigError, not a state-dict
+    traceback; a checkpoint of another worker count re-seeds the generators instead of restoring them."""
+    from jobs.audio_vae_training import load_state, save_state
+    from models.audio_vae_losses import MultiWindowDiscriminator
+
+    def parts(channels: int):
+        vae = AudioVAE(from_dict(TrainAudioVAEConfig, {"data": "d", "output": "o", "model": {
+            "preset": "tiny", "channels": channels}}).model)
+        disc = MultiWindowDiscriminator(TrainAudioVAEConfig(data="d", output="o").loss.discriminator)
+        optimizers = {"opt_vae": torch.optim.Adam(vae.parameters()), "opt_disc": torch.optim.Adam(disc.parameters())}
+        return {"vae": vae, "disc": disc}, optimizers, {"crops": torch.Generator().manual_seed(1)}
+
+    nets, optimizers, generators = parts(8)
+    save_state(str(tmp_path), 5, 2, 0, nets, optimizers, [{"step": 5}], generators)
+    state = generators["crops"].get_state()
+    nets, optimizers, generators = parts(8)
+    assert load_state(str(tmp_path), 0, 0, 2, nets, optimizers, generators) == (5, [{"step": 5}])
+    assert torch.equal(generators["crops"].get_state(), state)  # same world: the draws continue
+    load_state(str(tmp_path), 0, 0, 3, nets, optimizers, generators)
+    assert not torch.equal(generators["crops"].get_state(), state)  # another world: re-seeded
+    with pytest.raises(ConfigError, match="does not fit the configured model"):
+        load_state(str(tmp_path), 0, 0, 2, *parts(16))
 
 
 def test_audio_on_a_prepare_output_without_audio_is_an_error(prepared, tmp_path):
