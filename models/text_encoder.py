@@ -311,8 +311,9 @@ class TextEncoderStack(torch.nn.Module):
         if len(set(widths)) > 1:
             raise ValueError(f"the stack's encoders give features of widths {widths}; their sequences concatenate, so "
                              "they must be equally wide")
-        for f in fields:
-            StackPart("-", field=f)  # validates the field name
+        unknown = [f for f in fields if f not in TEXT_FIELDS]
+        if unknown:
+            raise ValueError(f"a stack part reads one of {', '.join(TEXT_FIELDS)}, got {unknown}")
         self.encoders = torch.nn.ModuleList(encoders)
         self.fields = tuple(fields)
         self.pad_to_multiple_of = pad_to_multiple_of
