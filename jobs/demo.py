@@ -136,38 +136,32 @@ def prepare(cfg: DemoConfig, data: Path, curated: Path, text_encoder: str, vae: 
 
 
 def train(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str, vae: str):
-    from jobs.training.config import TrainJobConfig
-    from jobs.training.driver import train as run_training
-
-    config = from_dict(TrainJobConfig, {
-        "data": {"uri": str(curated), "text_encoder": text_encoder},
-        "model": {"preset": "tiny", "text_encoder": text_encoder, "vae": vae},
-        "optim": {"lr": cfg.lr},
-        "ema": {"decay": 0.99},
-        "train": {"steps": cfg.steps, "log_every": 10, "ckpt_every": max(cfg.steps // 2, 1)},
-        "scaling": {"workers": cfg.workers},
-        "run": {"storage": str(runs), "name": "demo"},
-        "logging": {"wandb": "offline"},
-    })
-    return run_training(config)
+    """The tiny Next-DiT on the curated images (their precomputed caption features)."""
+    return train_run(cfg, curated, runs, "demo", "tiny", text_encoder, vae, cfg.steps, cfg.lr)
 
 
 def train_audio(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str, mel_vae: str):
     """The tiny-audio Next-DiT on the curated tones (the manifest's audio rows: the task is t2a, from the model),
     its captions encoded online by the dual text encoder ``text_encoder`` (prepare's precomputed features are the
     image model's encoder's)."""
+    return train_run(cfg, curated, runs, "demo-audio", "tiny-audio", text_encoder, mel_vae, cfg.audio_steps,
+                     cfg.audio_lr, {"text_features": "online", "micro_batch": cfg.audio_micro_batch})
+
+
+def train_run(cfg: DemoConfig, curated: Path, runs: Path, name: str, preset: str, text_encoder: str, vae: str,
+              steps: int, lr: float, data: dict | None = None):
+    """One jobs.train run of the demo (ZeRO-3 on cfg.workers Ray Train workers, EMA 0.99, wandb offline)."""
     from jobs.training.config import TrainJobConfig
     from jobs.training.driver import train as run_training
 
     config = from_dict(TrainJobConfig, {
-        "data": {"uri": str(curated), "text_encoder": text_encoder, "text_features": "online",
-                 "micro_batch": cfg.audio_micro_batch},
-        "model": {"preset": "tiny-audio", "text_encoder": text_encoder, "vae": mel_vae},
-        "optim": {"lr": cfg.audio_lr},
+        "data": {"uri": str(curated), "text_encoder": text_encoder, **(data or {})},
+        "model": {"preset": preset, "text_encoder": text_encoder, "vae": vae},
+        "optim": {"lr": lr},
         "ema": {"decay": 0.99},
-        "train": {"steps": cfg.audio_steps, "log_every": 10, "ckpt_every": max(cfg.audio_steps // 2, 1)},
+        "train": {"steps": steps, "log_every": 10, "ckpt_every": max(steps // 2, 1)},
         "scaling": {"workers": cfg.workers},
-        "run": {"storage": str(runs), "name": "demo-audio"},
+        "run": {"storage": str(runs), "name": name},
         "logging": {"wandb": "offline"},
     })
     return run_training(config)

@@ -188,11 +188,11 @@ class SamplerReplica:
                     data = buffer.getvalue()
                 else:
                     data = ply_bytes(cloud)
-                out.append({"cloud": data, "points": int(cloud.shape[0]), **common})
+                out.append({"file": data, "points": int(cloud.shape[0]), **common})
                 continue
             if result.audio is not None:
                 data = audio_bytes(result.audio, result.sample_rate, request.get("audio_format") or "wav")
-                out.append({"audio": data, "duration": meta["duration"], "sample_rate": meta["sample_rate"],
+                out.append({"file": data, "duration": meta["duration"], "sample_rate": meta["sample_rate"],
                             **common})
                 continue
             buffer = io.BytesIO()
@@ -376,6 +376,25 @@ class Ingress:
                  "latency_s": round(o["seconds"], 4), "width": o["width"], "height": o["height"]} for o in outputs]
         return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
 
+    async def _file_outputs(self, body, job: dict, format_key: str, default_format: str, media_type: str,
+                            fields: tuple[str, ...]):
+        """The audio and points routes: each output is a file, as b64_json (``default_format``) or, for n = 1, the file
+        itself in ``body.response_format`` (``media_type`` with ``{}`` for the format); ``fields`` of each output go
+        with it into the JSON."""
+        if body.response_format != "b64_json" and body.n != 1:
+            return error(400, f"response_format {body.response_format} returns one file: n must be 1",
+                         param="response_format")
+        file_format = default_format if body.response_format == "b64_json" else body.response_format
+        outputs = await self._fan_out(body, {**job, format_key: file_format})
+        if isinstance(outputs, JSONResponse):
+            return outputs
+        if body.response_format != "b64_json":
+            return Response(outputs[0]["file"], media_type=media_type.format(file_format),
+                            headers={"X-Seed": str(outputs[0]["seed"])})
+        data = [{"b64_json": base64.b64encode(o["file"]).decode(), "seed": o["seed"], "nfe": o["nfe"],
+                 "latency_s": round(o["seconds"], 4), **{k: o[k] for k in fields}} for o in outputs]
+        return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
+
     @api.post(AUDIO_PATH, response_model=AudioResponse, openapi_extra=AUDIO_BODY_DOC,
               responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
     async def audio_generations(self, request: Request):
@@ -383,23 +402,8 @@ class Ingress:
         body = await self._body(request, AudioGenerationRequest)
         if isinstance(body, JSONResponse):
             return body
-        if body.response_format != "b64_json" and body.n != 1:
-            return error(400, f"response_format {body.response_format} returns one file: n must be 1",
-                         param="response_format")
-        file_format = "wav" if body.response_format == "b64_json" else body.response_format
-        outputs = await self._fan_out(body, {"modality": "audio", "duration": body.duration,
-                                             "structured_prompt": body.structured_prompt,
-                                             "audio_format": file_format})
-        if isinstance(outputs, JSONResponse):
-            return outputs
-        if body.response_format != "b64_json":
-            return Response(outputs[0]["audio"], media_type=f"audio/{file_format}",
-                            headers={"X-Seed": str(outputs[0]["seed"])})
-        data = [{"b64_json": base64.b64encode(o["audio"]).decode(), "seed": o["seed"], "nfe": o["nfe"],
-                 "latency_s": round(o["seconds"], 4), "duration": o["duration"], "sample_rate": o["sample_rate"]}
-                for o in outputs]
-        return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
-
+        job = {"modality": "audio", "duration": body.duration, "structured_prompt": body.structured_prompt}
+        return await self._file_outputs(body, job, "audio_format", "wav", "audio/{}", ("duration", "sample_rate"))
 
     @api.post(POINTS_PATH, response_model=PointsResponse, openapi_extra=POINTS_BODY_DOC,
               responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
@@ -408,20 +412,9 @@ class Ingress:
         body = await self._body(request, PointsGenerationRequest)
         if isinstance(body, JSONResponse):
             return body
-        if body.response_format != "b64_json" and body.n != 1:
-            return error(400, f"response_format {body.response_format} returns one file: n must be 1",
-                         param="response_format")
-        file_format = "ply" if body.response_format == "b64_json" else body.response_format
-        outputs = await self._fan_out(body, {"modality": "points", "points": body.points,
-                                             "points_format": file_format})
-        if isinstance(outputs, JSONResponse):
-            return outputs
-        if body.response_format != "b64_json":
-            media = "application/octet-stream" if file_format == "npy" else "application/x-ply"
-            return Response(outputs[0]["cloud"], media_type=media, headers={"X-Seed": str(outputs[0]["seed"])})
-        data = [{"b64_json": base64.b64encode(o["cloud"]).decode(), "seed": o["seed"], "nfe": o["nfe"],
-                 "latency_s": round(o["seconds"], 4), "points": o["points"]} for o in outputs]
-        return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
+        media = "application/octet-stream" if body.response_format == "npy" else "application/x-ply"
+        return await self._file_outputs(body, {"modality": "points", "points": body.points}, "points_format", "ply",
+                                        media, ("points",))
 
 
 def build_app(args: dict) -> serve.Application:
