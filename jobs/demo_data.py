@@ -33,7 +33,7 @@ SOLIDS = ("sphere", "cube", "cylinder")
 class DemoCounts:
     images: int = 480
     tones: int = 48  # the audio model's training set: an equal share of every pitch
-    solids: int = 12
+    solids: int = 48  # the points model's training set: an equal share of every solid
 
 
 def shape_image(colour: str, shape: str, background: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
@@ -146,6 +146,26 @@ def build_demo_dataset(root: str | Path, counts: DemoCounts | None = None, seed:
     bad = write_corrupt_files(root) if corrupt else {}
     return {"root": str(root), "images": counts.images, "tones": counts.tones, "solids": counts.solids,
             "corrupt": bad}
+
+
+def reference_solids(points: int = 2048, seed: int = 1234) -> dict[str, np.ndarray]:
+    """One dense cloud per built-in solid, placed on the unit sphere as jobs.prepare places every cloud: what a
+    generated cloud is compared with (``nearest_solid``)."""
+    from pipelines.decode import normalise_unit_sphere
+
+    rng = np.random.default_rng(seed)
+    return {solid: normalise_unit_sphere(solid_points(solid, points, rng)) for solid in SOLIDS}
+
+
+def nearest_solid(cloud: np.ndarray, references: dict[str, np.ndarray]) -> tuple[str, dict[str, float]]:
+    """The built-in solid nearest to ``cloud`` (N, 3) by Chamfer distance, and the distance to each."""
+    import torch
+
+    from models.point_metrics import chamfer
+
+    x = torch.from_numpy(np.asarray(cloud, dtype=np.float32))[None]
+    distances = {solid: float(chamfer(x, torch.from_numpy(ref)[None])[0]) for solid, ref in references.items()}
+    return min(distances, key=distances.get), distances
 
 
 def dominant_colour(image: np.ndarray) -> str:

@@ -17,10 +17,11 @@ from jobs.cli import make_parser, run_main, setup_logging
 log = logging.getLogger("jobs.export")
 
 
-def references(train_config: dict, state: dict | None = None) -> dict:
+def references(train_config: dict, state: dict | None = None, text: bool = True) -> dict:
     """The model folder's metadata from the run: text-encoder and VAE references (the config's ``model.*``, then
     ``data.*``, then the encoders jobs.prepare recorded for the shards — with the VAE's scale and shift and the text
-    encoder's settings, so the folder generates with no extra flags), class names, and how it was trained."""
+    encoder's settings, so the folder generates with no extra flags), class names, and how it was trained. A model
+    that is not text-conditioned (``text``) gets no text encoder, even where its shards carry text features."""
     model, data = train_config.get("model", {}), train_config.get("data", {})
     recorded = (state or {}).get("encoders") or {}
     meta: dict = {}
@@ -29,7 +30,7 @@ def references(train_config: dict, state: dict | None = None) -> dict:
     # data.vae encodes online (the shards hold images); otherwise the latents were made by the recorded VAE
     vae = _reference(model.get("vae") or data.get("vae"), recorded.get("vae"),
                      ("path", "scaling_factor", "shift_factor"))
-    if text_encoder:
+    if text_encoder and text:
         meta["text_encoder"] = text_encoder
     if vae:
         meta["vae"] = vae
@@ -76,7 +77,8 @@ def export(checkpoint_uri: str, out_dir: str, ema: bool = True) -> str:
             _write_adapter(train_config, raw, ema_state, local)
     else:
         NextDiT.from_state_dict(cfg, raw, device="meta")  # validates names and shapes before anything is written
-        write_checkpoint(cfg, raw, out_dir, "ours", ema_state, references(train_config, state))
+        meta = references(train_config, state, text=cfg.conditioning == "text")
+        write_checkpoint(cfg, raw, out_dir, "ours", ema_state, meta)
     return uri
 
 

@@ -245,12 +245,13 @@ def run_ray(cfg: GenerateConfig, rows: list[dict]) -> list[dict]:
     import torch
 
     from jobs.runtime import init_ray
-    from models.storage import storage_options
+    from models.storage import storage_options, without_credentials
 
     init_ray()
     resources = {"num_gpus": cfg.ray.num_gpus} if torch.cuda.is_available() else {"num_cpus": cfg.ray.num_cpus}
     ds = ray.data.from_items(rows).map_batches(
-        GenerateActor, fn_constructor_kwargs={"config": to_dict(cfg), "storage": storage_options(cfg.out)},
+        GenerateActor, fn_constructor_kwargs={"config": to_dict(cfg),
+                                              "storage": without_credentials(storage_options(cfg.out))},
         batch_size=cfg.ray.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray.actors), **resources,
     )
     return sorted(ds.take_all(), key=lambda r: r["index"])

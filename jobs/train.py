@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     })
 
     from jobs.training.driver import describe, train, validate
+    from jobs.training.metrics import describe_wandb
+    from models.storage import join
 
     if args.dry_run:
         print(describe(config, validate(config, write_probe=False)))
+        print(describe_wandb(config.logging.wandb, join(config.run.storage, config.run.name), config.run.name))
         return 0
     result = train(config)
     print(f"done: {result.metrics}; checkpoint {result.checkpoint.path if result.checkpoint else None}")

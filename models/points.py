@@ -109,6 +109,24 @@ def ply_bytes(points: np.ndarray) -> bytes:
     return header.encode("ascii") + cloud.tobytes()
 
 
+def read_ply(data: bytes) -> np.ndarray:
+    """The (N, 3) float32 cloud of a PLY file as ``ply_bytes`` writes it (what the points route returns); another
+    layout is a ValueError (general PLY files: trimesh)."""
+    end = data.find(b"end_header\n")
+    if not data.startswith(b"ply\n") or end < 0:
+        raise ValueError("not a PLY file (no 'ply' magic or no end_header)")
+    header = data[:end].decode("ascii", "replace").split("\n")
+    expected = ["format binary_little_endian 1.0", "property float x", "property float y", "property float z"]
+    vertices = [line for line in header if line.startswith("element vertex ")]
+    if any(line not in header for line in expected) or len(vertices) != 1:
+        raise ValueError("not a binary little-endian PLY of float x, y, z vertices")
+    count = int(vertices[0].split()[-1])
+    body = data[end + len(b"end_header\n"):]
+    if len(body) != count * POINT_CHANNELS * 4:
+        raise ValueError(f"PLY body holds {len(body)} bytes; {count} vertices need {count * POINT_CHANNELS * 4}")
+    return np.frombuffer(body, dtype="<f4").reshape(count, POINT_CHANNELS).astype(np.float32)
+
+
 def render_views(points: np.ndarray, views: int = 4, size: int = 128, elevation_deg: float = 20.0) -> np.ndarray:
     """(N,3) points on the unit sphere → a grid image (uint8 RGB) of ``views`` orthographic renders around the
     vertical axis: what curation captions and what ``jobs.generate`` writes beside a cloud.

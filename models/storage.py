@@ -43,6 +43,15 @@ def storage_options(url: str, extra: dict[str, Any] | None = None) -> dict[str, 
     return options
 
 
+CREDENTIAL_OPTIONS = ("key", "secret", "token")  # the storage_options entries that hold credentials
+
+
+def without_credentials(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` to hand to Ray tasks and actors: the endpoint and region, no credentials. A Ray worker's
+    ``filesystem`` takes those from its own node's environment (docs/training.md#credentials-on-a-cluster)."""
+    return {k: v for k, v in options.items() if k not in CREDENTIAL_OPTIONS}
+
+
 def filesystem(url: str, extra: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it without a trailing slash) for a local path or URL: the one way every layer opens a
     URL. ``extra``: options over the environment's (the pipelines pass the ones the driver resolved)."""

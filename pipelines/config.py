@@ -54,6 +54,10 @@ class StorageConfig:
 class ReadConfig:
     modalities: list[str] = field(default_factory=lambda: list(C.MODALITIES))
     limit: int = 0  # 0 = every input; else the first N items (handy for trials)
+    # class labels (docs/curation.md#class-labels): "folder" (the name of the folder that holds the file, as
+    # torchvision's ImageFolder), "column" (a list file's / a tar json's label_column), "none"
+    label_from: str = "none"
+    label_column: str = "label"
 
 
 @dataclass
@@ -136,7 +140,8 @@ class BucketConfig:
     # cropped to a shorter bucket or rejected (no_bucket); None: never pad. The paper pads audio to 10 s.
     audio_pad_to_s: float | None = None
     audio_batch_seconds: float = 320.0
-    point_counts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    # the paper trains its point models on 256 points (§5.3) and samples any density: one bucket by default
+    point_counts: list[int] = field(default_factory=lambda: [256])
     point_batch_points: int = 65536
 
 
@@ -201,6 +206,8 @@ class PrepareConfig:
         for m in self.read.modalities:
             if m not in C.MODALITIES:
                 raise ConfigError(f"read.modalities: {m!r} is not one of {list(C.MODALITIES)}")
+        if self.read.label_from not in C.LABEL_SOURCES:
+            raise ConfigError(f"read.label_from must be one of {list(C.LABEL_SOURCES)}, got {self.read.label_from!r}")
         if self.write.samples_per_shard < 1:
             raise ConfigError("write.samples_per_shard must be >= 1")
         if self.write.num_writers < 1:

@@ -30,6 +30,12 @@ REJECTS_FILE = "rejects.parquet"
 STATS_FILE = "stats.json"
 # features of the empty prompt "" (L, D) from the text encoder that wrote text.npy: caption dropout swaps them in
 NULL_TEXT_FILE = "null_text.npy"
+# class labels of the output (read.label_from): {"label_from", "label_column", "class_names"}; a sample's json has its
+# index (LABEL) and name (LABEL_NAME), and an index never changes once written (docs/curation.md#class-labels)
+LABELS_FILE = "labels.json"
+LABEL = "label"
+LABEL_NAME = "label_name"
+LABEL_SOURCES = ("none", "folder", "column")
 WORK_DIR = "_work"  # committed reject parts of every run; rebuilt into rejects.parquet at the end of a run
 SHARD_DIGITS = 6  # 000000.tar
 SHARD_SUFFIX = ".tar"
@@ -146,6 +152,7 @@ class Reason:
     DEGENERATE = "degenerate"
     TOO_FEW_POINTS = "too_few_points"
     NO_CAPTION = "no_caption"
+    NO_LABEL = "no_label"  # read.label_from is set and the source names no label
     DUPLICATE = "duplicate"
     NEAR_DUPLICATE = "near_duplicate"
     LOW_CLIP_SCORE = "low_clip_score"

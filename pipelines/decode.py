@@ -281,9 +281,13 @@ class Decode(Stage):
         return text.strip(), {}
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        meta = meta_of(row)
+        read = self.config.read
+        if read.label_from != "none" and C.LABEL not in meta:  # before its bytes are fetched (pipelines.labels)
+            missing = "no folder names it" if read.label_from == "folder" else f"it has no {read.label_column!r} value"
+            raise Reject(R.NO_LABEL, f"read.label_from={read.label_from}, and {missing}")
         url, member = split_source(str(row[C.SOURCE]))
         data = self.fetch(url, int(row[C.OFFSET]), int(row[C.LENGTH]))
-        meta = meta_of(row)
         caption, caption_source = str(row[C.CAPTION] or ""), str(row[C.CAPTION_SOURCE] or "")
         if row[C.CAPTION_URI]:
             sidecar_caption, sidecar_meta = self.read_sidecar(str(row[C.CAPTION_URI]))

@@ -33,10 +33,11 @@ from pipelines.encode import (
 )
 from pipelines.filters import Dedup, DedupIndex, RuleFilter, dedup_name
 from pipelines.io import options_for, resolve_storage
+from pipelines.labels import assign_labels, check_labels, label_source, labels_record
 from pipelines.ledger import Ledger, ledger_name, new_run_id
 from pipelines.manifest import OutputState
 from pipelines.scores import ScoreFilter
-from pipelines.shards import encoder_json, shard_encoders
+from pipelines.shards import encoder_json, read_labels, shard_encoders
 from pipelines.sources import expand_tar, items_table, list_inputs
 from pipelines.stage import StageChain, run_task_chain
 from pipelines.writer import ShardWriter, WriteShards, writer_name
@@ -72,6 +73,8 @@ class PreparePlan:
         for modality, specs in self.stages.items():
             lines.append(f"  {modality}:")
             lines.extend(f"    {i + 1}. {describe(group)}" for i, group in enumerate(operators(specs)))
+        if self.config.read.label_from != "none":
+            lines.append(f"  labels: {label_source(self.config.read.label_from, self.config.read.label_column)}")
         table = bucket_table(self.config, mel_config(self.mel))
         for modality in self.stages:
             buckets = [b for b in table if b.modality == modality]
@@ -200,6 +203,8 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     state = OutputState(config.output, out_options).load()
     encoders = encoder_records(config, s3_options)  # config.json of each model only
     check_encoders(state, config, encoders)  # before anything is written: one output, one set of encoders
+    existing_labels = read_labels(config.output, out_options)
+    check_labels(config.read, existing_labels, bool(state.sidecars or state.rejects.num_rows), config.output)
     state.remove_uncommitted()
     done = state.done_keys()
 
@@ -213,6 +218,12 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     unique: dict[str, dict] = {}
     for item in items:
         unique.setdefault(item[C.KEY], item)  # the same file named by two inputs is one sample
+    class_names = None
+    if config.read.label_from != "none":  # indices fixed from every listed item before a worker starts
+        class_names = assign_labels(list(unique.values()), config.read, existing_labels)
+        state.write_json(C.LABELS_FILE, labels_record(config.read, class_names))
+        log.info("%d class labels from %s", len(class_names),
+                 label_source(config.read.label_from, config.read.label_column))
     items = [it for k, it in unique.items() if k not in done]
     skipped = len(unique) - len(items)
     if config.read.limit:
@@ -257,6 +268,9 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     state = OutputState(config.output, out_options).load()
     manifest, rejects = state.write_tables()
     stats = make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, time.time() - wall_start, encoders)
+    if class_names is not None:
+        stats["labels"] = {"from": label_source(config.read.label_from, config.read.label_column),
+                           "classes": len(class_names)}
     state.write_json(C.STATS_FILE, stats)
     return stats
 
@@ -359,4 +373,7 @@ def summary_table(stats: dict[str, Any]) -> str:
     for name, record in stats.get(C.STATS_ENCODERS, {}).items():
         if record is not None:
             lines.append(f"{name}: {encoder_json(record)}")
+    if stats.get("labels"):
+        lines.append(f"labels: {stats['labels']['classes']} classes from {stats['labels']['from']} "
+                     f"({C.LABELS_FILE})")
     return "\n".join(lines)

@@ -41,6 +41,13 @@ def read_null_text(output: str, storage_options: dict | None = None) -> np.ndarr
     return np.load(io.BytesIO(fs.cat_file(path))) if fs.exists(path) else None
 
 
+def read_labels(output: str, storage_options: dict | None = None) -> dict | None:
+    """The output's ``labels.json`` (read.label_from: label_from, label_column, class_names); None when unlabelled."""
+    fs, root = filesystem(output, storage_options if storage_options is not None else _options(output))
+    path = f"{root}/{C.LABELS_FILE}"
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
 def read_rejects(output: str, storage_options: dict | None = None) -> pa.Table:
     fs, root = filesystem(output, storage_options if storage_options is not None else _options(output))
     return pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{C.REJECTS_FILE}")))

@@ -10,6 +10,7 @@ a KubeRay RayService all use it; ``python -m jobs.serve`` wraps it for local use
 
 import asyncio
 import base64
+import copy
 import hmac
 import io
 import json
@@ -20,26 +21,28 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
 
 from models.config_io import from_dict, to_dict
 from models.geometry import parse_size
 from serve.config import ServeConfig
 from serve.schema import (
-    AudioGenerationRequest,
+    MAX_SEED,
     AudioResponse,
     ErrorResponse,
-    ImageGenerationRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
-    PointsGenerationRequest,
     PointsResponse,
+    request_models,
 )
 
 log = logging.getLogger("serve")
@@ -49,6 +52,23 @@ AUDIO_PATH = "/v1/audio/generations"
 POINTS_PATH = "/v1/points/generations"
 ROUTES = {"image": GENERATIONS_PATH, "audio": AUDIO_PATH, "points": POINTS_PATH}  # the route of each modality
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+# What awaiting a sampler replica's response raises when no replica can answer it: the replica's actor died or cannot
+# be reached (RayActorError: ActorDiedError, ActorUnavailableError), its process or node died, the replica chosen is
+# gone, or the deployment has failed to deploy. The replica's fault, not the request's: a 503 with Retry-After while
+# Serve replaces it (docs/architecture.md#health-and-readiness).
+REPLICA_UNAVAILABLE = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError,
+                       DeploymentUnavailableError)
+
+
+def cancel(responses) -> None:
+    """Best-effort cancel of handle calls. ``DeploymentResponse.cancel()`` raises the error of a call that has already
+    failed (the BackPressureError of a refused one, …): that call needs no cancelling, and its error must not replace
+    the response the caller is building."""
+    for response in responses:
+        try:
+            response.cancel()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -110,9 +130,16 @@ class SamplerReplica:
         return await asyncio.to_thread(self._load, model_id)
 
     def check_health(self) -> None:
-        """Serve replaces a replica whose device failed (an error that is not the request's fault)."""
+        """Serve's health check (every health_check_period_s): a replica whose device failed or that can no longer
+        load its default model (errors that are not a request's fault) raises, and Serve replaces it."""
         if self.fatal_error is not None:
             raise RuntimeError(f"sampler replica is broken: {self.fatal_error}")
+
+    def ready(self) -> str:
+        """The Ingress's readiness probe (GET /readyz): the default model's name. A replica answers only once its
+        constructor has loaded the default model, so an answer means a replica is up with it; a broken one raises."""
+        self.check_health()
+        return self.config.default_model
 
     async def generate(self, request: dict) -> dict:
         """One image or clip for one request dict: fields of GenerationRequest plus ``modality`` (what the route
@@ -127,7 +154,18 @@ class SamplerReplica:
         for i, model_id in enumerate(model_ids):
             by_model.setdefault(model_id, []).append(i)
         for model_id, indices in by_model.items():
-            sampler = await self.get_sampler(model_id)
+            try:
+                sampler = await self.get_sampler(model_id)
+            except Exception as exc:  # noqa: BLE001 - the callers of this model get a 500; other models' still run
+                log.exception("loading model %s failed", model_id)
+                if model_id == self.config.default_model:
+                    # reloaded after eviction from the multiplex cache: a replica that cannot load its default model
+                    # is broken whatever the cause, so check_health fails and Serve replaces it
+                    self.fatal_error = f"the default model {model_id} failed to load: {exc}"
+                self.failures.inc(len(indices), tags={"reason": "internal"})
+                for i in indices:
+                    results[i] = {"error": {"status": 500, "message": f"model {model_id} failed to load: {exc}"}}
+                continue
             valid = []
             for i in indices:
                 problem = self._validate(sampler, requests[i])
@@ -157,6 +195,8 @@ class SamplerReplica:
         if request["modality"] != modality:
             article = "an" if modality[0] in "aeiou" else "a"
             return f"this is {article} {modality} model: use POST {ROUTES[modality]}"
+        if request.get("label") and sampler.model.config.conditioning != "class":
+            return "label is for a label-conditioned model; this model takes a text prompt"
         if sampler.text_encoder is not None:  # a class-conditional model has none: its prompt is a class index or name
             tokens = sampler.text_encoder.token_count(request["prompt"], request.get("structured_prompt"))
             limit = self.config.limits.max_prompt_tokens
@@ -206,7 +246,7 @@ class SamplerReplica:
 
 
 # what a route adds to the GenerationRequest fields of a request dict
-ROUTE_KEYS = ("modality", "audio_format", "points_format")
+ROUTE_KEYS = ("modality", "audio_format", "points_format", "label")
 
 
 def generation_request(request: dict):
@@ -220,17 +260,42 @@ api = FastAPI(
     title="Lumina-Ray image generation",
     version="0.1.0",
     description="Next-DiT (Lumina-Next) text-to-image generation in the OpenAI Images API shape.",
+    # The Ingress serves /openapi.json and /docs itself: the request bodies carry the configured limits, which only a
+    # replica knows (serve.ingress freezes a copy of this app at import, before any config).
+    openapi_url=None,
 )
 
 
-def body_doc(schema) -> dict:
-    """The OpenAPI request body of a route that reads its JSON itself (so that it controls every error)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+@api.exception_handler(HTTPException)
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Routing errors (404 unknown path, 405 wrong method) in the OpenAI error shape, like every other error."""
+    if exc.status_code == 404:
+        message, code = f"no route {request.method} {request.url.path}", "not_found"
+    elif exc.status_code == 405:
+        message, code = f"method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    return error(exc.status_code, message, code=code, headers=exc.headers)
 
 
-REQUEST_BODY_DOC = body_doc(ImageGenerationRequest)
-AUDIO_BODY_DOC = body_doc(AudioGenerationRequest)
-POINTS_BODY_DOC = body_doc(PointsGenerationRequest)
+@api.exception_handler(Exception)
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Whatever a route did not handle is a JSON 500 in the OpenAI error shape, never Starlette's text/plain page. The
+    exception goes to the log, not to the client: Starlette raises it again once this response is sent, and the Serve
+    replica logs it with its traceback."""
+    return error(500, "internal server error", kind="server_error", code="internal_error")
+
+
+def openapi_document(limits) -> dict:
+    """The OpenAPI document with the request body of each generation route generated from ``limits`` (the
+    ``LimitsConfig`` the Ingress enforces). The routes read their JSON themselves, so that they control every error;
+    FastAPI therefore knows the routes and responses but not the bodies."""
+    document = copy.deepcopy(api.openapi())
+    for modality, model in request_models(limits).items():
+        schema = model.model_json_schema()
+        document["paths"][ROUTES[modality]]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": schema}}}
+    return document
 
 
 def validation_error(exc: ValidationError) -> JSONResponse:
@@ -241,6 +306,9 @@ def validation_error(exc: ValidationError) -> JSONResponse:
         return error(400, f"unknown field {param!r}", param=param, code="unknown_field")
     if first.get("type") == "model_type" and not location:
         return error(400, "the body must be a JSON object", code="invalid_body")
+    if first.get("type") == "string_pattern_mismatch" and param == "size":
+        return error(400, f"size {first.get('input')!r} is not of the form WIDTHxHEIGHT in ASCII digits, e.g. 1024x768",
+                     param=param, code="invalid_value")
     return error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value")
 
 
@@ -255,7 +323,10 @@ class Ingress:
         from models.checkpoint import read_modality
 
         self.modalities = {name: read_modality(spec.path) for name, spec in self.config.models.items()}
+        self.schemas = request_models(self.config.limits)  # by modality; their JSON schema is /openapi.json's
+        self.openapi = openapi_document(self.config.limits)
         self.requests = Counter("lumina_http_requests", "HTTP requests by status", tag_keys=("status",))
+        self.answered_at = float("-inf")  # time.monotonic() when a sampler replica last answered this Ingress
 
     def _authorised(self, request: Request) -> bool:
         if not self.tokens:
@@ -271,7 +342,52 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
+        """Liveness: this Ingress replica answers HTTP. It asks nothing of the samplers (that is /readyz), so a probe
+        that restarts on failure never restarts a pod for a sampler that is loading or being replaced."""
         return {"status": "ok"}
+
+    @api.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self):
+        """Readiness: 200 only while a sampler replica is up with the default model loaded, else a 503 with
+        Retry-After (docs/architecture.md#health-and-readiness)."""
+        began = time.monotonic()
+        timeout = self.config.ready_timeout_s
+        response = None
+        try:
+            response = self.sampler.ready.remote()
+            model = await asyncio.wait_for(response, timeout=timeout)
+        except BackPressureError:
+            # every replica is at max_ongoing_requests and the queue is full: up and generating, which is all readiness
+            # asks; taking the pod out of the load balancer would move the load, not remove it
+            return {"status": "ready", "model": self.config.default_model, "busy": True}
+        except TimeoutError:
+            cancel([response])
+            if self.answered_at >= began:  # the probe waited behind generations that a replica answered meanwhile
+                return {"status": "ready", "model": self.config.default_model, "busy": True}
+            return self._not_ready(f"no sampler replica of {self.config.default_model!r} answered within {timeout} s "
+                                   "(loading, restarting or failing to load)")
+        except REPLICA_UNAVAILABLE as exc:
+            return self._not_ready(f"no sampler replica of {self.config.default_model!r} is available: "
+                                   f"{type(exc).__name__}")
+        except RayTaskError as exc:  # ready() raised: the replica is broken and its health check fails too
+            log.warning("readiness: %s", exc.cause or exc)  # the cause stays in the log: /readyz needs no token
+            return self._not_ready("a sampler replica reports itself broken; Serve is replacing it")
+        self.answered_at = time.monotonic()
+        return {"status": "ready", "model": model}
+
+    def _not_ready(self, message: str) -> JSONResponse:
+        return error(503, message, kind="service_unavailable", code="not_ready",
+                     headers={"Retry-After": str(self.config.retry_after_s)})
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self, request: Request):
+        root_path = request.scope.get("root_path", "").rstrip("/")  # an app under a route prefix: what FastAPI does
+        return dict(self.openapi, servers=[{"url": root_path}]) if root_path else self.openapi
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
+                                   title=f"{api.title} - docs")
 
     @api.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
     async def list_models(self, request: Request):
@@ -285,9 +401,9 @@ class Ingress:
         return error(401, "missing or invalid bearer token", kind="authentication_error", code="invalid_api_key",
                      headers={"WWW-Authenticate": "Bearer"})
 
-    async def _body(self, request: Request, schema):
-        """The validated body of a generation request, or the error response (auth, media type, JSON, schema, the
-        model, and the quotas every route shares)."""
+    async def _body(self, request: Request, modality: str):
+        """The validated body of a generation request to the route of ``modality``, or the error response (auth, media
+        type, JSON, the schema with the quotas every route shares, the model, the seeds of the n outputs)."""
         if not self._authorised(request):
             return self._unauthorised()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -296,52 +412,67 @@ class Ingress:
                          code="unsupported_media_type")
         try:
             data = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return error(400, f"malformed JSON body: {exc}", code="invalid_json")
+        # ValueError: bad syntax or encoding (JSONDecodeError, UnicodeDecodeError), an integer of more than 4300 digits;
+        # RecursionError: arrays or objects nested deeper than the interpreter's stack
+        except (ValueError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            return error(400, f"malformed JSON body: {reason}", code="invalid_json")
         try:
-            body = schema.model_validate(data)
+            body = self.schemas[modality].model_validate(data)
         except ValidationError as exc:
             return validation_error(exc)
-        limits = self.config.limits
         model = body.model or self.config.default_model
         if model not in self.config.models:
             return error(404, f"model {model!r} is not served; available: {', '.join(self.config.models)}",
                          param="model", code="model_not_found")
-        if not 1 <= body.n <= limits.max_n:
-            return error(400, f"n = {body.n} is outside 1..{limits.max_n}", param="n")
-        if len(body.prompt) > limits.max_prompt_chars:
-            return error(400, f"prompt is {len(body.prompt)} characters; the limit is {limits.max_prompt_chars}",
-                         param="prompt")
-        if body.steps is not None and not limits.min_steps <= body.steps <= limits.max_steps:
-            return error(400, f"steps = {body.steps} is outside {limits.min_steps}..{limits.max_steps}", param="steps")
-        if body.guidance_scale is not None and body.guidance_scale > limits.max_guidance:
-            return error(400, f"guidance_scale {body.guidance_scale} is above {limits.max_guidance}",
-                         param="guidance_scale")
-        if body.prompt.strip() == "":
+        label = getattr(body, "label", None)  # the points route: a class by index or name instead of a prompt
+        if label is not None and body.prompt is not None:
+            return error(400, "give a prompt or a label, not both", param="label")
+        if label is None and body.prompt is None:
+            return error(400, "prompt (or label) is required", param="prompt")
+        if label is None and body.prompt.strip() == "":
             return error(400, "prompt is empty", param="prompt")
+        if isinstance(label, int) and label < 0:
+            return error(400, f"label {label} is not a class index (≥ 0)", param="label")
+        # output i gets seed + i, and every reported seed must be one a client can send back: a base seed whose batch
+        # would pass MAX_SEED is refused rather than wrapped (docs/architecture.md#http-api)
+        if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
+            return error(400, f"seed {body.seed} with n = {body.n} would give seed {body.seed + body.n - 1}, above the "
+                              f"largest seed {MAX_SEED}: use a seed ≤ {MAX_SEED - body.n + 1}", param="seed",
+                         code="seed_out_of_range")
         return body
 
     async def _fan_out(self, body, job: dict) -> list[dict] | JSONResponse:
         """The body's n requests (``job`` plus consecutive seeds) on the sampler replicas; their outputs or the error
-        response (overload 503, timeout 504, or the first failed request's status)."""
+        response (overload 503, no sampler replica 503, timeout 504, or the first failed request's status)."""
         model = body.model or self.config.default_model
         base_seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**31)
-        calls = [dict(job, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=base_seed + i,
-                      steps=body.steps, solver=body.solver, schedule=body.schedule, guidance=body.guidance_scale)
-                 for i in range(body.n)]
+        calls = [{"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
+                  "solver": body.solver, "schedule": body.schedule, "guidance": body.guidance_scale, **job,
+                  "seed": base_seed + i} for i in range(body.n)]
         handle = self.sampler.options(multiplexed_model_id=model)
+        retry_after = {"Retry-After": str(self.config.retry_after_s)}
+        responses = []
         try:
-            responses = [handle.generate.remote(call) for call in calls]
+            for call in calls:
+                responses.append(handle.generate.remote(call))
             outputs = await asyncio.wait_for(asyncio.gather(*responses), timeout=self.config.request_timeout_s)
-        except BackPressureError:
-            self.requests.inc(tags={"status": "503"})
-            return error(503, "the server is overloaded; retry later", kind="server_overloaded",
-                         headers={"Retry-After": str(self.config.retry_after_s)})
-        except TimeoutError:
-            for response in responses:
-                response.cancel()
-            self.requests.inc(tags={"status": "504"})
-            return error(504, f"generation took longer than {self.config.request_timeout_s} s", kind="timeout")
+        except BaseException as exc:
+            cancel(responses)  # the request has failed: free the replicas from its other outputs
+            if isinstance(exc, BackPressureError):
+                self.requests.inc(tags={"status": "503"})
+                return error(503, "the server is overloaded; retry later", kind="server_overloaded",
+                             headers=retry_after)
+            if isinstance(exc, REPLICA_UNAVAILABLE):
+                log.warning("a sampler replica is unavailable: %s: %s", type(exc).__name__, exc)
+                self.requests.inc(tags={"status": "503"})
+                return error(503, "no sampler replica is available (one is being replaced); retry later",
+                             kind="service_unavailable", code="replica_unavailable", headers=retry_after)
+            if isinstance(exc, TimeoutError):
+                self.requests.inc(tags={"status": "504"})
+                return error(504, f"generation took longer than {self.config.request_timeout_s} s", kind="timeout")
+            raise  # anything else is a bug: internal_error answers it with a JSON 500
+        self.answered_at = time.monotonic()
         failed = [o for o in outputs if "error" in o]
         if failed:
             status = failed[0]["error"]["status"]
@@ -351,10 +482,9 @@ class Ingress:
         return outputs
 
     @api.post(GENERATIONS_PATH, response_model=ImagesResponse,
-              openapi_extra=REQUEST_BODY_DOC,
               responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
     async def generations(self, request: Request):
-        body = await self._body(request, ImageGenerationRequest)
+        body = await self._body(request, "image")
         if isinstance(body, JSONResponse):
             return body
         width = height = None
@@ -395,26 +525,29 @@ class Ingress:
                  "latency_s": round(o["seconds"], 4), **{k: o[k] for k in fields}} for o in outputs]
         return {"created": int(time.time()), "model": body.model or self.config.default_model, "data": data}
 
-    @api.post(AUDIO_PATH, response_model=AudioResponse, openapi_extra=AUDIO_BODY_DOC,
+    @api.post(AUDIO_PATH, response_model=AudioResponse,
               responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
     async def audio_generations(self, request: Request):
         """Clips from an audio model: WAV files as b64_json, or (n = 1) the WAV / FLAC file itself."""
-        body = await self._body(request, AudioGenerationRequest)
+        body = await self._body(request, "audio")
         if isinstance(body, JSONResponse):
             return body
         job = {"modality": "audio", "duration": body.duration, "structured_prompt": body.structured_prompt}
         return await self._file_outputs(body, job, "audio_format", "wav", "audio/{}", ("duration", "sample_rate"))
 
-    @api.post(POINTS_PATH, response_model=PointsResponse, openapi_extra=POINTS_BODY_DOC,
+    @api.post(POINTS_PATH, response_model=PointsResponse,
               responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 500, 503, 504)})
     async def points_generations(self, request: Request):
         """Clouds from a point-cloud model: binary PLY files as b64_json, or (n = 1) the PLY / NPY file itself."""
-        body = await self._body(request, PointsGenerationRequest)
+        body = await self._body(request, "points")
         if isinstance(body, JSONResponse):
             return body
         media = "application/octet-stream" if body.response_format == "npy" else "application/x-ply"
-        return await self._file_outputs(body, {"modality": "points", "points": body.points}, "points_format", "ply",
-                                        media, ("points",))
+        job = {"modality": "points", "points": body.points}
+        if body.label is not None:  # an index is the class itself; a name is looked up as a class-name prompt
+            job.update(label=True, prompt="" if isinstance(body.label, int) else body.label,
+                       class_label=body.label if isinstance(body.label, int) else None)
+        return await self._file_outputs(body, job, "points_format", "ply", media, ("points",))
 
 
 def build_app(args: dict) -> serve.Application:

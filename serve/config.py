@@ -25,8 +25,10 @@ class ModelSpec:
 
 @dataclass
 class LimitsConfig:
-    """The service's quotas, checked by the Ingress. What makes a request valid for the model — the image size
-    (``sampler.max_side`` / ``sampler.max_pixels``), steps ≥ 1, guidance ≥ 0 — is the sampler's to check."""
+    """The service's quotas, checked by the Ingress as constraints of the request classes whose JSON schema is
+    ``/openapi.json``'s (``serve.schema.request_models``), so a changed limit changes the schema. What makes a request
+    valid for the model — the image size (``sampler.max_side`` / ``sampler.max_pixels``), steps ≥ 1, guidance ≥ 0 — is
+    the sampler's to check."""
 
     max_n: int = 4  # images per request
     min_steps: int = 1
@@ -57,7 +59,9 @@ class ServeConfig:
     default_model: str = ""  # "" → the first entry of `models`
     api_tokens: list[str] = field(default_factory=list)  # empty: SERVE_API_TOKEN; both empty: no auth
     request_timeout_s: float = 300.0
-    retry_after_s: int = 2  # Retry-After of 503 responses under overload
+    retry_after_s: int = 2  # Retry-After of 503 responses (overload, no sampler replica, not ready)
+    # how long GET /readyz waits for a sampler replica to answer (docs/architecture.md#health-and-readiness)
+    ready_timeout_s: float = 2.0
     device: str = "auto"  # auto: cuda when present
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -77,6 +81,8 @@ class ServeConfig:
             self.default_model = next(iter(self.models))
         if self.default_model not in self.models:
             raise ConfigError(f"serve config: default_model {self.default_model!r} is not one of {list(self.models)}")
+        if self.ready_timeout_s <= 0:
+            raise ConfigError(f"serve config: ready_timeout_s must be > 0, got {self.ready_timeout_s}")
         if self.batching.max_batch_size < 1:
             raise ConfigError("serve config: batching.max_batch_size must be ≥ 1")
         from models.sampler import SamplerConfig  # torch: only where a config is built

@@ -129,8 +129,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the whole session, on 127.0.0.1."""
+def ray_cluster(s3_server):
+    """One local Ray cluster for the whole session, on 127.0.0.1. Its nodes hold the S3 server's credentials in their
+    environment, as a real cluster's nodes do (KubeRay secretRef, instance profiles): Ray workers inherit their raylet's
+    environment, and the jobs forward no credential through the runtime env (docs/training.md#credentials-on-a-cluster),
+    so the variables must be set before the cluster starts."""
     import ray
 
     if not ray.is_initialized():

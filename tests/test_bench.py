@@ -121,3 +121,23 @@ def test_audio_bench_reports_the_real_time_factor_and_the_step_against_a_matchin
     assert list(row["stages_ms"]) == ["text_encode", "solve", "vae_decode", "vocoder"]
     assert all(v > 0 for v in row["stages_ms"].values()) and 0 < row["model_ms"] < row["stages_ms"]["solve"]
     assert sum(row["stages_ms"].values()) == pytest.approx(row["total_ms"])  # one run: the split adds up
+
+
+def test_points_bench_scores_every_density_and_mode_against_fresh_solids(tmp_path):
+    """The density table's command on a tiny random text points model: one row per (density, mode), the pooled
+    MMD-CD / COV-CD / 1-NNA of the generated clouds against as many fresh reference clouds, and each mode's MMD against
+    the no-scaling anchor of the same run."""
+    from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder
+
+    model = make_tiny_model_folder(tmp_path / "model", make_tiny_text_encoder(tmp_path / "te"),
+                                   preset_name="tiny-points")
+    stdout, rows = run_bench(["points", "--model", model, "--device", "cpu", "--densities", "1,2", "--clouds", "2",
+                              "--steps", "2"], tmp_path)
+    assert "\ndevice: CPU" in "\n" + stdout and "trained on 256 points" in stdout
+    assert [(r["points"], r["mode"]) for r in rows] == [(p, m) for p in (256, 512) for m in ("time_aware", "none", "ntk")]
+    for row in rows:
+        assert row["clouds"] == 6 and row["mmd_cd"] > 0 and 0 < row["cov_cd"] <= 1 and 0 <= row["1nna_cd"] <= 1
+        anchor = next(r for r in rows if r["points"] == row["points"] and r["mode"] == "none")
+        assert row["mmd_ratio_vs_none"] == pytest.approx(row["mmd_cd"] / anchor["mmd_cd"])
+    # at the training density every mode is the same model: scaling starts above it
+    assert len({r["mmd_cd"] for r in rows if r["points"] == 256}) == 1

@@ -22,9 +22,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def head_node(tmp_path):
     """`ray start --head` on 127.0.0.1 with the dashboard (the Jobs API lives there); stopped by its own temp dir."""
     port, dashboard = free_port(), free_port()
-    # the project's virtualenv first on PATH, as the cluster image has it: the job's `python` is the project's
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    # the head's PATH as a user's shell has it (the virtualenv not activated): the README's recipe names the
+    # virtualenv's interpreter in the entrypoint instead
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
     temp_dir = tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     subprocess.run(
         [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
@@ -44,6 +44,7 @@ def head_node(tmp_path):
 
 
 def test_job_submitted_with_working_dir_runs_and_writes_its_output(head_node, tmp_path):
+    """The README's local-cluster recipe: `ray job submit --working-dir . -- "$PWD/.venv/bin/python" -m jobs.…`."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from models import NextDiT, preset
@@ -55,7 +56,7 @@ def test_job_submitted_with_working_dir_runs_and_writes_its_output(head_node, tm
     while True:  # the head's job agent comes up a little after `ray start` returns
         try:
             job = client.submit_job(
-                entrypoint=f"python -m jobs.convert --to official {tmp_path / 'src'} {tmp_path / 'out'}",
+                entrypoint=f"{sys.executable} -m jobs.convert --to official {tmp_path / 'src'} {tmp_path / 'out'}",
                 runtime_env={"working_dir": str(REPO_ROOT),
                              "excludes": [".venv", ".git", "**/__pycache__", ".pytest_cache", ".schemathesis", "out"]},
             )

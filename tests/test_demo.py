@@ -17,8 +17,11 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path):
     # and took the fidelity from 0.54–0.79 to 0.75–1.0 (AMD EPYC, 2 cores; 300 steps gave 0.71)
     # the audio model keeps the demo's settings (350 steps, its dual text encoder) on a third of its tones, 4 of each
     # pitch: it learns the pitch much sooner than the image model learns the colour
-    cfg = DemoConfig(out=str(out), counts=DemoCounts(images=96, tones=16, solids=3), steps=400, lr=4e-3,
-                     batch_tokens=1024, seeds_per_prompt=2, sample_steps=10, audio_steps=150)
+    # the points model trains 150 of the demo's 200 steps on half its solids (8 of each) and is asked for 4 clouds per
+    # solid
+    cfg = DemoConfig(out=str(out), counts=DemoCounts(images=96, tones=16, solids=24), steps=400, lr=4e-3,
+                     batch_tokens=1024, seeds_per_prompt=2, sample_steps=10, audio_steps=150, points_steps=150,
+                     points_seeds_per_prompt=4)
     report = run(cfg)
 
     # every modality curated, every corrupt file rejected with a reason, the job did not fail
@@ -48,10 +51,21 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert report["audio_loss_last"] < report["audio_loss_first"]
     wavs = sorted((out / "report" / "audio").glob("*.wav"))
     assert len(wavs) == 24 and all(w.stat().st_size > 16_000 for w in wavs)  # 1 s of 16-bit samples at 16 kHz
-    for name in ("samples.png", "mel.png", "loss.png", "report.json", "report.md"):
+    # the points model, served by the same app: four 1024-point clouds per solid (4× the 256 it trained on) came back
+    # over HTTP as PLY files, and the solid the prompt names is the nearest (Chamfer distance) at least half the time.
+    # One that ignores its prompt scores exactly chance (the same seeds give the same clouds for every prompt: each
+    # cloud is nearest one solid); trained so, it scored 1.0 (8 clouds per solid)
+    assert (out / "model-points" / "model.safetensors").exists()
+    assert report["clouds"] == 12 and report["point_chance"] == 1 / 3
+    assert report["point_fidelity"] >= 0.5, report["per_cloud"]
+    assert all(c["points"] == 1024 for c in report["per_cloud"])
+    assert report["points_loss_last"] < report["points_loss_first"]
+    assert len(list((out / "report" / "points").glob("*.ply"))) == 12
+    for name in ("samples.png", "mel.png", "points.png", "loss.png", "report.json", "report.md"):
         assert (out / "report" / name).stat().st_size > 0
     saved = json.loads((out / "report" / "report.json").read_text())
     assert set(saved["timings_s"]) >= {"prepare (Ray Data)", "train (Ray Train + DeepSpeed ZeRO-3)",
-                                       "train audio (Ray Train + DeepSpeed ZeRO-3)", "total"}
+                                       "train audio (Ray Train + DeepSpeed ZeRO-3)",
+                                       "train points (Ray Train + DeepSpeed ZeRO-3)", "total"}
     assert saved["audio_fidelity"] == report["audio_fidelity"] and len(saved["per_clip"]) == 24
-    assert "Audio fidelity" in (out / "report" / "report.md").read_text()
+    assert "Audio fidelity" in (markdown := (out / "report" / "report.md").read_text()) and "Point fidelity" in markdown

@@ -334,3 +334,39 @@ def test_model_stages_with_list_and_tar_inputs(ray_cluster, corpus, tmp_path):
             run_prepare(rerun)
         assert message in str(err.value) and "new --output" in str(err.value), str(err.value)
     assert sorted(p.name for p in Path(cfg.output).rglob("*")) == before
+
+
+def test_labels_from_a_list_column_keep_their_indices_across_runs(ray_cluster, tmp_path):
+    """read.label_from=column: names in natural order become indices in every sample's json and labels.json; a row
+    without a label is a no_label reject; a rerun with a new class appends it and leaves written indices as they were;
+    a rerun with another label source is refused before anything is written."""
+    clouds = tmp_path / "clouds"
+    clouds.mkdir()
+    rng = np.random.default_rng(0)
+    labels = ["10", "2", "chair", None, "2"]
+    for i in range(len(labels) + 1):
+        np.save(clouds / f"c{i}.npy", rng.normal(size=(300, 3)).astype(np.float32))
+    rows = [{"path": f"clouds/c{i}.npy", "category": label} for i, label in enumerate(labels)]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    read = {"modalities": ["points"], "label_from": "column", "label_column": "category"}
+    stats = run_prepare(config([listing], out, read=read))
+    assert stats["labels"] == {"from": "the list column 'category'", "classes": 3}
+    [reject] = read_rejects(str(out)).to_pylist()
+    assert reject["reason"] == C.Reason.NO_LABEL and reject["source"].endswith("c3.npy")
+    assert "no 'category' value" in reject["message"]
+    first = {s["meta"]["source"]: s["meta"][C.LABEL] for s in all_samples(str(out))}
+    assert sorted(first.values()) == [0, 0, 1, 2]  # "2" < "10" < "chair"
+
+    listing.write_text(listing.read_text() + json.dumps({"path": "clouds/c5.npy", "category": "bench"}) + "\n")
+    run_prepare(config([listing], out, read=read))
+    assert json.loads((out / C.LABELS_FILE).read_text())["class_names"] == ["2", "10", "chair", "bench"]
+    samples = {s["meta"]["source"]: s["meta"] for s in all_samples(str(out))}
+    assert {k: v[C.LABEL] for k, v in samples.items() if k in first} == first
+    assert samples[str(clouds / "c5.npy")][C.LABEL] == 3 and samples[str(clouds / "c5.npy")][C.LABEL_NAME] == "bench"
+
+    for changed, message in (({"label_from": "folder"}, "labelled by the list column 'category'"),
+                             ({"label_from": "none"}, "this run's labels are none")):
+        with pytest.raises(ConfigError, match=message):
+            run_prepare(config([listing], out, read={**read, **changed}))

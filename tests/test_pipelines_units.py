@@ -369,3 +369,22 @@ def test_encoder_records_from_config_json_on_s3(tmp_path, s3_bucket, s3_server):
     missing = from_dict(PrepareConfig, {**to_dict(cfg), "encode": {"vae": f"s3://{s3_bucket}/nothing"}})
     with pytest.raises(ConfigError, match="encode.vae"):
         encoder_records(missing, resolve_storage("s3://"))
+
+
+def test_folder_labels_and_the_vocabulary_of_an_output():
+    from pipelines.config import ReadConfig
+    from pipelines.labels import assign_labels, label_of
+    from pipelines.sources import make_item
+
+    folder = ReadConfig(label_from="folder")
+    assert label_of(make_item("s3://b/train/cat/1.jpg", "image"), folder) == "cat"
+    assert label_of(make_item("/data/shards/0.tar#dog/7.jpg", "image"), folder) == "dog"  # the member's folder
+    assert label_of(make_item("/data/chairs/0.tar#7.jpg", "image"), folder) == "chairs"  # else the tar's
+    items = [make_item(f"/d/{name}/{i}.npy", "points") for i, name in enumerate(["sphere", "cube", "sphere", "10",
+                                                                                  "9"])]
+    existing = {"class_names": ["sphere", "torus"]}  # a rerun keeps the indices written before and appends
+    assert assign_labels(items, folder, existing) == ["sphere", "torus", "9", "10", "cube"]
+    assert [json.loads(it["meta"])["label"] for it in items] == [0, 4, 0, 3, 2]
+    column = ReadConfig(label_from="column")
+    assert label_of(make_item("/d/x.npy", "points", meta={"label": " "}), column) is None
+    assert label_of(make_item("/d/x.npy", "points", meta={"label": 3}), column) == "3"

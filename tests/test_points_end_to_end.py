@@ -1,8 +1,8 @@
-"""Point clouds end to end (paper §5.3), with tiny random models: jobs.prepare samples captioned solids into 256-point
-shards, jobs.train trains tiny-points on 2 workers (the points task picked from the model; the label task:
-tests/test_train.py, and a label model's prompts: tests/test_points_model.py), jobs.export writes a model
-folder trained at 256 points, and jobs.generate writes clouds of 256 and of 2048 points (any density), the same bytes
-for the same seed."""
+"""Point clouds end to end (paper §5.3), with tiny random models: jobs.prepare samples captioned solids, in one folder
+per solid, into 256-point shards (the default bucket) with text features and labels from the folder names; jobs.train
+trains tiny-points on 2 workers on the captions (the text task: the shards carry text features) and on 1 worker on the
+labels (the label task); jobs.export writes model folders trained at 256 points, and jobs.generate writes clouds of 256
+and of 2048 points (any density), the same bytes for the same seed, from a prompt or a class name."""
 
 from __future__ import annotations
 
@@ -22,24 +22,27 @@ def exported(tmp_path_factory, ray_cluster):
 
     root = tmp_path_factory.mktemp("points-e2e")
     raw = root / "solids"
-    raw.mkdir()
     rng = np.random.default_rng(0)
     for i in range(8):
         solid = SOLIDS[i % len(SOLIDS)]
-        np.save(raw / f"solid_{i}.npy", solid_points(solid, 1024, rng).astype(np.float32))
-        (raw / f"solid_{i}.json").write_text(json.dumps({"caption": f"a {solid}"}))
+        (raw / solid).mkdir(parents=True, exist_ok=True)
+        np.save(raw / solid / f"solid_{i}.npy", solid_points(solid, 1024, rng).astype(np.float32))
+        (raw / solid / f"solid_{i}.json").write_text(json.dumps({"caption": f"a {solid}"}))
     te = make_tiny_text_encoder(root / "te")
     data = root / "prepared"
     assert prepare(["--input", str(raw), "--output", str(data), "--set", "read.modalities=[points]",
-                    "--set", "bucket.point_counts=[256]", "--set", f"encode.text_encoder={te}",
+                    "--set", "read.label_from=folder", "--set", f"encode.text_encoder={te}",
                     "--set", "write.samples_per_shard=4"]) == 0
+    assert json.loads((data / "labels.json").read_text())["class_names"] == ["cube", "cylinder", "sphere"]
     runs = root / "runs"
-    assert train(["--data", str(data), "--storage", str(runs), "--workers", "2", "--preset", "tiny-points",
-                  "--steps", "4", "--set", "data.micro_batch=2", "--set", "train.ckpt_every=4",
-                  "--set", "logging.wandb=disabled", "--set", "logging.progress=false"]) == 0
+    common = ["--data", str(data), "--storage", str(runs), "--preset", "tiny-points", "--set", "data.micro_batch=2",
+              "--set", "logging.wandb=disabled", "--set", "logging.progress=false"]
+    assert train([*common, "--workers", "2", "--steps", "4", "--set", "train.ckpt_every=4"]) == 0
     assert export([str(runs / "nextdit"), str(root / "text")]) == 0
-    models = {"text": str(root / "text")}
-    return {"model": models["text"], "root": root, "te": te}
+    assert train([*common, "--workers", "1", "--steps", "2", "--set", "train.ckpt_every=2",
+                  "--set", "train.task=class-points", "--set", "run.name=labels"]) == 0
+    assert export([str(runs / "labels"), str(root / "labels")]) == 0
+    return {"model": str(root / "text"), "labels": str(root / "labels"), "root": root, "te": te}
 
 
 def test_trained_at_256_points_generates_any_density(exported):
@@ -60,6 +63,31 @@ def test_trained_at_256_points_generates_any_density(exported):
         assert generate(argv + ["--out", str(out / f"{points}-again")]) == 0
         assert ((out / f"{points}-again" / "000000_4.ply").read_bytes()
                 == (out / f"{points}" / "000000_4.ply").read_bytes())
+
+
+def test_a_label_model_trained_on_folder_labels_generates_by_class_name(exported):
+    from jobs.generate import main as generate
+    from models.checkpoint import read_checkpoint
+
+    cfg, _, meta = read_checkpoint(exported["labels"], tensors=False)
+    assert (cfg.conditioning, cfg.num_classes) == ("class", 3)  # the preset's count, checked against labels.json
+    assert meta["class_names"] == ["cube", "cylinder", "sphere"] and "text_encoder" not in meta
+    out = exported["root"] / "out-labels"
+    argv = ["--model", exported["labels"], "--prompt", "cube", "--points", "512", "--seed", "1", "--steps", "2"]
+    assert generate(argv + ["--out", str(out / "a")]) == 0 and generate(argv + ["--out", str(out / "b")]) == 0
+    record = json.loads((out / "a" / "000000_1.json").read_text())
+    assert record["class_label"] == 0 and np.load(out / "a" / "000000_1.npy").shape == (512, 3)
+    assert (out / "a" / "000000_1.ply").read_bytes() == (out / "b" / "000000_1.ply").read_bytes()
+
+
+def test_labelled_shards_with_text_features_train_the_text_task(exported, tmp_path, capsys):
+    from jobs.train import main as train
+
+    argv = ["--data", str(exported["root"] / "prepared"), "--storage", str(tmp_path), "--workers", "1",
+            "--preset", "tiny-points", "--steps", "1", "--set", "data.micro_batch=2", "--dry-run"]
+    assert train(argv) == 0 and "task t2p" in capsys.readouterr().out  # text wins (labels alone: tests/test_train.py)
+    assert train(argv + ["--set", "train.task=class-points"]) == 0
+    assert "3 classes (cube, cylinder, sphere)" in capsys.readouterr().out
 
 
 def test_point_shards_need_a_points_model(exported, tmp_path):

@@ -4,6 +4,7 @@ text conditioning, any density from a model trained on 256 points
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -212,6 +213,10 @@ def test_chamfer_distance_on_known_cases():
     d = chamfer_matrix(x, x)
     assert torch.allclose(d.diagonal(), torch.zeros(3)) and torch.allclose(d, d.T) and bool((d + torch.eye(3) > 0).all())
     torch.testing.assert_close(chamfer_matrix(x, clouds(5, 32, 1), batch=2), chamfer_matrix(x, clouds(5, 32, 1)))
+    # the CPU's KD-tree nearest neighbours give what all N × M distances give (an accelerator's path)
+    y = clouds(3, 48, 4)
+    full = torch.cdist(x.double(), y.double()).pow(2)
+    torch.testing.assert_close(chamfer(x, y), (full.min(2).values.mean(1) + full.min(1).values.mean(1)).float())
 
 
 def test_mmd_cov_and_1nna_on_known_cases():
@@ -243,3 +248,19 @@ def test_a_label_conditioned_cloud_model_takes_a_class_name_or_index(tmp_path):
                                                  GenerationRequest("sphere", seed=2, points=512)])
     assert by_name.points.shape == (512, 3) and by_name.metadata["class_label"] == 1
     assert np.array_equal(by_name.points, by_index.points) and not np.array_equal(by_name.points, other.points)
+
+
+def test_ply_bytes_round_trip_and_bad_files():
+    import trimesh
+
+    from models.points import ply_bytes, read_ply
+
+    cloud = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    data = ply_bytes(cloud)
+    np.testing.assert_array_equal(read_ply(data), cloud)
+    np.testing.assert_array_equal(np.asarray(trimesh.load(io.BytesIO(data), file_type="ply").vertices, np.float32),
+                                  cloud)  # what other tools read
+    for bad, match in ((b"PK\x03\x04", "not a PLY file"), (data[:-4], "holds 3596 bytes; 300 vertices need 3600"),
+                       (data.replace(b"binary_little_endian", b"binary_big_endian"), "little-endian")):
+        with pytest.raises(ValueError, match=match):
+            read_ply(bad)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
-import json
 import subprocess
 import sys
 import time
@@ -15,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models import preset
 from models.config_io import to_dict
-from models.tiny import make_tiny_audio_vae, make_tiny_text_encoder_stack
+from models.tiny import make_tiny_audio_vae, make_tiny_text_encoder_stack, random_nextdit
 from tests.conftest import free_port
 from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
 
@@ -53,7 +53,11 @@ def folders(tmp_path_factory):
             "tiny-audio": {"path": make_tiny_model_folder(root / "audio", make_tiny_text_encoder_stack(root / "dual"),
                                                           make_tiny_audio_vae(root / "mel-vae"),
                                                           preset_name="tiny-audio")},
-            "tiny-points": {"path": make_tiny_model_folder(root / "points", te, preset_name="tiny-points")}}
+            "tiny-points": {"path": make_tiny_model_folder(root / "points", te, preset_name="tiny-points")},
+            # the paper's label-conditioned point model (ShapeNet classes): a class by index or name
+            "tiny-points-label": {"path": make_tiny_model_folder(
+                root / "points-label", model=random_nextdit(preset("tiny-points", conditioning="class")),
+                class_names=["sphere", "cube", "cylinder"])}}
 
 
 def make_lora_adapter(base: str, path) -> str:
@@ -138,13 +142,66 @@ def test_n_images_get_consecutive_seeds_and_batch_mates_do_not_change_an_image(s
 
 def test_models_health_and_openapi(server):
     assert server.get("/healthz").json() == {"status": "ok"}
+    ready = server.get("/readyz")  # a sampler replica is up with the default model
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": "tiny"}, ready.text
     models = server.get("/v1/models", headers=AUTH).json()
     assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-class", "tiny-audio",
-                                                 "tiny-points"]
-    assert [m["modality"] for m in models["data"]] == ["image"] * 4 + ["audio", "points"]
+                                                 "tiny-points", "tiny-points-label"]
+    assert [m["modality"] for m in models["data"]] == ["image"] * 4 + ["audio", "points", "points"]
     schema = server.get("/openapi.json").json()
     assert PATH in schema["paths"] and "requestBody" in schema["paths"][PATH]["post"]
     assert "requestBody" in schema["paths"][AUDIO]["post"]
+    # the published bodies are the limits of this app's config (serve_config: max_n 2, max_steps 4)
+    for route in (PATH, AUDIO, POINTS):
+        fields = body_fields(schema, route)
+        assert fields["n"]["maximum"] == 2 and bounds(fields["steps"]) == (1, 4), route
+    assert server.get("/docs").status_code == 200
+    # routing errors are in the OpenAI error shape too
+    missing = server.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found", missing.text
+    wrong = server.get(PATH, headers=AUTH)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed", wrong.text
+    assert "POST" in wrong.headers["allow"]
+
+
+def body_fields(schema: dict, route: str) -> dict:
+    return schema["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def bounds(field: dict) -> tuple:
+    """(minimum, maximum) of an optional field's non-null branch."""
+    branch = next(b for b in field.get("anyOf", [field]) if b.get("type") != "null")
+    return branch.get("minimum"), branch.get("maximum")
+
+
+def test_openapi_request_bodies_are_generated_from_the_configured_limits():
+    import re
+
+    from serve.app import openapi_document
+    from serve.config import LimitsConfig
+    from serve.schema import request_models
+
+    for limits in (LimitsConfig(), LimitsConfig(max_n=3, min_steps=2, max_steps=9, max_guidance=7.5,
+                                                max_prompt_chars=50)):
+        document = openapi_document(limits)
+        for route in (PATH, AUDIO, POINTS):
+            fields = body_fields(document, route)
+            assert fields["n"]["maximum"] == limits.max_n and fields["n"]["minimum"] == 1
+            assert bounds(fields["steps"]) == (limits.min_steps, limits.max_steps)
+            assert bounds(fields["guidance_scale"]) == (0, limits.max_guidance)
+            prompt = next(b for b in fields["prompt"].get("anyOf", [fields["prompt"]]) if b["type"] == "string")
+            assert prompt["maxLength"] == limits.max_prompt_chars  # optional on the points route (or a label)
+        pattern = next(b for b in body_fields(document, PATH)["size"]["anyOf"] if b["type"] == "string")["pattern"]
+        # the pattern reads the same in a JSON-schema client: ASCII digits only
+        assert re.search(pattern, "64x64") and not re.search(pattern, "６４x６４") and not re.search(pattern, "٦٤x٦٤")
+        # and the server validates with the classes the schema was generated from
+        image = request_models(limits)["image"]
+        image.model_validate({"prompt": "x" * limits.max_prompt_chars, "n": limits.max_n, "size": "64x64"})
+        for bad in ({"n": limits.max_n + 1}, {"steps": limits.max_steps + 1}, {"steps": limits.min_steps - 1},
+                    {"guidance_scale": limits.max_guidance + 0.5}, {"prompt": "x" * (limits.max_prompt_chars + 1)},
+                    {"size": "６４x６４"}):
+            with pytest.raises(ValueError):
+                image.model_validate({"prompt": "x", **bad})
 
 
 def clip(client, **body):
@@ -205,6 +262,34 @@ def test_point_models_return_ply_clouds_of_the_asked_density(server):
     np.testing.assert_array_equal(np.load(io.BytesIO(raw.content)), np.asarray(cloud.vertices, dtype=np.float32))
     default = server.post(POINTS, json={"prompt": "a chair", "model": "tiny-points", "steps": 2}, headers=AUTH)
     assert default.json()["data"][0]["points"] == 256  # the training density
+
+
+def test_a_label_point_model_takes_a_label_by_index_or_name(server):
+    def cloud(**body):
+        response = server.post(POINTS, json={"model": "tiny-points-label", "points": 300, "seed": 2, "steps": 2,
+                                             "response_format": "npy", **body}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        return np.load(io.BytesIO(response.content))
+
+    by_index = cloud(label=1)
+    assert by_index.shape == (300, 3)
+    np.testing.assert_array_equal(cloud(label="Cube"), by_index)
+    np.testing.assert_array_equal(cloud(prompt="cube"), by_index)  # the prompt names a class as well
+    assert not np.array_equal(cloud(label=2), by_index)
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"model": "tiny-points-label", "label": 3}, "class label 3 is outside [0, 3)"),
+    ({"model": "tiny-points-label", "label": "chair"}, "neither a class index"),
+    ({"model": "tiny-points-label", "label": -1}, "label -1 is not a class index"),
+    ({"model": "tiny-points-label", "label": 1, "prompt": "cube"}, "give a prompt or a label, not both"),
+    ({"model": "tiny-points-label"}, "prompt (or label) is required"),
+    ({"model": "tiny-points", "label": 1}, "label is for a label-conditioned model"),
+    ({"model": "tiny-points", "label": "cube"}, "label is for a label-conditioned model"),
+])
+def test_bad_labels_get_400(server, body, match):
+    response = server.post(POINTS, json={"steps": 2, **body}, headers=AUTH)
+    assert response.status_code == 400 and match in response.json()["error"]["message"], response.text
 
 
 @pytest.mark.parametrize("route,body,match", [
@@ -270,6 +355,8 @@ MALFORMED = [
     ("size above the side limit", {"prompt": "x", "size": "256x16"}, 400),
     ("size above the pixel limit", {"prompt": "x", "size": "128x128"}, 400),
     ("negative size", {"prompt": "x", "size": "-32x32"}, 400),
+    ("size of full-width digits", {"prompt": "x", "size": "６４x６４"}, 400),
+    ("size of Arabic-Indic digits", {"prompt": "x", "size": "٦٤x٣٢"}, 400),
     ("n of zero", {"prompt": "x", "n": 0}, 400),
     ("n above the limit", {"prompt": "x", "n": 3}, 400),
     ("n not an integer", {"prompt": "x", "n": 1.5}, 400),
@@ -280,6 +367,8 @@ MALFORMED = [
     ("unknown rope mode", {"prompt": "x", "rope_scaling": "yarn"}, 400),
     ("negative guidance", {"prompt": "x", "guidance_scale": -1}, 400),
     ("guidance above the limit", {"prompt": "x", "guidance_scale": 1000}, 400),
+    ("guidance just above the limit", {"prompt": "x", "guidance_scale": 30.5}, 400),
+    ("prompt above the character limit", {"prompt": "x" * 8001}, 400),
     ("negative seed", {"prompt": "x", "seed": -1}, 400),
     ("seed too large", {"prompt": "x", "seed": 2**70}, 400),
     ("url response format", {"prompt": "x", "response_format": "url"}, 400),
@@ -302,10 +391,41 @@ def test_malformed_requests_get_the_right_4xx(server, case):
 def test_malformed_json_and_wrong_content_type(server):
     bad_json = server.post(PATH, content=b'{"prompt": "x",', headers={**AUTH, "content-type": "application/json"})
     assert bad_json.status_code == 400 and "malformed JSON" in bad_json.json()["error"]["message"]
+    # every parse failure is a JSON 400: nesting deeper than the interpreter's stack, an integer of more than 4300
+    # digits (both raise outside JSONDecodeError), bytes that are not UTF-8
+    for route in (PATH, AUDIO, POINTS):
+        for content in (b"[" * 1000, b'{"prompt": ' + b"[" * 100_000, b'{"prompt": "x", "n": ' + b"1" * 5000 + b"}",
+                        b'{"prompt": "\xff\xfe"}'):
+            response = server.post(route, content=content, headers={**AUTH, "content-type": "application/json"})
+            assert response.status_code == 400, (route, content[:20], response.text[:200])
+            assert response.json()["error"]["code"] == "invalid_json"
+    # nesting that parses reaches the schema, which refuses it
+    nested = b'{"prompt": "x", "user": ' + b"[" * 500 + b"]" * 500 + b"}"
+    response = server.post(PATH, content=nested, headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "user", response.text[:200]
     form = server.post(PATH, data={"prompt": "x"}, headers=AUTH)
     assert form.status_code == 415
     text = server.post(PATH, content=b"prompt=x", headers={**AUTH, "content-type": "text/plain"})
     assert text.status_code == 415
+
+
+def test_seeds_of_an_n_batch_stay_within_the_accepted_range(server):
+    """Output i of n gets seed + i, so a base seed whose batch would pass the largest seed is refused on every route
+    (docs/architecture.md#http-api); every seed the API reports can be sent back."""
+    from serve.schema import MAX_SEED
+
+    pair = generate(server, size="32x32", seed=MAX_SEED - 1, n=2)
+    assert pair.status_code == 200, pair.text
+    assert [d["seed"] for d in pair.json()["data"]] == [MAX_SEED - 1, MAX_SEED]
+    again = generate(server, size="32x32", seed=MAX_SEED)
+    assert again.status_code == 200 and again.json()["data"][0]["seed"] == MAX_SEED, again.text
+    assert_same_image_to_rounding(again.json()["data"][0], pair.json()["data"][1])
+    for route, model in ((PATH, "tiny"), (AUDIO, "tiny-audio"), (POINTS, "tiny-points")):
+        response = server.post(route, json={"prompt": "x", "model": model, "seed": MAX_SEED, "n": 2}, headers=AUTH)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "seed" and error["code"] == "seed_out_of_range", error
+        assert f"use a seed ≤ {MAX_SEED - 1}" in error["message"]
 
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):
@@ -345,25 +465,125 @@ def test_overload_gets_503_with_retry_after_and_nothing_hangs(server, folders):
         serve.delete("tight")
 
 
-def test_killed_replica_is_replaced_and_serves_again(server):
+def assert_json_error(response, status: int) -> dict:
+    assert response.status_code == status and response.headers["content-type"] == "application/json", (
+        response.status_code, response.headers.get("content-type"), response.text[:300])
+    error = response.json()["error"]
+    assert error["message"] and error["type"], error
+    return error
+
+
+def test_an_unhandled_exception_in_a_route_is_a_json_500():
+    """The Ingress's FastAPI app answers whatever a route did not handle with the error shape, never text/plain (checked
+    here on a route of its own; the Serve replica keeps the response when Starlette raises the exception again)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve.app import api, internal_error
+
+    assert api.exception_handlers[Exception] is internal_error
+    app = FastAPI()
+    app.add_exception_handler(Exception, internal_error)
+
+    @app.get("/boom")
+    async def boom():
+        raise KeyError("a bug")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/boom")
+    error = assert_json_error(response, 500)
+    assert error["code"] == "internal_error" and "a bug" not in response.text
+
+
+def test_readiness_is_503_while_the_sampler_replica_cannot_load(server, folders, tmp_path):
+    """A model folder whose weights do not load: the Ingress is up (liveness 200), the sampler replica's constructor
+    fails (Serve retries it, then marks the deployment failed); readiness is a JSON 503, a generation a JSON 503 or 504.
+    The one test with an app of its own (about 15 s, most of it the Ingress actor's start)."""
+    import shutil
+
+    from ray import serve
+
+    from serve.app import Ingress, SamplerReplica
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["tiny"]["path"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = to_dict(serve_config({"broken": {"path": str(broken)}}, request_timeout_s=1.5, ready_timeout_s=1.0))
+    app = Ingress.bind(SamplerReplica.options(num_replicas=1).bind(config), config)
+    serve.run_many([serve.RunTarget(app, name="broken", route_prefix="/broken")], wait_for_applications_running=False)
+    try:
+        deadline = time.time() + 60
+        while server.get("/broken/healthz").status_code != 200:  # the proxy answers 404 until the Ingress is up
+            assert time.time() < deadline, "the broken app's Ingress did not start"
+            time.sleep(0.5)
+        ready = server.get("/broken/readyz")  # while Serve retries the replica's constructor
+        error = assert_json_error(ready, 503)
+        assert error["code"] == "not_ready" and "'broken'" in error["message"] and ready.headers["retry-after"] == "2"
+        generation = server.post("/broken" + PATH, json={"prompt": "x", "size": "32x32"}, headers=AUTH)
+        assert generation.status_code in (503, 504), generation.text  # refused, or queued for a replica until timeout
+        assert_json_error(generation, generation.status_code)
+        assert server.get("/broken/healthz").json() == {"status": "ok"}  # liveness stays cheap: no sampler involved
+    finally:
+        serve.delete("broken")
+
+
+def sampler_replicas(app: str = "lumina") -> set[str]:
     import ray
 
-    def sampler_replicas() -> set[str]:
-        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and "lumina" in a["name"] and "SamplerReplica" in a["name"]}
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and app in a["name"] and "SamplerReplica" in a["name"]}
+
+
+def test_killed_replica_gives_json_503s_in_flight_and_is_replaced(server):
+    """kill -9 of the sampler replica with requests in flight: each gets a JSON 503 with Retry-After (or its 200, had it
+    finished); during the recovery readiness is a JSON 503 and generations JSON; then Serve's replacement serves."""
+    import threading
+
+    import ray
 
     before = sampler_replicas()
     assert len(before) == 1
-    victim = next(iter(before))
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    body = {"prompt": "a slow red circle", "size": "96x128", "steps": 4, "solver": "rk4", "n": 2}
+    stop, responses = threading.Event(), []
+
+    def client():  # back to back, so a request is in flight when the replica dies
+        with httpx.Client(base_url=server.base_url, timeout=120) as own:
+            while not stop.is_set():
+                responses.append(own.post(PATH, json=body, headers=AUTH))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.time() + 60
+    while len(responses) < 3:  # every client is generating
+        assert time.time() < deadline
+        time.sleep(0.05)
+    served = len(responses)
+    time.sleep(0.3)
+    ray.kill(ray.get_actor(next(iter(before)), namespace="serve"), no_restart=False)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    for response in responses:
+        assert response.status_code in (200, 503), (response.status_code, response.text[:300])
+        assert response.headers["content-type"] == "application/json", response.text[:300]
+    in_flight = [r for r in responses[served:] if r.status_code == 503]
+    assert in_flight, [r.status_code for r in responses]
+    for response in in_flight:
+        assert assert_json_error(response, 503)["code"] == "replica_unavailable"
+        assert response.headers["retry-after"] == "2"
+    first = server.get("/readyz")  # the replica is gone and its replacement loads the model: not ready
+    assert_json_error(first, 503)
     deadline = time.time() + 120
     while time.time() < deadline:
-        replacements = sampler_replicas() - before
-        if replacements:
+        ready = server.get("/readyz")
+        assert ready.status_code in (200, 503) and ready.headers["content-type"] == "application/json", ready.text
+        if ready.status_code == 200:
             response = generate(server, size="32x32", seed=1)
+            assert response.status_code in (200, 503) and response.headers["content-type"] == "application/json"
             if response.status_code == 200:
                 break
-        time.sleep(1)
+        time.sleep(0.5)
     else:
         pytest.fail("the killed sampler replica was not replaced in time")
-    assert json.loads(response.text)["data"][0]["seed"] == 1
+    assert sampler_replicas() - before  # Serve's replacement, not the old actor
+    assert response.json()["data"][0]["seed"] == 1

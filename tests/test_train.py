@@ -144,13 +144,13 @@ def test_config_defaults_are_official():
 
 
 def _tiny_shards(root: Path, with_text: bool = True, modality: str = "image", bucket: str = "128x128",
-                 member: str = C.LATENT_MEMBER, shape: tuple[int, ...] = (4, 16, 16)) -> Path:
-    """A minimal jobs.prepare-shaped output (one shard of 4 samples) for the fast validation tests."""
+                 member: str = C.LATENT_MEMBER, shape: tuple[int, ...] = (4, 16, 16), samples: int = 4) -> Path:
+    """A minimal jobs.prepare-shaped output (one shard of ``samples`` samples) for the fast validation tests."""
     shard_dir = root / "shards" / modality / bucket
     shard_dir.mkdir(parents=True)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(4):
+        for i in range(samples):
             members = {member: np.full(shape, i, np.float16), C.CAPTION_MEMBER: b"a cat",
                        C.META_MEMBER: json.dumps({"member": member}).encode()}
             if with_text:
@@ -165,7 +165,7 @@ def _tiny_shards(root: Path, with_text: bool = True, modality: str = "image", bu
                 tar.addfile(info, io.BytesIO(value))
     (shard_dir / "000000.tar").write_bytes(buf.getvalue())
     rows = [{"path": f"shards/{modality}/{bucket}/000000.tar", "modality": modality, "bucket": bucket,
-             "member": member, "shape": list(shape), "dtype": "float16", "micro_batch": 2, "samples": 4,
+             "member": member, "shape": list(shape), "dtype": "float16", "micro_batch": 2, "samples": samples,
              "bytes": len(buf.getvalue()), "sha256": "", "run_id": "x"}]
     pq.write_table(pa.Table.from_pylist(rows), root / C.MANIFEST_FILE)
     return root
@@ -283,6 +283,32 @@ def test_point_tasks_give_the_points_as_tokens_with_labels_or_captions():
     assert set(labels) <= {0, 1, 2, 3} and 3 in labels and any(v != 3 for v in labels)  # null class = 3
     loss, per_sample = flow_matching_loss(build_model(cfg), batch.x1, t=batch.t, noise=batch.noise, **batch.kwargs)
     assert per_sample.shape == (8,) and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("text_width, encoder, preset, task, classes", [
+    (None, None, "tiny-points", "class-points", 4),  # labels and no text: the label task, 4 classes from labels.json
+    (16, None, "tiny-points", "t2p", None),  # text features in the shards: text
+    (None, "te", "tiny-points", "t2p", None),  # a text encoder: text
+    (None, None, "tiny", "class", 4),  # images alike (an ImageFolder prepared with read.label_from=folder)
+    (None, None, "tiny-audio", "t2a", None),  # no class task for audio: text (the driver then asks for an encoder)
+])
+def test_a_presets_conditioning_follows_the_data(monkeypatch, text_width, encoder, preset, task, classes):
+    from jobs.training.data import ShardCatalog
+    from jobs.training.driver import base_model, resolve_task
+
+    catalog = ShardCatalog("mem://data", [], {}, class_names=["chair", "lamp", "sofa", "table"])
+    monkeypatch.setattr(ShardCatalog, "text_feature_width", lambda self: text_width)
+    cfg = from_dict(TrainJobConfig, {"model": {"preset": preset}, "data": {"text_encoder": encoder}})
+    mcfg = resolve_task(cfg, base_model(cfg), catalog)
+    assert cfg.train.task == task
+    if classes:
+        assert (mcfg.conditioning, mcfg.num_classes, cfg.model.class_names) == ("class", 4, catalog.class_names)
+    else:
+        assert mcfg.conditioning == "text" and cfg.model.class_names is None
+    pinned = from_dict(TrainJobConfig, {"model": {"preset": "tiny-points", "overrides": {"num_classes": 3}},
+                                        "train": {"task": "class-points"}})
+    with pytest.raises(ConfigError, match="the data has 4 classes .* has num_classes 3"):
+        resolve_task(pinned, base_model(pinned), catalog)
 
 
 @pytest.fixture
@@ -449,3 +475,86 @@ def test_an_audio_preset_trains_the_audio_rows_with_the_t2a_task(tmp_path, capsy
     mel = _tiny_shards(tmp_path / "mel", modality="audio", bucket="2.0s", member=C.MEL_MEMBER, shape=(80, 126))
     with pytest.raises(ConfigError, match="log-mel spectrograms .* encode.audio_vae"):
         run_train(["--data", str(mel), *base[2:]])
+
+
+# ---- wandb mode and secrets on a cluster (docs/training.md#credentials-on-a-cluster) --------------------------------
+def test_wandb_mode_comes_from_the_config_else_the_environment(monkeypatch):
+    from jobs.training.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(None)[0] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")  # the README's / RayJob's switch takes effect
+    assert wandb_mode(None) == ("online", "WANDB_MODE")
+    assert wandb_mode("disabled") == ("disabled", "logging.wandb")  # a mode written in the config is a choice
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert wandb_mode(None)[0] == "offline"
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert wandb_mode(None)[0] == "disabled"
+    monkeypatch.delenv("WANDB_DISABLED")
+    monkeypatch.setenv("WANDB_MODE", "loud")
+    with pytest.raises(ConfigError, match="WANDB_MODE='loud'"):
+        wandb_mode(None)
+    with pytest.raises(ConfigError, match="logging.wandb must be one of"):
+        from_dict(TrainJobConfig, {"data": {"uri": "x"}, "run": {"storage": "y"},
+                                   "logging": {"wandb": "loud"}}).validate()
+
+
+def test_offline_wandb_run_is_copied_into_remote_storage(tmp_path, monkeypatch):
+    """With storage wandb cannot write (s3://; here fsspec's memory://), the offline run is written to a local staging
+    folder and lands under {run}/wandb/offline-run-* at a checkpoint and after the end, ready for `wandb sync`."""
+    import uuid
+
+    import fsspec
+
+    from jobs.training.metrics import MetricsSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    run_dir = f"memory://runs-{uuid.uuid4().hex[:8]}/wandb-test"
+    sink = MetricsSink(run_dir, 2, 0, {"x": 1}, None, "lumina-test", "wandb-test", progress=False)
+    assert sink.wandb_mode == "offline" and sink.wandb_dir.startswith(str(tmp_path))
+    sink.log(1, {"loss": 0.5})
+    sink.flush("a", checkpoint=True)
+    fs = fsspec.filesystem("memory")
+    root = run_dir.split("://", 1)[1]
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/wandb", detail=False)][0].startswith("offline-run-")
+    sink.close()
+    (run,) = fs.ls(f"{root}/wandb", detail=False)
+    assert any(p.endswith(".wandb") for p in fs.find(run))
+    assert not fs.exists(f"{root}/wandb/latest-run")  # wandb's symlinks stay behind
+
+
+def test_no_secret_reaches_the_runtime_env_the_job_config_or_the_logs(tmp_path, monkeypatch, capsys, caplog):
+    """Credentials come from the nodes' own environment: fake secret values in the driver's environment appear neither
+    in the workers' runtime env, nor in the pickled trainer (its config, RunConfig and storage filesystem), nor in the
+    --dry-run's output and logs; the non-secret switches are forwarded."""
+    import logging
+
+    import ray.cloudpickle
+
+    from jobs.training.driver import build_trainer, validate
+
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0001", "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-0002",
+               "AWS_SESSION_TOKEN": "fake-session-token-0003", "WANDB_API_KEY": "fake-wandb-key-0004",
+               "HF_TOKEN": "hf_fakehubtoken0005"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    data = _tiny_shards(tmp_path / "data")
+    caplog.set_level(logging.DEBUG)
+    assert run_train(["--data", str(data), "--storage", "s3://bucket/runs", "--preset", "tiny", "--steps", "2",
+                      "--log-level", "DEBUG", "--dry-run"]) == 0
+    cfg = from_dict(TrainJobConfig, {"data": {"uri": str(data)}, "model": {"preset": "tiny"},
+                                     "run": {"storage": "s3://bucket/runs"}})
+    validate(cfg, write_probe=False)
+    trainer = build_trainer(cfg)
+    env = trainer.run_config.worker_runtime_env["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["WANDB_MODE"] == "online"
+    assert not set(env) & set(secrets)
+    pickled = ray.cloudpickle.dumps(trainer)
+    seen = capsys.readouterr()
+    for key, value in secrets.items():
+        assert value.encode() not in pickled, key
+        assert value not in seen.out + seen.err + caplog.text, key

@@ -17,6 +17,7 @@ from models.presets import MODALITIES, PRESETS, NextDiTConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TEXT_SOURCES = ("auto", "shards", "online")
+WANDB_MODES = ("online", "offline", "disabled")
 LORA_DEFAULT_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 
@@ -137,7 +138,13 @@ class ScalingConfig:
     gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    accelerator_type: str | None = None  # e.g. "H100": Ray schedules workers only on that kind of GPU
+    # Ray custom resources each worker asks for on top of CPU/GPU, e.g. {train_gpu: 1}: the resource a node group
+    # advertises (infra/kuberay/raycluster.yaml's train-gpu), so the workers land on, and the autoscaler scales, that
+    # group only (docs/training.md#on-a-cluster).
+    custom_resources: dict[str, float] = field(default_factory=dict)
+    # e.g. "H100": Ray schedules workers only on nodes whose GPUs Ray detected as that type (its
+    # `accelerator_type:H100` resource). GPU runs only.
+    accelerator_type: str | None = None
 
 
 @dataclass
@@ -150,7 +157,10 @@ class RunConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "offline"  # offline (default) / online / disabled
+    # online / offline / disabled. None (the default): the WANDB_MODE of the environment, else offline — so a
+    # cluster's WANDB_MODE=online takes effect, while a mode written in the config is the user's choice and wins
+    # (docs/training.md#metrics).
+    wandb: str | None = None
     wandb_project: str = "lumina-ray"
     progress: bool = True
     # Peak dense TFLOP/s of one accelerator for MFU; None = look the device up in metrics.PEAK_TFLOPS.
@@ -196,6 +206,14 @@ class TrainJobConfig:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.scaling.workers < 1:
             raise ConfigError("--workers must be >= 1")
+        for name, amount in self.scaling.custom_resources.items():
+            if name in ("CPU", "GPU", "memory") or name.startswith("accelerator_type:"):
+                raise ConfigError(f"scaling.custom_resources.{name}: set it with scaling.cpus_per_worker, "
+                                  "scaling.gpus_per_worker or scaling.accelerator_type")
+            if amount <= 0:
+                raise ConfigError(f"scaling.custom_resources.{name} must be > 0")
+        if self.scaling.accelerator_type and not self.scaling.gpu:
+            raise ConfigError("scaling.accelerator_type needs a GPU run (--gpu)")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("deepspeed.zero_stage must be 0..3")
         if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.optim.warmup_steps < 0:
@@ -211,6 +229,9 @@ class TrainJobConfig:
         for bucket, mb in self.data.bucket_micro_batch.items():
             if mb < 1:
                 raise ConfigError(f"data.bucket_micro_batch.{bucket} must be >= 1")
+        if self.logging.wandb is not None and self.logging.wandb not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb must be one of {list(WANDB_MODES)} (or null: WANDB_MODE, else "
+                              f"offline), got {self.logging.wandb!r}")
         if "/" in self.run.name or not self.run.name:
             raise ConfigError("run.name must be a non-empty name without '/'")
         return self

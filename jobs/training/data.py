@@ -34,7 +34,7 @@ from jobs.training.config import DataConfig
 from models.config_io import ConfigError
 from models.geometry import latent_size
 from pipelines import constants as C
-from pipelines.shards import iter_samples, read_manifest, read_null_text, shard_encoders, shard_url
+from pipelines.shards import iter_samples, read_labels, read_manifest, read_null_text, shard_encoders, shard_url
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class ShardCatalog:
     # The encoders that made the shards' tensors, as jobs.prepare recorded them: {"vae": …, "text_encoder": …}, each
     # a record dict or None (not encoded by a model, or an output of a version that did not record it).
     encoders: dict[str, dict | None] = field(default_factory=lambda: {"vae": None, "text_encoder": None})
+    # The output's class names in index order (labels.json, jobs.prepare's read.label_from), None when unlabelled.
+    class_names: list[str] | None = None
 
     @classmethod
     def from_config(cls, data: DataConfig) -> ShardCatalog:
@@ -124,7 +126,8 @@ class ShardCatalog:
                 raise ConfigError(f"bucket {name!r} mixes tensor shapes {sorted({s.shape for s in members})}")
             mb = overrides.get(name) or micro_batch or int(rows[members[0].index]["micro_batch"] or 1)
             buckets[name] = BucketInfo(name, members[0].shape, mb, members[0].member, tuple(s.index for s in members))
-        return cls(root, shards, buckets, encoders)
+        labels = read_labels(root)
+        return cls(root, shards, buckets, encoders, labels["class_names"] if labels else None)
 
     def null_text_features(self) -> np.ndarray | None:
         """The empty prompt's features (L, D) that jobs.prepare wrote beside the shards with text.npy, if any."""

@@ -25,11 +25,13 @@ from pipelines import constants as C
 
 log = logging.getLogger(__name__)
 
-# Environment the workers need from the driver (object-store credentials, offline switches); passed explicitly because
-# Ray workers do not inherit the driver's environment.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "WANDB_MODE", "WANDB_API_KEY",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+# The driver's non-secret switches the workers get through their runtime env (Ray workers inherit their node's
+# environment, not the driver's). Runtime-env env_vars show in the Ray dashboard, the job's metadata and the runtime-env
+# logs, so no credential travels this way: AWS keys, WANDB_API_KEY and HF_TOKEN come from each node's own environment
+# (KubeRay secretRef, IRSA or an instance profile, the launcher's env; docs/training.md#credentials-on-a-cluster). A
+# forwarded AWS_ACCESS_KEY_ID without its secret would also break the node's own credential chain.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
 def check_storage(uri: str) -> None:
@@ -52,8 +54,9 @@ def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
     cfg.validate()
     cfg.model.resolved = None  # a config saved by an earlier run carries its resolution: resolve again
     base = base_model(cfg)
-    resolve_task(cfg, base)
+    resolve_modality(cfg, base)
     catalog = ShardCatalog.from_config(cfg.data)
+    base = resolve_task(cfg, base, catalog)
     for warning in catalog.check(cfg.scaling.workers, cfg.train.grad_accum):
         log.warning(warning)
     first = catalog.buckets[catalog.shards[0].bucket]
@@ -86,29 +89,81 @@ def base_model(cfg: TrainJobConfig) -> NextDiTConfig:
         raise ConfigError(f"model.init_from: {exc}") from exc
 
 
-def resolve_task(cfg: TrainJobConfig, mcfg: NextDiTConfig) -> None:
-    """Set ``data.modality`` and ``train.task`` when they are "auto" (the model's), and check that the model, the data
-    and the task agree: an audio preset trains on the manifest's audio rows with the t2a task."""
-    from jobs.training.tasks import TASKS, task_for
-
-    source = f"model.init_from {cfg.model.init_from}" if cfg.model.init_from else f"preset {cfg.model.preset}"
+def resolve_modality(cfg: TrainJobConfig, mcfg: NextDiTConfig) -> None:
+    """Set ``data.modality`` when it is "auto" (the model's) and check that the model and the data agree."""
     if cfg.data.modality == "auto":
         cfg.data.modality = mcfg.modality
     if cfg.data.modality != mcfg.modality:
-        raise ConfigError(f"data.modality is {cfg.data.modality}, but the model ({source}) is an {mcfg.modality} "
-                          "model")
+        raise ConfigError(f"data.modality is {cfg.data.modality}, but the model ({model_source(cfg)}) is an "
+                          f"{mcfg.modality} model")
+
+
+def model_source(cfg: TrainJobConfig) -> str:
+    return f"model.init_from {cfg.model.init_from}" if cfg.model.init_from else f"preset {cfg.model.preset}"
+
+
+def resolve_task(cfg: TrainJobConfig, mcfg: NextDiTConfig, catalog: ShardCatalog) -> NextDiTConfig:
+    """Set ``train.task`` when it is "auto" and return the model's architecture with the conditioning the data gives
+    it (``data_conditioning``); check that the model, the data and the task agree: an audio preset trains on the
+    manifest's audio rows with the t2a task, a class-conditional one on as many classes as the data's labels."""
+    from jobs.training.tasks import TASKS, task_for
+
     if cfg.train.task == "auto":
+        mcfg = data_conditioning(cfg, mcfg, catalog)
         cfg.train.task = task_for(mcfg.modality, mcfg.conditioning)
+    task = TASKS[cfg.train.task]
+    fixed = cfg.model.init_from or "conditioning" in cfg.model.overrides
+    if task.conditioned_on == "class" and mcfg.conditioning != "class" and not fixed:  # --set train.task=class-points
+        mcfg = mcfg.replace(conditioning="class")
+    if mcfg.conditioning == "class":
+        mcfg = data_classes(cfg, mcfg, catalog)
     names = cfg.model.class_names
     if names is not None and mcfg.conditioning != "class":
         raise ConfigError("model.class_names is for the class-conditional task (train.task=class)")
     if names is not None and len(names) != mcfg.num_classes:
         raise ConfigError(f"model.class_names has {len(names)} names; the model has {mcfg.num_classes} classes")
-    task = TASKS[cfg.train.task]
     if (task.modality, task.conditioned_on) != (mcfg.modality, mcfg.conditioning):
         raise ConfigError(f"train.task {cfg.train.task} trains {task.conditioned_on}-conditioned {task.modality} "
-                          f"models, but the model ({source}) is a {mcfg.conditioning}-conditioned {mcfg.modality} "
-                          "model")
+                          f"models, but the model ({model_source(cfg)}) is a {mcfg.conditioning}-conditioned "
+                          f"{mcfg.modality} model")
+    return mcfg
+
+
+def data_conditioning(cfg: TrainJobConfig, mcfg: NextDiTConfig, catalog: ShardCatalog) -> NextDiTConfig:
+    """A preset's conditioning follows the data (docs/training.md#tasks-and-modalities): text when there is a text
+    encoder or the shards carry text features, else labels when the output has them (``labels.json``, prepared with
+    ``read.label_from``) and the registry has a class task for the modality. A pretrained model, or a conditioning
+    set in ``model.overrides``, keeps its own."""
+    from jobs.training.tasks import TASKS
+
+    if cfg.model.init_from or "conditioning" in cfg.model.overrides or mcfg.conditioning != "text":
+        return mcfg
+    text = bool(cfg.data.text_encoder) or (cfg.data.text_features != "online"
+                                           and catalog.text_feature_width() is not None)
+    labelled = catalog.class_names is not None
+    class_task = any((t.modality, t.conditioned_on) == (mcfg.modality, "class") for t in TASKS.values())
+    if text or not labelled or not class_task:
+        return mcfg
+    log.info("the %s shards carry labels (%d classes) and no text features: training the label-conditioned task",
+             mcfg.modality, len(catalog.class_names))
+    return mcfg.replace(conditioning="class", num_classes=len(catalog.class_names))
+
+
+def data_classes(cfg: TrainJobConfig, mcfg: NextDiTConfig, catalog: ShardCatalog) -> NextDiTConfig:
+    """A class-conditional model on labelled data: as many classes as the data's vocabulary (a preset's count is
+    replaced; a pretrained model's or an override's must agree), whose names go into the export unless
+    ``model.class_names`` gives others."""
+    names = catalog.class_names
+    if names is None:  # labels the user put in the samples' json (data.label_key) without labels.json
+        return mcfg
+    if len(names) != mcfg.num_classes:
+        if cfg.model.init_from or "num_classes" in cfg.model.overrides:
+            raise ConfigError(f"the data has {len(names)} classes ({catalog.root}/{C.LABELS_FILE}), but the model "
+                              f"({model_source(cfg)}) has num_classes {mcfg.num_classes}")
+        mcfg = mcfg.replace(num_classes=len(names))
+    if cfg.model.class_names is None:
+        cfg.model.class_names = list(names)
+    return mcfg
 
 
 def resolve_model(cfg: TrainJobConfig, catalog: ShardCatalog, mcfg: NextDiTConfig) -> NextDiTConfig:
@@ -148,7 +203,8 @@ def caption_width(cfg: TrainJobConfig, catalog: ShardCatalog) -> tuple[int, str]
     feature_width = catalog.text_feature_width() if cfg.data.text_features != "online" else None
     if feature_width is None:
         if encoder_width is None:
-            raise ConfigError("the shards carry no precomputed text features (text.npy): pass --text-encoder")
+            raise ConfigError("the shards carry no precomputed text features (text.npy): pass --text-encoder (or train "
+                              "on labels: prepare with --set read.label_from=folder or column)")
         if cfg.data.text_features == "shards":
             raise ConfigError("data.text_features=shards but the shards carry no text.npy")
         return encoder_width, f"the text encoder {encoder}"
@@ -194,8 +250,9 @@ def check_encoders(cfg: TrainJobConfig, catalog: ShardCatalog) -> None:
 
 
 def ray_storage(uri: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig: a pyarrow S3 filesystem built from the AWS variables (so a
-    custom endpoint such as a local S3 server works), or the absolute local path."""
+    """(storage_path, storage_filesystem) for RunConfig: a pyarrow S3 filesystem with the endpoint and region of the
+    AWS variables (so a custom endpoint such as a local S3 server works), or the absolute local path. Credentials are
+    left to the AWS default chain of each node that uses it: explicit keys would be pickled into the run's config."""
     if not is_remote(uri):
         return os.path.abspath(uri), None
     if not uri.startswith(("s3://", "s3a://")):
@@ -207,9 +264,6 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host, scheme=scheme)
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
     return uri.split("://", 1)[1], pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -247,16 +301,17 @@ def build_trainer(cfg: TrainJobConfig):
     from ray.train.torch import TorchTrainer
 
     from jobs.training.loop import train_loop_per_worker
+    from jobs.training.metrics import wandb_mode
 
     s = cfg.scaling
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker, **s.custom_resources}
     if s.gpu:
         resources["GPU"] = s.gpus_per_worker
     scaling = ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.gpu, resources_per_worker=resources,
                                       accelerator_type=s.accelerator_type if s.gpu else None)
     storage_path, storage_fs = ray_storage(cfg.run.storage)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.setdefault("WANDB_MODE", cfg.logging.wandb if cfg.logging.wandb != "disabled" else "disabled")
+    env["WANDB_MODE"] = wandb_mode(cfg.logging.wandb)[0]  # rank 0 logs in the mode the driver (and --dry-run) resolved
     run = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
@@ -283,7 +338,8 @@ def describe(cfg: TrainJobConfig, catalog: ShardCatalog) -> str:
     build = "partitioned across the workers (zero.Init)" if builds_partitioned(cfg) else "whole on each worker"
     lines = [f"model: {source}, {params / 1e6:.2f} M parameters, task {cfg.train.task}"
              + (f", LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "") + f", built {build}",
-             (f"  caption width {mcfg.cap_feat_dim}, " if mcfg.conditioning == "text" else "  ")
+             (f"  caption width {mcfg.cap_feat_dim}, " if mcfg.conditioning == "text" else
+              f"  {mcfg.num_classes} classes{class_list(cfg.model.class_names)}, ")
              + f"trained on: area {mcfg.rope_area} tokens, sides {list(mcfg.rope_sides)} (RoPE scaling starts beyond)",
              (f"workers: {cfg.scaling.workers} ({'GPU' if cfg.scaling.gpu else 'CPU'}), steps {cfg.train.steps}, "
               f"grad_accum {cfg.train.grad_accum}"),
@@ -295,6 +351,12 @@ def describe(cfg: TrainJobConfig, catalog: ShardCatalog) -> str:
                      f"{b.micro_batch}, global batch {per_step}, {catalog.bucket_samples(name) // per_step} steps/epoch")
     lines.append("deepspeed: " + json.dumps(deepspeed_config(cfg, cfg.scaling.workers)))
     return "\n".join(lines)
+
+
+def class_list(names: list[str] | None, shown: int = 8) -> str:
+    if not names:
+        return ""
+    return f" ({', '.join(names[:shown])}{', …' if len(names) > shown else ''})"
 
 
 def train(cfg: TrainJobConfig):

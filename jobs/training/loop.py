@@ -191,7 +191,7 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
             meter.reset()
             if sink is not None:
                 sink.log(step, metrics)
-                sink.flush(attempt)
+                sink.flush(attempt, checkpoint=save_now)
             if save_now:
                 with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
                     state = {"step": step, "world": world, "loader": json.loads(loader.state.to_json()),

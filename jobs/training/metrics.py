@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
+from jobs.training.config import WANDB_MODES
 from models import NextDiTConfig
+from models.config_io import ConfigError
 from models.storage import filesystem, is_remote, join
 
 log = logging.getLogger(__name__)
@@ -94,12 +97,61 @@ class Throughput:
         return out
 
 
+WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older spellings of WANDB_MODE, which it still reads
+
+
+def wandb_mode(configured: str | None) -> tuple[str, str]:
+    """(the effective wandb mode, where it comes from). A mode written in the config (logging.wandb) is the user's
+    choice and wins; unset, the environment decides (WANDB_DISABLED, WANDB_MODE), as for any wandb program; with
+    neither, offline (docs/training.md#metrics). wandb.init's own ``mode=`` would override the environment, which is why
+    the mode is resolved here and passed on, never the config's default."""
+    if configured is not None:
+        return configured, "logging.wandb"
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        return "disabled", "WANDB_DISABLED"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return "offline", "the default (neither logging.wandb nor WANDB_MODE is set)"
+    mode = WANDB_ALIASES.get(env, env)
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={env!r} is not one of {list(WANDB_MODES)}")
+    return mode, "WANDB_MODE"
+
+
+def wandb_local_dir(run_dir: str, run_name: str) -> str:
+    """The folder wandb writes its files under (``{dir}/wandb/offline-run-…``): the run folder when storage is local;
+    on remote storage, which wandb cannot write, a local staging folder on the rank-0 node whose offline runs are
+    copied into ``{run}/wandb/`` at every checkpoint and at the end (MetricsSink.upload_wandb)."""
+    if not is_remote(run_dir):
+        return run_dir
+    return os.path.join(tempfile.gettempdir(), "lumina-wandb", run_name)
+
+
+def describe_wandb(configured: str | None, run_dir: str, run_name: str) -> str:
+    """The --dry-run line: the effective mode, where it comes from, and where offline runs go."""
+    mode, source = wandb_mode(configured)
+    line = f"wandb: {mode} (from {source})"
+    if mode == "offline":
+        local = wandb_local_dir(run_dir, run_name)
+        if local == run_dir:
+            line += f"; offline runs go to {join(run_dir, 'wandb')}/offline-run-*"
+        else:
+            line += (f"; offline runs are written under {local}/wandb on the rank-0 worker and copied to "
+                     f"{join(run_dir, 'wandb')}/ at every checkpoint and at the end")
+        line += " (upload them with `wandb sync`)"
+    elif mode == "online":
+        line += "; the rank-0 worker needs WANDB_API_KEY in its node's environment"
+    return line
+
+
 class MetricsSink:
     """Rank 0's outputs: a progress bar, wandb, and ``metrics.jsonl`` in the run directory (every logged step)."""
 
-    def __init__(self, run_dir: str, total_steps: int, start_step: int, config: dict[str, Any], wandb_mode: str,
-                 project: str, run_name: str, progress: bool):
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, config: dict[str, Any],
+                 wandb_configured: str | None, project: str, run_name: str, progress: bool):
         self.run_dir = run_dir
+        self.wandb_mode, _ = wandb_mode(wandb_configured)
+        self.wandb_dir = wandb_local_dir(run_dir, run_name)
         self.history: list[dict[str, Any]] = []
         self.bar = None
         if progress:
@@ -107,8 +159,8 @@ class MetricsSink:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", mininterval=1.0)
         self.wandb = None
-        if wandb_mode != "disabled":
-            self.wandb = self._init_wandb(config, wandb_mode, project, run_name)
+        if self.wandb_mode != "disabled":
+            self.wandb = self._init_wandb(config, self.wandb_mode, project, run_name)
 
     def _init_wandb(self, config, mode, project, run_name):
         try:
@@ -116,11 +168,9 @@ class MetricsSink:
         except ImportError:  # pragma: no cover - wandb is a pinned dependency
             log.warning("wandb is not installed; metrics go to metrics.jsonl only")
             return None
-        # Offline runs write under the run directory when it is local, else under a local temp folder (sync them
-        # later with `wandb sync`); the id is the run name so a resumed run continues the same wandb run.
-        directory = self.run_dir if not is_remote(self.run_dir) else os.path.join("/tmp", "wandb", run_name)
-        os.makedirs(directory, exist_ok=True)
-        return wandb.init(project=project, name=run_name, id=run_name, resume="allow", mode=mode, dir=directory,
+        # The id is the run name so that a resumed run continues the same wandb run.
+        os.makedirs(self.wandb_dir, exist_ok=True)
+        return wandb.init(project=project, name=run_name, id=run_name, resume="allow", mode=mode, dir=self.wandb_dir,
                           config=config)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -131,18 +181,40 @@ class MetricsSink:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
-    def flush(self, attempt: str) -> None:
-        """Write this attempt's history (one file per attempt: object stores cannot append)."""
+    def flush(self, attempt: str, checkpoint: bool = False) -> None:
+        """Write this attempt's history (one file per attempt: object stores cannot append); at a checkpoint, also
+        copy the offline wandb run to remote storage."""
         fs, path = filesystem(join(self.run_dir, "metrics", f"{attempt}.jsonl"))
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "w") as f:
             f.write("".join(json.dumps(row) + "\n" for row in self.history))
+        if checkpoint:
+            self.upload_wandb()
+
+    def upload_wandb(self) -> None:
+        """Copy the offline wandb runs of the local staging folder into ``{run}/wandb/`` when storage is remote, so
+        they outlive the rank-0 pod (``wandb sync`` them from there). A copy made while the run is live may end in a
+        partly written record, which the next copy replaces; the copy after ``finish()`` is complete."""
+        if self.wandb is None or self.wandb_mode != "offline" or self.wandb_dir == self.run_dir:
+            return
+        local = os.path.join(self.wandb_dir, "wandb")
+        try:
+            fs, remote = filesystem(join(self.run_dir, "wandb"))
+            for name in sorted(os.listdir(local)):
+                folder = os.path.join(local, name)
+                # only the run folders: wandb's latest-run and debug*.log are symlinks into them
+                if name.startswith("offline-run-") and os.path.isdir(folder) and not os.path.islink(folder):
+                    fs.put(folder + "/", f"{remote}/{name}", recursive=True)
+        except Exception as exc:  # metrics must not stop the training: the next checkpoint copies again
+            log.warning("could not copy the offline wandb run to %s: %s: %s", join(self.run_dir, "wandb"),
+                        type(exc).__name__, exc)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+            self.upload_wandb()
 
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
