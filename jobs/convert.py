@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="destination folder (local or s3://)")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    from jobs.runtime import check_job_path
+
+    check_job_path(args.dst, "dst")
     try:
         cfg = convert_checkpoint(args.src, args.dst, args.to)
     except (CheckpointError, FileNotFoundError) as exc:

@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the EMA weights (ema.safetensors); --no-ema: raw weights only")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    from jobs.runtime import check_job_path
+
+    check_job_path(args.out_dir, "out_dir")
     try:
         uri = export(args.checkpoint, args.out_dir, ema=args.ema)
     except FileNotFoundError as exc:

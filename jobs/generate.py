@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = build_requests(cfg, read_prompt_file(cfg.prompt_file) if cfg.prompt_file else None)
     except (ValueError, KeyError) as exc:
         raise ConfigError(str(exc)) from exc
+    from jobs.runtime import check_job_path
+
+    check_job_path(cfg.out, "--out")
     if args.dry_run:
         print(json.dumps({"config": to_dict(cfg), "images": len(rows)}, indent=2))
         return 0

@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve_config(PrepareConfig, args, {"inputs": args.input, "output": args.output},
                             base=PrepareConfig()).validate()
 
+    from jobs.runtime import check_job_path
     from pipelines.io import resolve_storage
     from pipelines.plan import build_plan, run_prepare, summary_table
+
+    check_job_path(config.output, "--output")
 
     if args.dry_run:
         print(build_plan(config, resolve_storage("s3://", config.storage)).describe())

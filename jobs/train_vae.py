@@ -12,6 +12,7 @@ import argparse
 import logging
 
 from jobs.cli import make_parser, resolve_config, run_main, setup_logging
+from jobs.runtime import check_job_path
 from jobs.vae_training import TrainVAEConfig, list_images, run
 
 log = logging.getLogger("jobs.train_vae")
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
             raise ConfigError(f"{', '.join(given)}: only with --modality audio")
         cfg = resolve_config(TrainVAEConfig, args, {**flags, "kl_weight": args.kl_weight})
+        check_job_path(cfg.output, "--output")
         list_images(cfg.data)
         if args.dry_run:
             log.info("config valid; %d images", len(list_images(cfg.data)))
@@ -70,6 +72,7 @@ def train_audio(args: argparse.Namespace, flags: dict) -> int:
     cfg = resolve_config(audio.TrainAudioVAEConfig, args, {
         **flags, "crop_frames": args.crop_frames, "model.preset": args.preset, "loss.kl_weight": args.kl_weight,
         "loss.disc_start": args.disc_start})
+    check_job_path(cfg.output, "--output")
     sources = audio.find_sources(cfg)
     if args.dry_run:
         log.info("config valid; %s", sources.describe())

@@ -17,12 +17,14 @@ from __future__ import annotations
 import torch
 
 
-def chamfer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def chamfer(x: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """(B, N, 3), (B, M, 3) → (B,) Chamfer distances of the pairs x[b], y[b] (squared Euclidean). Exact either way:
-    on an accelerator all N × M distances at once; on the CPU the nearest neighbours from KD-trees, which at 2048
-    points is over ten times faster than the N × M matrix there
-    (docs/benchmarks.md#point-clouds-at-other-densities-cpu)."""
-    if x.device.type == "cpu":
+    ``backend`` "matrix" computes all N × M distances at once (batched torch, on any device), "kdtree" the nearest
+    neighbours from KD-trees on the CPU, which at 2048 points is over ten times faster than the matrix there
+    (docs/benchmarks.md#point-clouds-at-other-densities-cpu); "auto": the KD-trees for CPU tensors, else the matrix."""
+    if backend not in ("auto", "matrix", "kdtree"):
+        raise ValueError(f"backend must be auto, matrix or kdtree, got {backend!r}")
+    if backend == "kdtree" or (backend == "auto" and x.device.type == "cpu"):
         return _chamfer_kdtree(x, y)
     # the direct difference, not the ‖x‖² + ‖y‖² − 2xy expansion: a cloud against itself is exactly 0, so ties of
     # 1-NNA and MMD's zero are exact
@@ -34,11 +36,11 @@ def _chamfer_kdtree(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     from scipy.spatial import cKDTree
 
     out = []
-    for a, b in zip(x.double().numpy(), y.double().numpy()):
+    for a, b in zip(x.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()):
         to_b = cKDTree(b).query(a)[0]  # each point of a to its nearest in b (exact, float64)
         to_a = cKDTree(a).query(b)[0]
         out.append((to_b ** 2).mean() + (to_a ** 2).mean())
-    return torch.tensor(out, dtype=torch.float32)
+    return torch.tensor(out, dtype=torch.float32, device=x.device)
 
 
 def chamfer_matrix(a: torch.Tensor, b: torch.Tensor, batch: int = 64) -> torch.Tensor:

@@ -312,7 +312,10 @@ def validation_error(exc: ValidationError) -> JSONResponse:
     return error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value")
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.25})
+# backpressure_config: the HTTP proxy's answer when every Ingress replica's queue is full (the proxy calls only the
+# Ingress; the Ingress answers the SamplerReplica's back-pressure itself, as a JSON 503 with Retry-After)
+@serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.25},
+                  backpressure_config={"status_code": 503, "retry_after_s": 2})
 @serve.ingress(api)
 class Ingress:
     def __init__(self, sampler, config: dict):

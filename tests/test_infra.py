@@ -88,7 +88,8 @@ def test_image_uses_the_pinned_python_and_installs_the_project_with_gpu_extras()
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     python = re.search(r'requires-python = ">=(\d+\.\d+)', pyproject)[1]
     assert f"ARG PYTHON=python{python}" in dockerfile
-    assert "flash-attn" in dockerfile and "deepspeed==0.19.8" in dockerfile and "pip install -e" in dockerfile
+    assert "flash-attn" in dockerfile and "deepspeed==0.19.8" in dockerfile and "pip install -e ." in dockerfile
+    assert "[dev]" not in dockerfile and re.search(r"apt-get install[^\n]*\bwget\b", dockerfile)  # probes use wget
     images = set(re.findall(r"image:\s*(\S+)", "".join(p.read_text() for p in MANIFESTS)))
     assert len(images) == 1  # every role runs the same project image
 

@@ -213,10 +213,13 @@ def test_chamfer_distance_on_known_cases():
     d = chamfer_matrix(x, x)
     assert torch.allclose(d.diagonal(), torch.zeros(3)) and torch.allclose(d, d.T) and bool((d + torch.eye(3) > 0).all())
     torch.testing.assert_close(chamfer_matrix(x, clouds(5, 32, 1), batch=2), chamfer_matrix(x, clouds(5, 32, 1)))
-    # the CPU's KD-tree nearest neighbours give what all N × M distances give (an accelerator's path)
+    # the CPU's KD-tree nearest neighbours (the default there) give what all N × M distances give (an accelerator's)
     y = clouds(3, 48, 4)
     full = torch.cdist(x.double(), y.double()).pow(2)
-    torch.testing.assert_close(chamfer(x, y), (full.min(2).values.mean(1) + full.min(1).values.mean(1)).float())
+    expected = (full.min(2).values.mean(1) + full.min(1).values.mean(1)).float()
+    torch.testing.assert_close(chamfer(x, y), expected)
+    torch.testing.assert_close(chamfer(x, y, backend="matrix"), expected)
+    assert float(chamfer(x[:1], x[:1], backend="matrix")[0]) == 0 == float(chamfer(x[:1], x[:1])[0])
 
 
 def test_mmd_cov_and_1nna_on_known_cases():

@@ -558,3 +558,55 @@ def test_no_secret_reaches_the_runtime_env_the_job_config_or_the_logs(tmp_path, 
     for key, value in secrets.items():
         assert value.encode() not in pickled, key
         assert value not in seen.out + seen.err + caplog.text, key
+
+
+def test_relative_output_paths_are_refused_under_ray_job_submit(monkeypatch, tmp_path):
+    """A `ray job submit` entrypoint runs in Ray's temporary copy of the working dir: a relative output path there is
+    lost with the session, so every job refuses one before any work (outside a job it is a plain local path)."""
+    from jobs.export import main as export
+    from jobs.generate import main as generate
+    from jobs.prepare import main as prepare
+    from jobs.runtime import RAY_JOB_ENV
+    from jobs.train import main as train
+
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    calls = [(train, ["--data", str(tmp_path), "--storage", "runs/", "--dry-run"], "--storage 'runs/'"),
+             (prepare, ["--input", str(tmp_path), "--output", "curated", "--dry-run"], "--output 'curated'"),
+             (generate, ["--model", str(tmp_path), "--prompt", "x", "--out", "out", "--dry-run"], "--out 'out'"),
+             (export, [str(tmp_path), "model"], "out_dir 'model'")]
+    for main, argv, named in calls:
+        with pytest.raises(ConfigError, match=f"{named} is a relative path: under `ray job submit`"):
+            main(argv)
+    with pytest.raises(ConfigError, match="no manifest.parquet"):  # an absolute path passes the check
+        train(["--data", str(tmp_path), "--storage", str(tmp_path / "runs"), "--dry-run"])
+    monkeypatch.delenv(RAY_JOB_ENV)
+    with pytest.raises(ConfigError, match="no manifest.parquet"):  # outside a job a relative path is fine
+        train(["--data", str(tmp_path), "--storage", "runs/", "--dry-run"])
+
+
+def test_a_resume_on_another_worker_count_keeps_the_global_batch(tmp_path, caplog):
+    """The checkpoint's workers × grad_accum micro-batches per step are kept by setting grad_accum (and logged); a
+    count that cannot split them is a config error; keep_global_batch=false lets the batch follow the workers."""
+    from jobs.training.driver import keep_global_batch
+
+    checkpoint = tmp_path / "runs" / "nextdit" / "checkpoint_00000040"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text(json.dumps({"step": 40, "world": 2, "grad_accum": 2}))
+
+    def config(workers: int, **train) -> TrainJobConfig:
+        return from_dict(TrainJobConfig, {"run": {"storage": str(tmp_path / "runs")}, "scaling": {"workers": workers},
+                                          "train": train})
+
+    fresh = from_dict(TrainJobConfig, {"run": {"storage": str(tmp_path / "other")}, "scaling": {"workers": 3}})
+    keep_global_batch(fresh)
+    assert fresh.train.grad_accum == 1  # no checkpoint: nothing to keep
+    for workers, accum in ((1, 4), (4, 1), (2, 2)):
+        cfg = config(workers)
+        keep_global_batch(cfg)
+        assert cfg.train.grad_accum == accum
+    assert "grad_accum 4 keeps the global batch of 4 micro-batches" in caplog.text
+    with pytest.raises(ConfigError, match="4 micro-batches per step, which 3 workers cannot split evenly"):
+        keep_global_batch(config(3))
+    changed = config(3, keep_global_batch=False)
+    keep_global_batch(changed)
+    assert changed.train.grad_accum == 1 and "changes from 4 to 3 micro-batches" in caplog.text

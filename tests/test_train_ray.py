@@ -97,9 +97,15 @@ def run_catalog(cfg: TrainJobConfig) -> ShardCatalog:
     return ShardCatalog.from_config(cfg.data)
 
 
-def reference_run(cfg: TrainJobConfig, worlds: list[int]):
+def phases(cfg: TrainJobConfig, worlds: list) -> list[tuple[int, int]]:
+    """(world size, grad_accum) of each step: ``worlds[i]`` is a world size (grad_accum: the config's) or a pair."""
+    return [w if isinstance(w, tuple) else (w, cfg.train.grad_accum) for w in worlds]
+
+
+def reference_run(cfg: TrainJobConfig, worlds: list):
     """Single process, no Ray, no DeepSpeed: plain torch AdamW with the same hyper-parameters, model init and data
-    order (the order's global batches; ``worlds[i]`` is the world size at step i + 1). Returns losses, weights, EMA."""
+    order (the order's global batches; ``worlds[i]`` is the world size at step i + 1, or (world size, grad_accum)).
+    Returns losses, weights, EMA."""
     from jobs.training.loop import training_forward
     from jobs.training.parallelize import build_model
     from jobs.training.tasks import make_task
@@ -113,8 +119,8 @@ def reference_run(cfg: TrainJobConfig, worlds: list[int]):
     ema = {k: v.detach().clone() for k, v in model.named_parameters()}
     reader, task = ShardReader(catalog, 8), make_task(cfg, catalog, torch.device("cpu"))
     state, losses, keys = None, [], []
-    for world in worlds:
-        order = SampleOrder(catalog, cfg.train.grad_accum, world, cfg.data.seed)
+    for world, accum in phases(cfg, worlds):
+        order = SampleOrder(catalog, accum, world, cfg.data.seed)
         state = order.adopt(state) if state is not None else order.initial_state()
         step = order.next(state)
         opt.zero_grad()
@@ -125,7 +131,8 @@ def reference_run(cfg: TrainJobConfig, worlds: list[int]):
             batch = task.build(samples, step.epoch)
             loss, per_sample = flow_matching_loss(forward, batch.x1, *batch.args, t=batch.t, noise=batch.noise,
                                                   **batch.kwargs)
-            (loss / world).backward()  # DeepSpeed averages the workers' gradients
+            # DeepSpeed averages the workers' gradients; a worker's grad_accum micro-batches (equal sizes) are one mean
+            (loss / world).backward()
             total, count = total + float(per_sample.detach().sum()), count + len(samples)
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
@@ -152,11 +159,11 @@ def recorded_steps(run_dir: Path) -> dict[int, dict]:
     return out
 
 
-def expected_steps(cfg: TrainJobConfig, worlds: list[int]) -> dict[int, list[str]]:
+def expected_steps(cfg: TrainJobConfig, worlds: list) -> dict[int, list[str]]:
     catalog = run_catalog(cfg)
     reader, state, out = ShardReader(catalog, 8), None, {}
-    for world in worlds:
-        order = SampleOrder(catalog, cfg.train.grad_accum, world, cfg.data.seed)
+    for world, accum in phases(cfg, worlds):
+        order = SampleOrder(catalog, accum, world, cfg.data.seed)
         state = order.adopt(state) if state is not None else order.initial_state()
         step = order.next(state)
         out[step.step] = [reader.sample(s, i)["key"] for w in step.samples for s, i in w]
@@ -362,13 +369,14 @@ def test_worker_failure_resumes_exactly_once(prepared, two_workers, tmp_path):
 
 def test_resume_on_fewer_workers(prepared, tmp_path):
     """2 workers to step 4, then the same run name on 1 worker to step 8: the DeepSpeed checkpoint is loaded through
-    the universal format, the loader re-cuts its remaining samples, and the curve follows the reference."""
+    the universal format, grad_accum 2 keeps the global batch (train.keep_global_batch), the loader re-cuts its
+    remaining samples, and the curve follows the reference."""
     first = make_config(prepared, tmp_path, "resize", steps=4)
     fit(first)
     second = make_config(prepared, tmp_path, "resize", workers=1, steps=8)
     result = fit(second)
-    assert result.metrics["step"] == 8
-    worlds = [2] * 4 + [1] * 4
+    assert result.metrics["step"] == 8 and second.train.grad_accum == 2
+    worlds = [(2, 1)] * 4 + [(1, 2)] * 4
     run_dir = tmp_path / "resize"
     assert_exactly_once(recorded_steps(run_dir), expected_steps(second, worlds))
     ref_losses, _, _, _ = reference_run(second, worlds)

@@ -65,6 +65,16 @@ def read_state(folder: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def read_latest_state(run_uri: str) -> dict[str, Any] | None:
+    """The ``train_state.json`` of the run's newest checkpoint (local or s3://), or None before its first one."""
+    try:
+        uri = latest_checkpoint(run_uri)
+    except FileNotFoundError:
+        return None
+    fs, path = filesystem(uri)
+    return json.loads(fs.cat_file(f"{path}/{STATE_FILE}"))
+
+
 def to_universal(folder: str) -> str:
     """Convert the DeepSpeed checkpoint in ``folder`` to DeepSpeed's universal format in a fresh local folder; returns
     that folder (its tag is ``DS_TAG``). Each rank converts on its own: no shared filesystem is assumed."""

@@ -113,6 +113,9 @@ class TrainConfig:
     task: str = "auto"  # a name of tasks.TASKS (t2i, class, t2a); auto: the task of the model's modality, conditioning
     steps: int = 100_000  # official max_steps
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro-batch × workers × grad_accum)
+    # resuming on another number of workers keeps the checkpoint's global batch by setting grad_accum (driver.
+    # keep_global_batch); false: the global batch follows the new worker count
+    keep_global_batch: bool = True
     seed: int = 0  # model init and per-sample noise / t / dropout draws
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     # Proportional attention in the training forward. Off: the official recipe trains with the plain 1/sqrt(hd)

@@ -359,10 +359,42 @@ def class_list(names: list[str] | None, shown: int = 8) -> str:
     return f" ({', '.join(names[:shown])}{', …' if len(names) > shown else ''})"
 
 
+def keep_global_batch(cfg: TrainJobConfig) -> None:
+    """Resuming on another number of workers: set ``train.grad_accum`` so that workers × grad_accum, the micro-batches
+    of one optimizer step, is the checkpoint's — the run goes on with the batch it was trained with — and say so; a
+    worker count that cannot divide it is a config error. ``train.keep_global_batch: false`` lets the global batch
+    follow the workers instead (logged too). Nothing to do on a fresh run or the same count."""
+    from jobs.training.checkpointing import read_latest_state
+
+    saved = read_latest_state(join(cfg.run.storage, cfg.run.name))
+    if saved is None:
+        return
+    world, accum = cfg.scaling.workers, cfg.train.grad_accum
+    saved_world, saved_accum = int(saved["world"]), int(saved.get("grad_accum", accum))
+    per_step = saved_world * saved_accum
+    if world * accum == per_step:
+        return
+    if not cfg.train.keep_global_batch:
+        log.warning("resuming the step-%d checkpoint (%d worker(s) × grad_accum %d) on %d × %d: the global batch "
+                    "changes from %d to %d micro-batches per step (train.keep_global_batch=false)", saved["step"],
+                    saved_world, saved_accum, world, accum, per_step, world * accum)
+        return
+    if per_step % world:
+        raise ConfigError(f"the step-{saved['step']} checkpoint trained {saved_world} worker(s) × grad_accum "
+                          f"{saved_accum} = {per_step} micro-batches per step, which {world} workers cannot split "
+                          f"evenly: use a worker count that divides {per_step}, or --set train.keep_global_batch=false "
+                          "to change the global batch")
+    cfg.train.grad_accum = per_step // world
+    log.warning("resuming the step-%d checkpoint of %d worker(s) × grad_accum %d on %d worker(s): grad_accum %d keeps "
+                "the global batch of %d micro-batches per step (train.keep_global_batch)", saved["step"], saved_world,
+                saved_accum, world, cfg.train.grad_accum, per_step)
+
+
 def train(cfg: TrainJobConfig):
     """Validate, then run (or resume) the training; returns Ray Train's Result."""
     from jobs.runtime import init_ray
 
+    keep_global_batch(cfg)
     validate(cfg)
     init_ray()
     result = build_trainer(cfg).fit()

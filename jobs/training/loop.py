@@ -194,7 +194,8 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
                 sink.flush(attempt, checkpoint=save_now)
             if save_now:
                 with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
-                    state = {"step": step, "world": world, "loader": json.loads(loader.state.to_json()),
+                    state = {"step": step, "world": world, "grad_accum": cfg.train.grad_accum,
+                             "loader": json.loads(loader.state.to_json()),
                              "model": to_dict(mcfg), "lora": cfg.lora.enabled, "encoders": catalog.encoders,
                              "training": {"proportional_attn": cfg.train.proportional_attn}}
                     checkpointing.save(folder, engine, ema, state, to_dict(cfg))
