@@ -39,7 +39,8 @@ from tests.pipelines_fixtures import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = {"bucket": {"image": {"max_patches": 256, "batch_tokens": 1024}}, "progress": False}
+# two point buckets: the 256-point default, and 1024 that a 1024-point source fills whole (no subsample)
+SMALL = {"bucket": {"image": {"max_patches": 256, "batch_tokens": 1024}, "point_counts": [256, 1024]}, "progress": False}
 
 
 def config(inputs, output, **sections) -> PrepareConfig:
