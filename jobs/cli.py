@@ -97,12 +97,19 @@ def resolve_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any]
     return config_io.resolve_config(cls, base, getattr(args, "config", None), flags, getattr(args, "overrides", None))
 
 
+# Their DEBUG records print signed request headers (the access key id) and raw bodies: --log-level DEBUG is for
+# our own code, these stay at WARNING whatever the level.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "urllib3", "boto3")
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, str(level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_main(main: typing.Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

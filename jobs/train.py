@@ -34,14 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     })
 
     from jobs.runtime import check_job_path
-    from jobs.training.driver import describe, keep_global_batch, train, validate
+    from jobs.training.driver import describe, train, validate
 
     check_job_path(config.run.storage, "--storage")
     from jobs.training.metrics import describe_wandb
     from models.storage import join
 
     if args.dry_run:
-        keep_global_batch(config)  # what a resume on this worker count would run with
         print(describe(config, validate(config, write_probe=False)))
         print(describe_wandb(config.logging.wandb, join(config.run.storage, config.run.name), config.run.name))
         return 0

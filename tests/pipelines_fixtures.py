@@ -209,8 +209,13 @@ def _no_special_words(model, tokenizer) -> None:
 def make_captioner(path: Path) -> str:
     """A VisionEncoderDecoder (tiny ViT + tiny GPT-2) image captioner."""
     import torch
-    from transformers import GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig, \
-        VisionEncoderDecoderModel
+    from transformers import (
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()

@@ -12,7 +12,6 @@ import pytest
 from models.schedules import SigmoidSchedule
 from tests import toy
 
-
 TOY_SIGMOID = SigmoidSchedule(centre=0.5, low=0.0, high=3.0)  # the toy's sweep winner (docs/sampling.md)
 
 

@@ -540,7 +540,8 @@ def test_no_secret_reaches_the_runtime_env_the_job_config_or_the_logs(tmp_path, 
                "HF_TOKEN": "hf_fakehubtoken0005"}
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: the dry-run warns and goes on
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # (without botocore's retries)
     monkeypatch.setenv("WANDB_MODE", "online")
     data = _tiny_shards(tmp_path / "data")
     caplog.set_level(logging.DEBUG)

@@ -52,6 +52,9 @@ def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
     """Every check that can fail before a worker starts: config values, manifest, buckets, text source, storage. Sets
     ``cfg.model.resolved``, the architecture every worker builds (resolved here once)."""
     cfg.validate()
+    if write_probe:
+        check_storage(cfg.run.storage)
+    keep_global_batch(cfg, storage_checked=write_probe)
     cfg.model.resolved = None  # a config saved by an earlier run carries its resolution: resolve again
     base = base_model(cfg)
     resolve_modality(cfg, base)
@@ -76,8 +79,6 @@ def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
         rows = first.shape[1] if len(first.shape) == 3 else 1
         check_audio_latents(mcfg, latent_channels, rows, f"the audio shards (latent shape {list(first.shape)})")
     check_encoders(cfg, catalog)
-    if write_probe:
-        check_storage(cfg.run.storage)
     return catalog
 
 
@@ -359,14 +360,22 @@ def class_list(names: list[str] | None, shown: int = 8) -> str:
     return f" ({', '.join(names[:shown])}{', …' if len(names) > shown else ''})"
 
 
-def keep_global_batch(cfg: TrainJobConfig) -> None:
+def keep_global_batch(cfg: TrainJobConfig, storage_checked: bool = True) -> None:
     """Resuming on another number of workers: set ``train.grad_accum`` so that workers × grad_accum, the micro-batches
     of one optimizer step, is the checkpoint's — the run goes on with the batch it was trained with — and say so; a
     worker count that cannot divide it is a config error. ``train.keep_global_batch: false`` lets the global batch
-    follow the workers instead (logged too). Nothing to do on a fresh run or the same count."""
+    follow the workers instead (logged too). Nothing to do on a fresh run or the same count. A ``--dry-run`` does not
+    probe the storage (``storage_checked`` false): storage it cannot read is a warning there, not an error."""
     from jobs.training.checkpointing import read_latest_state
 
-    saved = read_latest_state(join(cfg.run.storage, cfg.run.name))
+    try:
+        saved = read_latest_state(join(cfg.run.storage, cfg.run.name))
+    except Exception as exc:
+        if storage_checked:
+            raise
+        log.warning("cannot read the run's checkpoints in %s (%s: %s): shown with grad_accum %d as configured",
+                    cfg.run.storage, type(exc).__name__, exc, cfg.train.grad_accum)
+        return
     if saved is None:
         return
     world, accum = cfg.scaling.workers, cfg.train.grad_accum
@@ -394,7 +403,6 @@ def train(cfg: TrainJobConfig):
     """Validate, then run (or resume) the training; returns Ray Train's Result."""
     from jobs.runtime import init_ray
 
-    keep_global_batch(cfg)
     validate(cfg)
     init_ray()
     result = build_trainer(cfg).fit()
