@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from jobs.demo_data import (
     reference_solids,
     tone_caption,
 )
+from jobs.runtime import free_port
 from models.config_io import ConfigError, from_dict, to_dict
 
 log = logging.getLogger("jobs.demo")
@@ -93,12 +93,6 @@ class DemoConfig:
     points_guidance: float = 1.5
     points_requested: int = 1024  # points per generated cloud: 4× the 256 it trains on (time-aware Fourier features)
     keep: bool = False  # keep an earlier run's output folder (resume) instead of starting clean
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Timer:

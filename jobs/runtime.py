@@ -1,11 +1,28 @@
-"""Ray runtime helpers shared by the jobs: start or join a cluster the same way everywhere."""
+"""Runtime helpers shared by the jobs: start or join a Ray cluster the same way everywhere, check output paths, pick
+a free local port, start a local S3 server."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local server the job or a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # Set by Ray's job manager in the environment of a `ray job submit` entrypoint (ray/_private/runtime_env/constants.py).
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -43,3 +60,52 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+# A local S3 endpoint for benchmarks and tests: moto_server (the dev extra) on 127.0.0.1 with the standard AWS variables
+# pointing at it, so every S3 client of the process (s3fs, boto3, pyarrow) talks to it.
+AWS_VARIABLES = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def local_s3(start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Start moto_server, point the AWS variables at it and yield its endpoint URL; stop it and restore the variables
+    on exit."""
+    moto = Path(sys.executable).with_name("moto_server")
+    if not moto.exists():
+        raise RuntimeError(f"no {moto}: the local S3 server comes with the dev extra (pip install -e '.[dev]')")
+    port = free_port()
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + start_timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", *AWS_VARIABLES)}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, **AWS_VARIABLES)
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def new_bucket(endpoint: str, prefix: str = "bench") -> str:
+    """A fresh bucket (made with boto3: s3fs's mkdir fails against moto)."""
+    import boto3
+
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name=AWS_VARIABLES["AWS_REGION"]).create_bucket(Bucket=name)
+    return name

@@ -20,9 +20,14 @@ from pipelines import constants as C
 class Resources:
     """Ray resources of one stage, applied at its ``map_batches`` call site.
 
-    ``concurrency``: actor-pool size for model stages; for CPU task stages 0 means "as many tasks as Ray schedules".
+    ``concurrency``: actor-pool size for model stages (with ``max_concurrency``: its starting and smallest size); for
+    CPU task stages 0 means "as many tasks as Ray schedules".
     Actor pools default to 0.5 CPU so that a 2-core machine never hands every CPU to actors
     (docs/architecture.md#stack-pitfalls).
+    ``max_concurrency``: model stages only (actor pools). Above ``concurrency``, the pool starts with ``concurrency``
+    actors and Ray Data grows it up to ``max_concurrency`` while batches queue up for it — on a cluster as fast as the
+    autoscaler adds nodes with the stage's resources (docs/curation.md#stages-pipelines-in-pipeline-order).
+    0: a fixed pool of ``concurrency`` actors.
     ``custom``: Ray custom resources (``resources=`` of the operator), e.g. ``{"encode_gpu": 1}`` so that the stage
     runs only on — and makes the autoscaler start — nodes that advertise that resource. Set one with
     ``--set encode.vae_resources.custom.encode_gpu=1``.
@@ -33,11 +38,19 @@ class Resources:
     accelerator_type: str | None = None
     custom: dict[str, float] = field(default_factory=dict)
     concurrency: int = 0
+    max_concurrency: int = 0
     batch_size: int = 32
 
 
 def _actor_resources(batch_size: int = 8) -> Resources:
     return Resources(num_cpus=0.5, concurrency=1, batch_size=batch_size)
+
+
+# The config keys of every stage's resources, and whether they run model stages in actor pools (True) or model-free
+# stages in tasks (False): what build_plan gives each StageSpec (tests/test_pipelines_units.py checks that they agree).
+STAGE_RESOURCES = {"decode.resources": False, "caption.resources": True, "filter.resources": True,
+                   "encode.vae_resources": True, "encode.audio_vae_resources": True, "encode.text_resources": True,
+                   "write.resources": False}
 
 
 @dataclass
@@ -238,7 +251,25 @@ class PrepareConfig:
             raise ConfigError("filter.aesthetic_model scores CLIP embeddings: set filter.clip_model too")
         if not 0 <= self.filter.phash_max_distance < 64:
             raise ConfigError("filter.phash_max_distance must be in [0, 63]")
+        for key, actor in STAGE_RESOURCES.items():
+            section, name = key.split(".")
+            check_pool(f"{key}.max_concurrency", getattr(getattr(self, section), name), actor)
         return self
+
+
+def check_pool(key: str, r: Resources, actor: bool) -> None:
+    """``max_concurrency`` (``key``) of one stage's resources ``r``: a growing actor pool's upper bound."""
+    if r.max_concurrency < 0:
+        raise ConfigError(f"{key} must be >= 0 (0: a fixed pool of concurrency actors), got {r.max_concurrency}")
+    if not r.max_concurrency:
+        return
+    if not actor:
+        raise ConfigError(f"{key}: max_concurrency is for model stages (actor pools: caption, filter scores, encode "
+                          f"models); this stage runs in Ray tasks, whose number concurrency bounds (0: as many as "
+                          f"Ray schedules)")
+    if r.max_concurrency < r.concurrency:
+        raise ConfigError(f"{key}={r.max_concurrency} is below concurrency={r.concurrency}, the pool's starting "
+                          f"(and smallest) size; set it >= concurrency, or 0 for a fixed pool")
 
 
 def mel_config(mel: dict | None) -> MelConfig:

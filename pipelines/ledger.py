@@ -59,6 +59,12 @@ class Ledger:
         for k, v in values.items():
             self.counts[stage][k] += v
 
+    def started(self, stages: list[str]) -> None:
+        """A process is building these stages (``stage.StageChain``): an actor of a model stage's pool, a worker
+        process of a task stage; stats.json reports the count as each stage's ``processes``."""
+        for stage in stages:
+            self.counts[stage]["processes"] += 1
+
     def flush(self) -> int:
         """Commit the buffered reject rows as one parquet part; returns how many were written."""
         if not self.pending:

@@ -136,7 +136,8 @@ def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = Non
 def describe(group: list[StageSpec]) -> str:
     """One operator: its stages, how it runs and what it asks Ray for."""
     r = group[0].resources
-    kind = f"actors×{max(1, r.concurrency)}" if group[0].actor else "tasks"
+    low, high = pool_size(r)
+    kind = (f"actors×{low}" if low == high else f"actors×{low}..{high}") if group[0].actor else "tasks"
     extra = f", gpus={r.num_gpus}" if r.num_gpus else ""
     extra += f", accelerator={r.accelerator_type}" if r.accelerator_type else ""
     extra += "".join(f", {name}={amount:g}" for name, amount in sorted(r.custom.items()))
@@ -171,6 +172,13 @@ def remote_args(r: Resources) -> dict[str, Any]:
     return args
 
 
+def pool_size(r: Resources) -> tuple[int, int]:
+    """The smallest and largest actor pool of a model stage: a fixed ``concurrency`` (at least 1), or from there up to
+    ``max_concurrency`` (docs/curation.md#stages-pipelines-in-pipeline-order)."""
+    low = max(1, r.concurrency)
+    return low, max(low, r.max_concurrency)
+
+
 def apply_operator(ds, group: list[StageSpec], run_id: str, modality: str):
     import ray
 
@@ -178,9 +186,13 @@ def apply_operator(ds, group: list[StageSpec], run_id: str, modality: str):
     ledger = ledger_name(run_id)
     stages = [(spec.cls, spec.kwargs) for spec in group]
     if group[0].actor:
+        low, high = pool_size(r)
+        # a growing pool: Ray Data's actor autoscaler adds actors while the batches in flight per actor pass its
+        # utilisation threshold, and the cluster autoscaler adds the nodes their resource requests wait for
+        pool = (ray.data.ActorPoolStrategy(size=low) if low == high
+                else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
         return ds.map_batches(StageChain, fn_constructor_kwargs={"stages": stages, "ledger": ledger},
-                              batch_size=r.batch_size, batch_format="numpy",
-                              compute=ray.data.ActorPoolStrategy(size=max(1, r.concurrency)), **remote_args(r))
+                              batch_size=r.batch_size, batch_format="numpy", compute=pool, **remote_args(r))
     args = remote_args(r)
     if r.concurrency:
         args["compute"] = ray.data.TaskPoolStrategy(size=r.concurrency)
@@ -334,7 +346,8 @@ def make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, wall, encod
             "rejected": dict(sorted(snapshot["reasons"].get(name, {}).items())),
             "seconds": round(seconds, 3),
             "rows_per_s": round(c.get("in", 0) / seconds, 1) if seconds > 0 else None,
-            **{k: int(v) for k, v in c.items() if k in ("skipped_done", "duplicate_inputs")},
+            # processes: how many started the stage (Ledger.started): a model stage's actors, a task stage's workers
+            **{k: int(v) for k, v in c.items() if k in ("skipped_done", "duplicate_inputs", "processes")},
         }
     by_reason: dict[str, dict[str, int]] = {}
     for stage, reason in zip(rejects.column("stage").to_pylist(), rejects.column("reason").to_pylist()):

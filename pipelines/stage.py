@@ -56,7 +56,7 @@ class Stage:
 class StageChain:
     """Consecutive stages with the same resources, run back to back on one batch in one process (a task for model-free
     stages, an actor for model stages): the batch becomes row dicts once, every stage works on those dicts (metadata
-    stays parsed between stages), and the ledger gets one call per batch.
+    stays parsed between stages), and the ledger gets one call per batch (and one per process that builds the chain).
 
     ``stages``: (stage class, constructor kwargs) pairs, built here so that a chain is itself a Ray Data callable class.
     """
@@ -64,9 +64,14 @@ class StageChain:
     def __init__(self, stages: list[tuple[type, dict[str, Any]]], ledger: str | None = None):
         import ray
 
-        self.stages = [cls(**kwargs) for cls, kwargs in stages]
         # the run's ledger actor, looked up by name so that no handle has to be pickled into every task
         self._ledger = ray.get_actor(ledger) if ledger else None
+        if self._ledger is not None:
+            # once per process, before the models load: stats.json's "processes" says how far a pool grew, an actor
+            # still loading its model when the input runs out included; awaited, so that an actor the pool stops at
+            # the end of the run cannot take an unsent count with it
+            ray.get(self._ledger.started.remote([cls.stage for cls, _ in stages]))
+        self.stages = [cls(**kwargs) for cls, kwargs in stages]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = rows_of(batch)

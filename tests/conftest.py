@@ -6,13 +6,13 @@ import inspect
 import multiprocessing
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from jobs.runtime import free_port, local_s3, new_bucket  # noqa: F401 - free_port: the tests' import of it
 
 # Everything local stays on loopback; no weights or data from any hub; wandb offline (DEVELOPERS.md).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -122,12 +122,6 @@ def quick_tier_guard(request, monkeypatch):
     monkeypatch.setattr("ray.init", lambda *args, **kwargs: refuse("Ray (ray.init)"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One local Ray cluster for the whole session, on 127.0.0.1. Its nodes hold the S3 server's credentials in their
@@ -150,43 +144,11 @@ def ray_cluster(s3_server):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto_server) on 127.0.0.1 with the standard AWS variables pointing at it."""
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("moto_server did not start")
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1"
-    )
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with local_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3_bucket(s3_server):
-    """A fresh bucket on the local S3 server (created with boto3: s3fs.mkdir fails against moto)."""
-    import uuid
-
-    import boto3
-
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+    """A fresh bucket on the local S3 server."""
+    return new_bucket(s3_server, "test")

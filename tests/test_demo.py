@@ -10,8 +10,10 @@ from jobs.demo import DemoConfig, run
 from jobs.demo_data import DemoCounts
 
 
-def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path):
+def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     out = tmp_path / "demo"
+    # no wandb run per training (5-11 s of start-up each on 2 cores): its offline runs are tested in test_train.py
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     # long enough to learn colour from the caption in ≈ 2.5 min on 2 cores: 400 steps at twice the default rate, with
     # 16-image micro-batches (batch_tokens 1024), which cost about what 8 do (per-step overhead dominates the tiny model)
     # and took the fidelity from 0.54–0.79 to 0.75–1.0 (AMD EPYC, 2 cores; 300 steps gave 0.71)

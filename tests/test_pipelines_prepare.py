@@ -274,6 +274,9 @@ def test_model_stages_with_list_and_tar_inputs(ray_cluster, corpus, tmp_path):
     stats = run_prepare(cfg)
     samples = all_samples(cfg.output)
     assert stats["run"]["written_samples"] == len(samples) == 6 + 3 + 1
+    # fixed pools of one actor: caption + scores share one for images, the 3D captioner has its own
+    assert stats["run"]["stages"][C.STAGE_SCORE]["processes"] == 1
+    assert stats["run"]["stages"][C.STAGE_CAPTION]["processes"] == 2
     [dup] = read_rejects(cfg.output).to_pylist()
     assert dup["reason"] == C.Reason.DUPLICATE and dup["stage"] == C.STAGE_DEDUP
     check_shapes(cfg.output, cfg)
@@ -335,6 +338,28 @@ def test_model_stages_with_list_and_tar_inputs(ray_cluster, corpus, tmp_path):
             run_prepare(rerun)
         assert message in str(err.value) and "new --output" in str(err.value), str(err.value)
     assert sorted(p.name for p in Path(cfg.output).rglob("*")) == before
+
+
+def test_model_stage_pool_grows_under_load(ray_cluster, tmp_path):
+    """encode.vae_resources.max_concurrency: the VAE pool starts with one actor and Ray Data's actor autoscaler starts
+    a second one while batches queue up for the first; stats.json counts the actors the pool started."""
+    good = write_images(tmp_path / "img", 96, seed=5, sizes=[(256, 256), (320, 240)])
+    # one image per batch: the 96 batches queue up while the first actor imports torch and diffusers, so as soon as it
+    # runs it has 2 in flight (Ray Data's default max_tasks_in_flight_per_actor), a utilisation of 2 above the
+    # upscaling threshold (1.75 in Ray 2.60), and the pool starts its second actor. That one counts itself before it
+    # loads the VAE, seconds later; the first actor alone takes several times as long over the queue, on an idle or a
+    # loaded machine alike (both are CPU-bound), so the count is in before the input runs out.
+    # 0.25 CPU per actor: both fit in the operator's share of the session cluster's 4 logical CPUs next to the decode
+    # and write tasks, so the resource budget never holds the second one back.
+    resources = {"num_cpus": 0.25, "concurrency": 1, "max_concurrency": 2, "batch_size": 1}
+    cfg = config([tmp_path / "img"], tmp_path / "out", read={"modalities": [C.IMAGE]},
+                 decode={"resources": {"batch_size": 1}}, encode={"vae": make_vae(tmp_path / "vae"),
+                                                                  "vae_resources": resources})
+    stats = run_prepare(cfg)
+    assert stats["run"]["written_samples"] == len(good)
+    encode = json.loads((Path(cfg.output) / C.STATS_FILE).read_text())["run"]["stages"][C.STAGE_ENCODE]
+    assert encode["processes"] == 2, encode
+    assert encode["in"] == encode["out"] == len(good)
 
 
 def test_labels_from_a_list_column_keep_their_indices_across_runs(ray_cluster, tmp_path):

@@ -246,6 +246,60 @@ def test_rayjob_entrypoint_resolves_with_dry_run(capsys):
     vae_line = next(line for line in capsys.readouterr().out.splitlines() if "VaeEncode" in line)
     assert "gpus=1.0" in vae_line and "encode_gpu=1" in vae_line
     assert "cpus=0.5" in vae_line  # the section's other defaults survive the override
+    # the pool grows from one actor to one per encode-gpu node (raycluster.yaml's maxReplicas)
+    cluster = yaml.safe_load((REPO_ROOT / "infra" / "kuberay" / "raycluster.yaml").read_text())
+    [group] = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "encode-gpu"]
+    assert f"actors×1..{group['maxReplicas']}" in vae_line
+
+
+def test_max_concurrency_grows_model_stage_pools_only():
+    """Resources.max_concurrency: an actor pool from concurrency up to max_concurrency (printed actors×1..8), checked
+    by validate() with the key named; refused on task stages; stats.json keeps each stage's process count."""
+    import pyarrow as pa
+
+    from pipelines.config import STAGE_RESOURCES, Resources
+    from pipelines.plan import apply_operator, build_plan, describe, make_stats, operators, pool_size
+
+    models = {"caption": {"model": "cap"}, "filter": {"clip_model": "clip"},
+              "encode": {"vae": "vae", "text_encoder": "te", "text_encoder_kind": "t5"}}
+    cfg = from_dict(PrepareConfig, {"inputs": ["a"], "output": "b", "read": {"modalities": [C.IMAGE, C.POINTS]},
+                                    **models})
+    # every stage's resources key says rightly whether build_plan runs it in an actor pool
+    plan = build_plan(cfg, {}, encoders={C.AUDIO_VAE: None})
+    by_id = {id(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])): key for key in STAGE_RESOURCES}
+    seen = {by_id[id(spec.resources)]: spec.actor for specs in plan.stages.values() for spec in specs}
+    assert seen == {k: v for k, v in STAGE_RESOURCES.items() if k != "encode.audio_vae_resources"}
+
+    cfg.encode.vae_resources.max_concurrency = 8
+    cfg.validate()
+    assert pool_size(Resources(concurrency=2, max_concurrency=2)) == (2, 2)  # = concurrency: a fixed pool
+    groups = [g for g in operators(build_plan(cfg, {}, encoders={C.AUDIO_VAE: None}).stages[C.IMAGE]) if g[0].actor]
+    assert [describe(g).split(": ")[1].split(",")[0] for g in groups] == ["actors×1", "actors×1..8", "actors×1"]
+
+    class Dataset:
+        def map_batches(self, fn, **kwargs):
+            self.compute = kwargs["compute"]
+            return self
+
+    pools = [apply_operator(Dataset(), g, "run", C.IMAGE).compute for g in groups]
+    assert [(p.min_size, p.max_size) for p in pools] == [(1, 1), (1, 8), (1, 1)]
+
+    for key, value, message in (("encode.vae_resources", -1, "must be >= 0"),
+                                ("filter.resources", 1, "below concurrency=2"),
+                                ("decode.resources", 4, "is for model stages"),
+                                ("write.resources", 2, "is for model stages")):
+        bad = from_dict(PrepareConfig, to_dict(cfg))
+        resources = getattr(getattr(bad, key.split(".")[0]), key.split(".")[1])
+        resources.max_concurrency, resources.concurrency = value, 2 if key == "filter.resources" else 0
+        with pytest.raises(ConfigError, match=f"{key}.max_concurrency") as err:
+            bad.validate()
+        assert message in str(err.value), str(err.value)
+
+    snapshot = {"counts": {C.STAGE_ENCODE: {"in": 4, "out": 4, "seconds": 1.0, "processes": 3}}, "reasons": {}}
+    manifest = pa.table({"samples": pa.array([], pa.int64())})
+    rejects = pa.table({"stage": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+    stats = make_stats("run", snapshot, [], manifest, rejects, 1.0, 1.0)
+    assert stats["run"]["stages"][C.STAGE_ENCODE]["processes"] == 3
 
 
 # ---- encoder records ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from jobs.training.config import TrainJobConfig
-from jobs.training.data import BucketInfo, SampleOrder, ShardCatalog, ShardInfo, cut
+from jobs.training.data import BucketInfo, BucketLoader, LoaderState, SampleOrder, ShardCatalog, ShardInfo, cut
 from jobs.training.metrics import forward_flops, mfu, train_flops
 from models import NextDiT, preset
 from models.config_io import ConfigError, from_dict
@@ -144,29 +144,33 @@ def test_config_defaults_are_official():
 
 
 def _tiny_shards(root: Path, with_text: bool = True, modality: str = "image", bucket: str = "128x128",
-                 member: str = C.LATENT_MEMBER, shape: tuple[int, ...] = (4, 16, 16), samples: int = 4) -> Path:
-    """A minimal jobs.prepare-shaped output (one shard of ``samples`` samples) for the fast validation tests."""
+                 member: str = C.LATENT_MEMBER, shape: tuple[int, ...] = (4, 16, 16), samples: int = 4,
+                 shards: int = 1) -> Path:
+    """A minimal jobs.prepare-shaped output (``shards`` shards of ``samples`` samples; sample k's tensor is filled with
+    k) for the fast validation tests."""
     shard_dir = root / "shards" / modality / bucket
     shard_dir.mkdir(parents=True)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(samples):
-            members = {member: np.full(shape, i, np.float16), C.CAPTION_MEMBER: b"a cat",
-                       C.META_MEMBER: json.dumps({"member": member}).encode()}
-            if with_text:
-                members[C.TEXT_FEATURES_MEMBER] = np.zeros((3, 32), np.float16)
-            for name, value in members.items():
-                if isinstance(value, np.ndarray):
-                    b = io.BytesIO()
-                    np.save(b, value)
-                    value = b.getvalue()
-                info = tarfile.TarInfo(f"{i:016x}.{name}")
-                info.size = len(value)
-                tar.addfile(info, io.BytesIO(value))
-    (shard_dir / "000000.tar").write_bytes(buf.getvalue())
-    rows = [{"path": f"shards/{modality}/{bucket}/000000.tar", "modality": modality, "bucket": bucket,
-             "member": member, "shape": list(shape), "dtype": "float16", "micro_batch": 2, "samples": samples,
-             "bytes": len(buf.getvalue()), "sha256": "", "run_id": "x"}]
+    rows = []
+    for shard in range(shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(shard * samples, (shard + 1) * samples):
+                members = {member: np.full(shape, i, np.float16), C.CAPTION_MEMBER: b"a cat",
+                           C.META_MEMBER: json.dumps({"member": member}).encode()}
+                if with_text:
+                    members[C.TEXT_FEATURES_MEMBER] = np.zeros((3, 32), np.float16)
+                for name, value in members.items():
+                    if isinstance(value, np.ndarray):
+                        b = io.BytesIO()
+                        np.save(b, value)
+                        value = b.getvalue()
+                    info = tarfile.TarInfo(f"{i:016x}.{name}")
+                    info.size = len(value)
+                    tar.addfile(info, io.BytesIO(value))
+        (shard_dir / f"{shard:06d}.tar").write_bytes(buf.getvalue())
+        rows.append({"path": f"shards/{modality}/{bucket}/{shard:06d}.tar", "modality": modality, "bucket": bucket,
+                     "member": member, "shape": list(shape), "dtype": "float16", "micro_batch": 2,
+                     "samples": samples, "bytes": len(buf.getvalue()), "sha256": "", "run_id": "x"})
     pq.write_table(pa.Table.from_pylist(rows), root / C.MANIFEST_FILE)
     return root
 
@@ -175,6 +179,93 @@ def run_train(argv):
     from jobs.train import main
 
     return main(argv)
+
+
+def _steps(loader: BucketLoader, n: int) -> list[tuple[int, str, list[int], str]]:
+    """n steps of a loader: (step, bucket, the samples' fill values, the state after the step)."""
+    out = []
+    for _ in range(n):
+        plan, micro_batches = loader.next()
+        out.append((plan.step, plan.bucket, [int(s["tensor"].flat[0]) for mb in micro_batches for s in mb],
+                    loader.state.to_json()))
+    return out
+
+
+def test_prefetching_gives_the_same_steps_and_states_and_resumes_exactly_once(tmp_path):
+    """Reading ahead in a thread changes nothing a step gets: the same samples, and a state (what a checkpoint saves)
+    that is that of the steps taken, never of the prefetched ones — a loader built from it mid-run continues as the
+    uninterrupted one, across the epoch's end; and the thread reads nothing past ``until``."""
+    catalog = ShardCatalog.from_manifest(str(_tiny_shards(tmp_path, samples=5, shards=3)), micro_batch=2)
+    steps = 10  # an epoch is 7 steps of 2 (15 samples): the run crosses into the second
+    plain = _steps(BucketLoader(catalog, 0, 1, 1, seed=3, until=steps), steps)
+    ahead = BucketLoader(catalog, 0, 1, 1, seed=3, prefetch=3, until=steps)
+    first = _steps(ahead, 4)
+    resumed = BucketLoader(catalog, 0, 1, 1, seed=3, state=LoaderState.from_json(ahead.state.to_json()), prefetch=2,
+                           until=steps)
+    assert first + _steps(resumed, steps - 4) == plain
+    assert _steps(ahead, steps - 4) == plain[4:]
+    for loader in (ahead, resumed):
+        loader._producer.join(timeout=10)
+        assert not loader._producer.is_alive()  # stopped by itself after step `until`
+        with pytest.raises(RuntimeError, match="stop after step 10"):
+            loader.next()
+    stopped = BucketLoader(catalog, 0, 1, 1, seed=3, prefetch=2)  # no `until`: close() stops it
+    stopped.next()
+    stopped.close()
+    assert not stopped._producer.is_alive()
+
+
+def test_a_read_error_while_prefetching_is_the_steps_error(tmp_path):
+    """A shard that does not hold what the manifest says fails the step that needs the missing sample, on the training
+    thread; the steps before it train."""
+    root = _tiny_shards(tmp_path, samples=4)
+    table = pq.read_table(root / C.MANIFEST_FILE).to_pylist()
+    table[0]["samples"] = 6
+    pq.write_table(pa.Table.from_pylist(table), root / C.MANIFEST_FILE)
+    loader = BucketLoader(ShardCatalog.from_manifest(str(root), micro_batch=2), 0, 1, 1, seed=0, prefetch=2)
+    assert [loader.next()[0].step for _ in range(2)] == [1, 2]
+    with pytest.raises(RuntimeError, match="the manifest says 6 samples, the shard holds 4"):
+        loader.next()
+    loader.close()
+
+
+def _checkpoint(run: Path, step: int, world: int = 2) -> Path:
+    """A checkpoint folder as the ranks' uploads leave it: each rank's files and its ranks/{r}.json list of them."""
+    from jobs.training.checkpointing import RANKS_DIR, STATE_FILE, checkpoint_dir_name
+
+    folder = run / checkpoint_dir_name(step)
+    for rank in range(world):
+        files = {f"ds/zero_pp_rank_{rank}_model_states.pt": b"p" * (10 + rank)}
+        if rank == 0:
+            files[STATE_FILE] = json.dumps({"step": step, "world": world}).encode()
+        for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        (folder / RANKS_DIR).mkdir(exist_ok=True)
+        (folder / RANKS_DIR / f"{rank}.json").write_text(json.dumps({n: len(d) for n, d in files.items()}))
+    return folder
+
+
+def test_the_newest_complete_checkpoint_is_the_latest(tmp_path):
+    """An upload cut short leaves a checkpoint folder without some rank's files, or with a file shorter than its rank
+    listed: jobs.export and the resume's checks pass over it to the newest complete one; named, it is an error."""
+    from jobs.training.checkpointing import is_complete, latest_checkpoint, read_latest_state
+
+    run = tmp_path / "run"
+    _checkpoint(run, 2)
+    cut_short = _checkpoint(run, 4)
+    (cut_short / "ranks" / "1.json").unlink()  # rank 1's upload never arrived
+    short = _checkpoint(run, 6)
+    (short / "ds" / "zero_pp_rank_1_model_states.pt").write_bytes(b"p")  # a partly copied file
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's, beside the checkpoints: not one
+    assert is_complete(str(run / "checkpoint_00000002")) == (True, "")
+    assert is_complete(str(cut_short)) == (False, "rank 1's files are not there (ranks/1.json)")
+    assert is_complete(str(short)) == (False, "rank 1's ds/zero_pp_rank_1_model_states.pt is short")
+    assert latest_checkpoint(str(run)) == str(run / "checkpoint_00000002")
+    assert read_latest_state(str(run))["step"] == 2
+    with pytest.raises(FileNotFoundError, match="is incomplete"):
+        latest_checkpoint(str(short))
+    assert read_latest_state(str(tmp_path / "no-run-yet")) is None
 
 
 def test_bad_configs_fail_before_workers(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,7 @@ class FailOnce:
 
 
 FAIL_AFTER = 6
+HELD_UPLOAD = 4  # the checkpoint whose upload loop_held_upload_failing_once holds until the failure
 
 
 def loop_failing_once(loop_config):
@@ -346,25 +348,64 @@ def loop_failing_once(loop_config):
     run_worker(from_dict(TrainJobConfig, loop_config["config"]), callbacks=[FailOnce()])
 
 
-def test_worker_failure_resumes_exactly_once(prepared, two_workers, tmp_path):
-    """Rank 1 dies after step 6 (checkpoint at 4): Ray Train restarts the group, both resume from step 4; steps 5–6
-    are redone with the same samples, and the losses equal the uninterrupted run's."""
+def loop_held_upload_failing_once(loop_config):
+    """loop_failing_once, and in the attempt that fails, the upload of checkpoint HELD_UPLOAD never ends (it waits in
+    Ray Train's background upload thread until Ray Train kills the worker group after rank 1's failure at step
+    FAIL_AFTER): the steps in between train while it is pending. ``ray.train.report`` is wrapped in this worker
+    process only."""
+    import ray.train
+
+    from jobs.training.checkpointing import checkpoint_dir_name
+    from jobs.training.loop import run_worker
+
+    cfg = from_dict(TrainJobConfig, loop_config["config"])
+    run_dir = Path(cfg.run.storage) / cfg.run.name
+    held, report = checkpoint_dir_name(HELD_UPLOAD), ray.train.report
+
+    def held_upload(checkpoint, dir_name):
+        (run_dir / f"upload-held-{ray.train.get_context().get_world_rank()}").write_text("")
+        time.sleep(600)  # the test fails on its own long before: the restart never comes
+        raise RuntimeError("the held upload was not cut short")
+
+    def reporting(metrics, checkpoint=None, checkpoint_dir_name=None, **kwargs):
+        if checkpoint_dir_name == held and not (run_dir / f"injected-failure-{FAIL_AFTER}").exists():
+            kwargs["checkpoint_upload_fn"] = held_upload
+        report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name, **kwargs)
+
+    ray.train.report = reporting
+    run_worker(cfg, callbacks=[FailOnce()])
+
+
+def test_worker_failure_mid_upload_resumes_exactly_once(prepared, two_workers, tmp_path):
+    """Checkpoints every 2 steps, uploaded in the background (run.checkpoint_upload=async). The upload of checkpoint 4
+    is held; steps 5 and 6 train meanwhile and rank 1 dies after step 6, cutting that upload short. Ray Train restarts
+    the group from the last complete checkpoint, 2; steps 3–6 are redone with the same samples, the losses equal the
+    uninterrupted run's, and the run's storage ends with complete checkpoints only."""
+    from jobs.training.checkpointing import is_complete, latest_checkpoint
     from jobs.training.driver import build_trainer, validate
 
     steps = 8
-    cfg = make_config(prepared, tmp_path, "fault", steps=steps)
+    cfg = make_config(prepared, tmp_path, "fault", steps=steps, train={"ckpt_every": 2})
+    assert cfg.run.checkpoint_upload == "async"
     validate(cfg)
     trainer = build_trainer(cfg)
-    trainer.train_loop_per_worker = loop_failing_once
+    trainer.train_loop_per_worker = loop_held_upload_failing_once
     result = trainer.fit()
     assert result.error is None and result.metrics["step"] == steps
     run_dir = tmp_path / "fault"
     assert (run_dir / f"injected-failure-{FAIL_AFTER}").exists()
-    files = sorted((run_dir / "samples").glob("*.jsonl"))
-    assert len(files) == 4  # two attempts × two ranks
+    assert {p.name for p in run_dir.glob("upload-held-*")} == {"upload-held-0", "upload-held-1"}
+    files = sorted((run_dir / "samples").glob("*.jsonl"), key=lambda p: int(p.name.split("-")[0]))
+    attempts = [[json.loads(line)["step"] for line in f.read_text().splitlines()] for f in files]
+    # two attempts × two ranks: the first trained through step 6 with checkpoint 4 held, the second resumed after 2
+    assert attempts == [[1, 2, 3, 4, 5, 6]] * 2 + [[3, 4, 5, 6, 7, 8]] * 2
     assert_exactly_once(recorded_steps(run_dir), expected_steps(cfg, [2] * steps))
     uninterrupted = [r["loss"] for r in read_history(str(two_workers[2]))][:steps]
     np.testing.assert_allclose([r["loss"] for r in read_history(str(run_dir))], uninterrupted, rtol=1e-6)
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_00000006", "checkpoint_00000008"]  # run.num_to_keep 2
+    assert all(is_complete(str(run_dir / name))[0] for name in kept)
+    assert latest_checkpoint(str(run_dir)).endswith("checkpoint_00000008")
 
 
 def test_resume_on_fewer_workers(prepared, tmp_path):

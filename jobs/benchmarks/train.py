@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import time
 
@@ -31,6 +30,7 @@ import torch
 
 from jobs.benchmarks import bench_parser
 from jobs.benchmarks.model import build_pair, timed
+from jobs.runtime import free_port
 from jobs.training.config import TrainJobConfig
 from jobs.training.metrics import PEAK_TFLOPS, train_flops
 from models.config_io import from_dict
@@ -54,12 +54,6 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms, _ = timed(lambda: a @ b, device, warmup=3, repeats=10)
     return 2 * n**3 / (ms / 1000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_single_process_group(device: torch.device) -> None:

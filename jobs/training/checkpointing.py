@@ -8,9 +8,13 @@ One Ray checkpoint folder ``{storage}/{name}/checkpoint_{step:08d}/`` holds:
     ema.safetensors         the full fp32 EMA (gathered from the partitions; world-size independent)
     train_state.json        step, world size, the loader state (data.LoaderState) and the model config
     train_config.json       the whole TrainJobConfig (docs/architecture.md#design-rules)
+    ranks/{r}.json          rank r's files and their sizes: the checkpoint is complete when every rank's are there
 
 Every rank writes its own files into a local folder and reports it; Ray Train merges the folders in storage
-(ray.train.report). Resuming on the same number of workers loads the DeepSpeed checkpoint as is; on another number the
+(ray.train.report), in the background by default (``run.checkpoint_upload``), while training goes on. Ray Train resumes
+from the checkpoints it registered (complete by construction); what reads a run's storage itself (``jobs.export``, the
+resume's batch check) takes the newest checkpoint whose rank lists are all present with every file at its size
+(``is_complete``), so an upload cut short by a kill is passed over. Resuming on the same number of workers loads the DeepSpeed checkpoint as is; on another number the
 DeepSpeed checkpoint is first converted to DeepSpeed's *universal* format (world-size independent), and the loader
 re-cuts its remaining samples (data.SampleOrder.adopt). Export consolidates the partitions offline with DeepSpeed's
 ``zero_to_fp32`` (no processes, no GPU).
@@ -22,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -38,6 +43,7 @@ STATE_FILE = "train_state.json"
 CONFIG_FILE = "train_config.json"
 EMA_FILE = "ema.safetensors"
 CHECKPOINT_PREFIX = "checkpoint_"
+RANKS_DIR = "ranks"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -58,6 +64,31 @@ def save(folder: str, engine, ema, state: dict[str, Any], config: dict[str, Any]
             json.dump(state, f, indent=1)
         with open(os.path.join(folder, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=1)
+    files = {os.path.relpath(os.path.join(d, n), folder): os.path.getsize(os.path.join(d, n))
+             for d, _, names in os.walk(folder) for n in names}
+    os.makedirs(os.path.join(folder, RANKS_DIR), exist_ok=True)
+    with open(os.path.join(folder, RANKS_DIR, f"{rank}.json"), "w") as f:
+        json.dump(files, f, indent=1, sort_keys=True)
+
+
+def is_complete(uri: str) -> tuple[bool, str]:
+    """(whether the checkpoint folder ``uri`` holds every file each of its ranks wrote, at its size; what is missing).
+    A checkpoint without rank lists (written before they existed) counts as complete once it has its state file."""
+    fs, path = filesystem(uri)
+    sizes = {p[len(path) + 1:]: info.get("size") for p, info in fs.find(path, detail=True).items()}
+    if STATE_FILE not in sizes:
+        return False, f"no {STATE_FILE}"
+    if not any(name.startswith(f"{RANKS_DIR}/") for name in sizes):
+        return True, ""
+    world = int(json.loads(fs.cat_file(f"{path}/{STATE_FILE}"))["world"])
+    for rank in range(world):
+        listed = f"{RANKS_DIR}/{rank}.json"
+        if listed not in sizes:
+            return False, f"rank {rank}'s files are not there ({listed})"
+        for name, size in json.loads(fs.cat_file(f"{path}/{listed}")).items():
+            if sizes.get(name) != size:
+                return False, f"rank {rank}'s {name} is {'missing' if name not in sizes else 'short'}"
+    return True, ""
 
 
 def read_state(folder: str) -> dict[str, Any]:
@@ -112,17 +143,24 @@ def load(folder: str, engine, ema, same_world: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Offline side (jobs.export): find, fetch and consolidate a checkpoint.
 def latest_checkpoint(uri: str) -> str:
-    """``uri`` itself when it is a checkpoint folder, else the checkpoint with the highest step under the run ``uri``."""
+    """``uri`` itself when it is a checkpoint folder (FileNotFoundError when it is incomplete), else the complete
+    checkpoint with the highest step under the run ``uri`` (an incomplete newer one is logged and passed over)."""
     fs, path = filesystem(uri)
     if fs.exists(f"{path}/{STATE_FILE}"):
+        complete, missing = is_complete(uri)
+        if not complete:
+            raise FileNotFoundError(f"checkpoint {uri!r} is incomplete ({missing}): an upload cut short; use an "
+                                    "earlier checkpoint or the run folder (its newest complete one)")
         return uri
-    candidates = sorted(p for p in fs.ls(path, detail=False)
-                        if p.rstrip("/").rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)
-                        and fs.exists(f"{p.rstrip('/')}/{STATE_FILE}"))
-    if not candidates:
-        raise FileNotFoundError(f"no training checkpoint ({STATE_FILE}) in {uri!r} or its {CHECKPOINT_PREFIX}* folders")
-    name = candidates[-1].rstrip("/").rsplit("/", 1)[-1]
-    return join(uri, name)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.isdir(path) else []
+    # checkpoint_00000040 folders (not Ray Train's checkpoint_manager_snapshot.json beside them)
+    for name in reversed([n for n in names if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", n)]):
+        complete, missing = is_complete(join(uri, name))
+        if complete:
+            return join(uri, name)
+        log.warning("passing over %s/%s: incomplete (%s)", uri, name, missing)
+    raise FileNotFoundError(f"no complete training checkpoint ({STATE_FILE}) in {uri!r} or its {CHECKPOINT_PREFIX}* "
+                            "folders")
 
 
 def consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:

@@ -39,7 +39,10 @@ class DataConfig:
     bucket_micro_batch: dict[str, int] = field(default_factory=dict)
     label_key: str = "label"  # class-conditional task: the json metadata field that holds the class index
     seed: int = 0  # shuffle seed of the per-epoch plan (shard order per bucket, bucket draws)
-    cached_shards: int = 2  # decoded shards kept in memory per worker
+    open_shards: int = 2  # shard streams a worker keeps open (it reads its samples from them one at a time)
+    # steps whose samples a background thread reads and decodes ahead of training (0: read on the training thread);
+    # memory: that many steps of samples per worker
+    prefetch_steps: int = 2
 
 
 @dataclass
@@ -156,6 +159,10 @@ class RunConfig:
     name: str = "nextdit"  # run name; rerunning with the same name resumes from its latest checkpoint
     num_to_keep: int = 2
     max_failures: int = 3  # worker failures Ray Train recovers from (restart + resume from the latest checkpoint)
+    # "async": a checkpoint uploads to storage in the background while training goes on (Ray Train's ASYNC upload
+    # mode; the local copy is deleted once uploaded); "sync": the step waits for the upload
+    # (docs/training.md#checkpoints-and-resume)
+    checkpoint_upload: str = "async"
 
 
 @dataclass
@@ -209,6 +216,10 @@ class TrainJobConfig:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.scaling.workers < 1:
             raise ConfigError("--workers must be >= 1")
+        if self.run.checkpoint_upload not in ("async", "sync"):
+            raise ConfigError(f"run.checkpoint_upload must be async or sync, got {self.run.checkpoint_upload!r}")
+        if self.data.prefetch_steps < 0 or self.data.open_shards < 1:
+            raise ConfigError("data.prefetch_steps must be >= 0 and data.open_shards >= 1")
         for name, amount in self.scaling.custom_resources.items():
             if name in ("CPU", "GPU", "memory") or name.startswith("accelerator_type:"):
                 raise ConfigError(f"scaling.custom_resources.{name}: set it with scaling.cpus_per_worker, "

@@ -23,8 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
+import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -303,38 +306,104 @@ class SampleOrder:
 
 
 class ShardReader:
-    """Decoded samples of whole shards, a few kept in memory (a worker reads its piece shard by shard)."""
+    """Samples of shards read as streams, one sample at a time: a worker's piece of a shard is a contiguous run, so the
+    sample it asks for next is almost always the one after the last it read, and the shard's open stream goes on. Any
+    other index (a piece that starts mid-shard, a resume, a re-cut) reopens the shard and reads up to it. Memory: the
+    sample in hand and the read-ahead buffers of at most ``open_shards`` open streams, whatever the shard size."""
 
-    def __init__(self, catalog: ShardCatalog, cached: int = 2):
-        self.catalog, self.cached = catalog, max(1, cached)
-        self._cache: OrderedDict[int, list[dict]] = OrderedDict()
+    def __init__(self, catalog: ShardCatalog, open_shards: int = 2):
+        self.catalog, self.open_shards = catalog, max(1, open_shards)
+        self._streams: OrderedDict[int, tuple[Iterator[dict], int]] = OrderedDict()  # shard → (stream, next index)
 
     def sample(self, shard: int, index: int) -> dict:
-        if shard not in self._cache:
-            info = self.catalog.shards[shard]
-            samples = list(iter_samples(shard_url(self.catalog.root, info.path)))
-            if len(samples) != info.samples:
-                raise RuntimeError(f"{info.path}: the manifest says {info.samples} samples, the shard holds "
-                                   f"{len(samples)}")
-            self._cache[shard] = samples
-            while len(self._cache) > self.cached:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(shard)
-        return self._cache[shard][index]
+        info = self.catalog.shards[shard]
+        stream, position = self._streams.pop(shard, (None, 0))
+        if stream is None or index < position:
+            if stream is not None:
+                stream.close()
+            stream, position = iter_samples(shard_url(self.catalog.root, info.path)), 0
+        for position in range(position, index + 1):  # noqa: B007 - the samples before ``index`` are skipped
+            sample = next(stream, None)
+            if sample is None:
+                stream.close()
+                raise RuntimeError(f"{info.path}: the manifest says {info.samples} samples, the shard holds {position}")
+        if index + 1 == info.samples and next(stream, None) is not None:
+            stream.close()
+            raise RuntimeError(f"{info.path}: the manifest says {info.samples} samples, the shard holds more")
+        self._streams[shard] = (stream, index + 1)
+        while len(self._streams) > self.open_shards:
+            self._streams.popitem(last=False)[1][0].close()
+        return sample
+
+    def close(self) -> None:
+        while self._streams:
+            self._streams.popitem()[1][0].close()
 
 
 class BucketLoader:
-    """One worker's view: each call yields the bucket and this worker's micro-batches (lists of sample dicts)."""
+    """One worker's view: each call yields the bucket and this worker's micro-batches (lists of sample dicts).
+
+    With ``prefetch`` > 0 a background thread runs the sample order ahead and reads (from local disk or S3) and decodes
+    the samples of up to ``prefetch`` steps while the current ones train, so shard reads hide behind the step
+    (docs/training.md#batches-and-the-loader). It changes nothing of what a step gets: the order is the same pure
+    arithmetic, and ``state`` is always that of the steps handed out, never of the prefetched ones, so a checkpoint
+    resumes exactly once. Memory: ``prefetch`` steps of samples and ``open_shards`` shard streams. ``until``:
+    the producer stops after that step (the run's last), reading nothing beyond it.
+    """
 
     def __init__(self, catalog: ShardCatalog, rank: int, world: int, grad_accum: int, seed: int,
-                 state: LoaderState | None = None, cached_shards: int = 2):
+                 state: LoaderState | None = None, open_shards: int = 2, prefetch: int = 0,
+                 until: int | None = None):
         self.order = SampleOrder(catalog, grad_accum, world, seed)
         self.rank, self.grad_accum = rank, grad_accum
         self.state = self.order.adopt(state) if state is not None else self.order.initial_state()
-        self.reader = ShardReader(catalog, cached_shards)
+        self.reader = ShardReader(catalog, open_shards)
+        self.until = until
+        self._ahead: queue.Queue | None = None
+        if prefetch > 0:
+            self._ahead = queue.Queue(maxsize=prefetch)
+            self._stop = threading.Event()
+            self._producer = threading.Thread(target=self._produce, args=(LoaderState.from_json(self.state.to_json()),),
+                                              name=f"loader-prefetch-{rank}", daemon=True)
+            self._producer.start()
 
-    def next(self) -> tuple[StepSamples, list[list[dict]]]:
-        step = self.order.next(self.state)
+    def _read(self, state: LoaderState) -> tuple[StepSamples, list[list[dict]]]:
+        """Advance ``state`` one step and read this worker's samples of it."""
+        step = self.order.next(state)
         mine = [self.reader.sample(s, i) for s, i in step.samples[self.rank]]
         mb = self.order.catalog.buckets[step.bucket].micro_batch
         return step, [mine[k * mb:(k + 1) * mb] for k in range(self.grad_accum)]
+
+    def _produce(self, state: LoaderState) -> None:
+        try:
+            while not self._stop.is_set() and (self.until is None or state.step < self.until):
+                self._put((*self._read(state), state.to_json()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():  # a bounded wait, so that close() can always stop the thread
+            try:
+                return self._ahead.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def next(self) -> tuple[StepSamples, list[list[dict]]]:
+        if self._ahead is None:
+            return self._read(self.state)
+        if self.until is not None and self.state.step >= self.until:
+            raise RuntimeError(f"the loader was built to stop after step {self.until}")
+        item = self._ahead.get()
+        if isinstance(item, BaseException):
+            raise item
+        step, micro_batches, state = item
+        self.state = LoaderState.from_json(state)
+        return step, micro_batches
+
+    def close(self) -> None:
+        """Stop the prefetching thread and close the shard streams."""
+        if self._ahead is not None:
+            self._stop.set()
+            self._producer.join(timeout=30)
+        if self._ahead is None or not self._producer.is_alive():
+            self.reader.close()

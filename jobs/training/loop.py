@@ -126,6 +126,7 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
     """This worker's part of the run: build (or resume), then train to ``train.steps``, calling ``callbacks`` (after
     the SampleRecorder when ``train.record_samples`` is on) at the end of every step."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -151,63 +152,71 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
             state = LoaderState.from_json(json.dumps(saved["loader"]))
             log.info("rank %d resumed from step %d (saved on %d worker(s), now %d)", rank, saved["step"],
                      saved["world"], world)
-    loader = BucketLoader(catalog, rank, world, cfg.train.grad_accum, cfg.data.seed, state, cfg.data.cached_shards)
-    task = make_task(cfg, catalog, device)
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    loader = BucketLoader(catalog, rank, world, cfg.train.grad_accum, cfg.data.seed, state, cfg.data.open_shards,
+                          prefetch=cfg.data.prefetch_steps, until=cfg.train.steps)
+    try:
+        task = make_task(cfg, catalog, device)
+        dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
-    mcfg = model_config(cfg)
-    if saved is not None:  # what earlier attempts of this run trained on stays in the record (a resume may change data)
-        mcfg = mcfg.trained_on((), mcfg, from_dict(NextDiTConfig, saved["model"]))
-    peak = peak_flops(cfg.logging.peak_tflops) if cfg.scaling.gpu else None
-    start_step = loader.state.step
-    sink = None
-    if rank == 0:
-        sink = MetricsSink(run_dir, cfg.train.steps, start_step, to_dict(cfg), cfg.logging.wandb,
-                           cfg.logging.wandb_project, cfg.run.name, cfg.logging.progress)
-    attempt = f"{time.time_ns()}-{uuid.uuid4().hex[:6]}"
-    recorder = SampleRecorder(run_dir, rank) if cfg.train.record_samples else None
-    callbacks = ([recorder] if recorder else []) + list(callbacks)
-    meter = Throughput()
-    window_loss, window_count = 0.0, 0
+        mcfg = model_config(cfg)
+        if saved is not None:  # what earlier attempts trained on stays in the record (a resume may change the data)
+            mcfg = mcfg.trained_on((), mcfg, from_dict(NextDiTConfig, saved["model"]))
+        peak = peak_flops(cfg.logging.peak_tflops) if cfg.scaling.gpu else None
+        start_step = loader.state.step
+        sink = None
+        if rank == 0:
+            sink = MetricsSink(run_dir, cfg.train.steps, start_step, to_dict(cfg), cfg.logging.wandb,
+                               cfg.logging.wandb_project, cfg.run.name, cfg.logging.progress)
+        attempt = f"{time.time_ns()}-{uuid.uuid4().hex[:6]}"
+        recorder = SampleRecorder(run_dir, rank) if cfg.train.record_samples else None
+        callbacks = ([recorder] if recorder else []) + list(callbacks)
+        meter = Throughput()
+        window_loss, window_count = 0.0, 0
+        # Reports reach the controller in order: a metrics-only report sent synchronously would wait behind an upload
+        # still running in the background, so every report goes the same way
+        upload = CheckpointUploadMode.ASYNC if cfg.run.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
 
-    while loader.state.step < cfg.train.steps:
-        step_plan, micro_batches = loader.next()
-        step, bucket = step_plan.step, step_plan.bucket
-        loss_sum, count, caption_tokens = loss_step(engine, task, micro_batches, step_plan.epoch, dtype)
-        if ema is not None:
-            ema.update()
-        tokens = catalog.buckets[bucket].tokens(mcfg.patch_size)
-        meter.add(count * world, tokens * count * world, train_flops(mcfg, tokens, caption_tokens) * count * world)
-        window_loss, window_count = window_loss + loss_sum, window_count + count
+        while loader.state.step < cfg.train.steps:
+            step_plan, micro_batches = loader.next()
+            step, bucket = step_plan.step, step_plan.bucket
+            loss_sum, count, caption_tokens = loss_step(engine, task, micro_batches, step_plan.epoch, dtype)
+            if ema is not None:
+                ema.update()
+            tokens = catalog.buckets[bucket].tokens(mcfg.patch_size)
+            meter.add(count * world, tokens * count * world, train_flops(mcfg, tokens, caption_tokens) * count * world)
+            window_loss, window_count = window_loss + loss_sum, window_count + count
 
-        save_now = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
-        logged = step % cfg.train.log_every == 0 or save_now
-        if logged:
-            total, n = all_reduce_sum([window_loss, window_count], device)
-            metrics = {"step": step, "epoch": step_plan.epoch, "loss": total / n, "bucket": bucket,
-                       "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(engine.get_lr()[0]),
-                       "samples_seen": loader.state.samples, **meter.rates(world, peak)}
-            window_loss, window_count = 0.0, 0
-            meter.reset()
-            if sink is not None:
-                sink.log(step, metrics)
-                sink.flush(attempt, checkpoint=save_now)
-            if save_now:
-                with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
+            save_now = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
+            logged = step % cfg.train.log_every == 0 or save_now
+            if logged:
+                total, n = all_reduce_sum([window_loss, window_count], device)
+                metrics = {"step": step, "epoch": step_plan.epoch, "loss": total / n, "bucket": bucket,
+                           "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": float(engine.get_lr()[0]),
+                           "samples_seen": loader.state.samples, **meter.rates(world, peak)}
+                window_loss, window_count = 0.0, 0
+                meter.reset()
+                if sink is not None:
+                    sink.log(step, metrics)
+                    sink.flush(attempt, checkpoint=save_now)
+                if save_now:
+                    folder = tempfile.mkdtemp(prefix="ckpt-")  # Ray deletes it once uploaded
                     state = {"step": step, "world": world, "grad_accum": cfg.train.grad_accum,
                              "loader": json.loads(loader.state.to_json()),
                              "model": to_dict(mcfg), "lora": cfg.lora.enabled, "encoders": catalog.encoders,
                              "training": {"proportional_attn": cfg.train.proportional_attn}}
                     checkpointing.save(folder, engine, ema, state, to_dict(cfg))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                     checkpoint_dir_name=checkpointing.checkpoint_dir_name(step))
-            else:
-                ray.train.report(metrics)
-        event = StepEnd(step, step_plan.epoch, bucket, [s["key"] for mb in micro_batches for s in mb], rank, world,
-                        run_dir, logged)
-        for callback in callbacks:
-            callback(event)
-    if recorder is not None:
-        recorder.flush()
-    if sink is not None:
-        sink.close()
+                                     checkpoint_dir_name=checkpointing.checkpoint_dir_name(step),
+                                     checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+                else:
+                    ray.train.report(metrics, checkpoint_upload_mode=upload)
+            event = StepEnd(step, step_plan.epoch, bucket, [s["key"] for mb in micro_batches for s in mb], rank, world,
+                            run_dir, logged)
+            for callback in callbacks:
+                callback(event)
+        if recorder is not None:
+            recorder.flush()
+        if sink is not None:
+            sink.close()
+    finally:
+        loader.close()
