@@ -117,8 +117,10 @@ def test_a_killed_audio_run_resumes_exactly_once(prepared, tmp_path):
     from jobs.training.metrics import read_history
 
     steps = 6
+    # sync upload: checkpoint 3 is in storage before step 4 runs, so the restart resumes from it (with the default
+    # background upload it may still be uploading when rank 1 dies: tests/test_train_ray.py covers that case)
     cfg = make_config(prepared, tmp_path, "fault", steps=steps, model=AUDIO, data={"micro_batch": 2},
-                      train={"ckpt_every": 3})
+                      train={"ckpt_every": 3}, run={"checkpoint_upload": "sync"})
     validate(cfg)
     assert (cfg.train.task, cfg.data.modality) == ("t2a", "audio")
     trainer = build_trainer(cfg)

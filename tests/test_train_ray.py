@@ -342,14 +342,8 @@ FAIL_AFTER = 6
 HELD_UPLOAD = 4  # the checkpoint whose upload loop_held_upload_failing_once holds until the failure
 
 
-def loop_failing_once(loop_config):
-    from jobs.training.loop import run_worker
-
-    run_worker(from_dict(TrainJobConfig, loop_config["config"]), callbacks=[FailOnce()])
-
-
 def loop_held_upload_failing_once(loop_config):
-    """loop_failing_once, and in the attempt that fails, the upload of checkpoint HELD_UPLOAD never ends (it waits in
+    """The training loop with FailOnce, and in the attempt that fails, the upload of checkpoint HELD_UPLOAD never ends (it waits in
     Ray Train's background upload thread until Ray Train kills the worker group after rank 1's failure at step
     FAIL_AFTER): the steps in between train while it is pending. ``ray.train.report`` is wrapped in this worker
     process only."""
