@@ -366,8 +366,20 @@ def loop_held_upload_failing_once(loop_config):
             kwargs["checkpoint_upload_fn"] = held_upload
         report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name, **kwargs)
 
+    class FailOnceUploadHeld(FailOnce):
+        """FailOnce, once both ranks' upload threads hold checkpoint HELD_UPLOAD: reports go through the upload thread
+        in order and wait for the controller to take them, so on a loaded machine it may reach checkpoint 4 after
+        step 6; failing before that would test nothing."""
+
+        def __call__(self, event) -> None:
+            if event.step == FAIL_AFTER and event.rank == event.world - 1:
+                deadline = time.time() + 120
+                while len(list(run_dir.glob("upload-held-*"))) < event.world and time.time() < deadline:
+                    time.sleep(0.1)
+            super().__call__(event)
+
     ray.train.report = reporting
-    run_worker(cfg, callbacks=[FailOnce()])
+    run_worker(cfg, callbacks=[FailOnceUploadHeld()])
 
 
 def test_worker_failure_mid_upload_resumes_exactly_once(prepared, two_workers, tmp_path):
