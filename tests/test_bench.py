@@ -141,3 +141,16 @@ def test_points_bench_scores_every_density_and_mode_against_fresh_solids(tmp_pat
         assert row["mmd_ratio_vs_none"] == pytest.approx(row["mmd_cd"] / anchor["mmd_cd"])
     # at the training density every mode is the same model: scaling starts above it
     assert len({r["mmd_cd"] for r in rows if r["points"] == 256}) == 1
+
+
+def test_loader_bench_reads_from_a_local_s3_server_beside_its_anchor():
+    """The loader benchmark on a small synthetic output it writes to its own local S3 server: the read rate, then the
+    anchor (reads on the training thread) and the prefetched loader under the same stand-in step, and their ratio."""
+    proc = subprocess.run([sys.executable, "-m", "jobs.bench", "loader", "--samples", "32", "--per-shard", "8",
+                           "--side", "256", "--text-width", "64", "--micro-batch", "4"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "wrote 32 synthetic samples" in out and "(4 shards, 8 steps)" in out
+    assert "reads on the training thread (anchor)" in out and "prefetch 2 steps" in out
+    assert "prefetch / anchor step rate: " in out and "\ndevice: CPU" in out

@@ -30,6 +30,7 @@ import uuid
 import numpy as np
 
 from jobs.training.data import BucketLoader, ShardCatalog
+from models.geometry import latent_size
 
 MODALITY = "image"
 
@@ -42,7 +43,7 @@ def write_synthetic(output: str, samples: int, per_shard: int, side: int, text_t
     from pipelines.writer import ShardWriter, npy_bytes
 
     rng = np.random.default_rng(0)
-    shape = (4, side // 8, side // 8)
+    shape = (4, *latent_size(side, side))  # an SD/SDXL-family VAE's 4 channels
     slot = f"{MODALITY}/{side}x{side}"
     info = {"member": C.LATENT_MEMBER, "shape": list(shape), "dtype": "float16", "micro_batch": micro_batch}
     writer = ShardWriter(output, {}, uuid.uuid4().hex[:8], per_shard, {})
