@@ -44,9 +44,15 @@ def check_job_path(path: str | None, name: str) -> None:
 def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a cluster
     already running on this machine); otherwise start a fresh local cluster whose node address is 127.0.0.1 — the
-    embedded default never attaches to someone else's Ray by accident, and its dashboard is off. Ray's own servers
-    (GCS, raylet, workers) still bind every interface: on a shared network, firewall the machine or set Ray's token
-    authentication (``RAY_AUTH_MODE=token``).
+    embedded default never attaches to someone else's Ray by accident.
+
+    The local cluster (docs/architecture.md#stack-pitfalls, "Ray on one machine"):
+    - keeps Ray's token authentication, on by default for a new local cluster: Ray's own servers (GCS, raylet, workers)
+      bind every interface, and the token is what stops another machine from running code on this one. A cluster
+      started with ``RAY_AUTH_MODE=disabled`` gets a warning.
+    - runs its dashboard on 127.0.0.1 only (the next free port from 8265): the state API lives there, and Ray Train's
+      placement-group cleaner asks it whether the run's controller is alive — without it the cleaner cannot tell and
+      logs "Failed to query Ray Train Controller actor state" every few seconds of every training run.
 
     A no-op when Ray is already initialised (tests share one session-wide cluster).
     """
@@ -58,7 +64,11 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+            log.warning("RAY_AUTH_MODE=disabled: this local Ray cluster runs without token authentication, and its "
+                        "servers listen on every interface; firewall the machine, or unset RAY_AUTH_MODE")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **kwargs)
     log.info("Ray resources: %s", ray.cluster_resources())
 
 

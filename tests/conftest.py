@@ -22,6 +22,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default, to take their reports and to see them finish: a tiny
+# test run waits on that poll at each checkpoint and at its end. Set before the cluster starts (its workers inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +136,8 @@ def ray_cluster(s3_server):
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,  # logical CPUs: lets 2 train workers + data tasks coexist on a 2-core CI machine
-            include_dashboard=False,
+            include_dashboard=True,  # on loopback, as jobs.runtime.init_ray has it: the state API Ray Train asks
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
         )

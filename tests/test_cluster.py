@@ -76,3 +76,64 @@ def test_job_submitted_with_working_dir_runs_and_writes_its_output(head_node, tm
     converted = NextDiT.from_pretrained(str(tmp_path / "out"))
     for key, value in model.state_dict().items():
         assert (converted.state_dict()[key] == value).all()
+
+
+EMBEDDED = """
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+from jobs.runtime import init_ray
+import ray
+init_ray(num_cpus=1)
+node = ray._private.worker.global_worker.node
+print(json.dumps({{"dashboard": node.address_info["webui_url"],
+                  "pids": [p.process.pid for procs in node.all_processes.values() for p in procs]}}), flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_embedded_cluster_keeps_token_auth_serves_its_state_api_on_loopback_and_dies_with_its_driver(tmp_path):
+    """jobs.runtime.init_ray's local cluster as a user gets it (RAY_AUTH_MODE unset): Ray's token authentication on,
+    so its dashboard and state API (on 127.0.0.1, where Ray Train's placement-group cleaner asks whether its
+    controller lives) refuse a request without the token and answer one with it; a SIGTERM to the driver alone, as
+    Kubernetes or `kill` sends, leaves none of the cluster's processes (GCS, raylet, dashboard) behind."""
+    import json
+    import signal
+    import urllib.error
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["HOME"] = str(tmp_path)  # Ray writes the cluster's token under ~/.ray
+    driver = subprocess.Popen([sys.executable, "-c", EMBEDDED.format(root=str(REPO_ROOT))], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    info = {"pids": []}
+    try:
+        info = json.loads(driver.stdout.readline())
+        url = f"http://{info['dashboard']}/api/v0/actors"
+        assert info["dashboard"].startswith("127.0.0.1:")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=30)
+        assert refused.value.code in (401, 403)
+        token = (tmp_path / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200 and json.loads(response.read())["result"]
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=60)
+        deadline = time.time() + 30
+        while (alive := [p for p in info["pids"] if running(p)]) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not alive, f"left running after the driver's SIGTERM: {alive}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in info["pids"]:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from jobs.runtime import free_port
+from jobs.runtime import free_port, init_ray
 
 
 def tiny_models(root: str) -> str:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     with tempfile.TemporaryDirectory() as root:
         model = args.model or tiny_models(root)
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        init_ray()
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print(f"device: {device} | {args.requests} requests, {args.concurrency} concurrent clients, size {args.size}, "

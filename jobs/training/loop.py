@@ -172,8 +172,10 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
         callbacks = ([recorder] if recorder else []) + list(callbacks)
         meter = Throughput()
         window_loss, window_count = 0.0, 0
-        # Reports reach the controller in order: a metrics-only report sent synchronously would wait behind an upload
-        # still running in the background, so every report goes the same way
+        # Only checkpoints are reported to Ray Train; every logged step's metrics go to the sink (metrics.jsonl,
+        # wandb, the progress bar). A worker holds one unconsumed report, which the controller takes at its poll
+        # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a metrics report per log step held a fast step for up to 2 s
+        # (docs/training.md#metrics).
         upload = CheckpointUploadMode.ASYNC if cfg.run.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
 
         while loader.state.step < cfg.train.steps:
@@ -208,8 +210,6 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                      checkpoint_dir_name=checkpointing.checkpoint_dir_name(step),
                                      checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
-                else:
-                    ray.train.report(metrics, checkpoint_upload_mode=upload)
             event = StepEnd(step, step_plan.epoch, bucket, [s["key"] for mb in micro_batches for s in mb], rank, world,
                             run_dir, logged)
             for callback in callbacks:
