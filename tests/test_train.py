@@ -591,6 +591,28 @@ def test_wandb_mode_comes_from_the_config_else_the_environment(monkeypatch):
                                    "logging": {"wandb": "loud"}}).validate()
 
 
+def test_the_progress_bar_of_a_worker_is_drawn_by_the_driver(tmp_path, monkeypatch, capsys):
+    """Rank 0's bar is Ray's tqdm: inside a Ray worker it prints its state as one JSON line (position, step, total,
+    loss) that the driver's log monitor draws, never tqdm's carriage-return redraws, which Ray's per-line log prefixes
+    garble."""
+    import json
+
+    import ray
+
+    from jobs.training.metrics import MetricsSink
+
+    monkeypatch.setattr(ray._private.worker.global_worker, "mode", ray.WORKER_MODE)
+    sink = MetricsSink(str(tmp_path), 20, 4, {}, "disabled", "p", "r", progress=True)
+    sink.log(10, {"loss": 0.25, "bucket": "32x32"})
+    sink.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines and "\r" not in "".join(lines)
+    states = [json.loads(line) for line in lines]
+    assert states[-1]["x"] == 10 and states[-1]["total"] == 20 and states[-1]["closed"]
+    assert "loss 0.2500" in states[-1]["desc"] and "32x32" in states[-1]["desc"]
+    assert sink.bar.n == 10
+
+
 def test_offline_wandb_run_is_copied_into_remote_storage(tmp_path, monkeypatch):
     """With storage wandb cannot write (s3://; here fsspec's memory://), the offline run is written to a local staging
     folder and lands under {run}/wandb/offline-run-* at a checkpoint and after the end, ready for `wandb sync`."""

@@ -29,7 +29,7 @@ from jobs.training import checkpointing
 from jobs.training.config import TrainJobConfig
 from jobs.training.data import BucketLoader, LoaderState, ShardCatalog
 from jobs.training.metrics import MetricsSink, Throughput, peak_flops, train_flops
-from jobs.training.parallelize import ShardedEMA, build_model, model_config, parallelize
+from jobs.training.parallelize import ShardedEMA, build_model, model_config, parallelize, quiet_deepspeed
 from jobs.training.tasks import Task, make_task
 from models.config_io import from_dict, to_dict
 from models.flow import flow_matching_loss
@@ -131,6 +131,7 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_deepspeed(cfg.scaling.gpu)
     if cfg.scaling.gpu:
         device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)

@@ -155,9 +155,12 @@ class MetricsSink:
         self.history: list[dict[str, Any]] = []
         self.bar = None
         if progress:
-            from tqdm import tqdm
+            # Ray's tqdm: from a worker it sends the bar's state to the driver, which draws it; a plain tqdm's carriage
+            # returns come through Ray's per-line log prefixes as a garbled line per refresh
+            from ray.experimental.tqdm_ray import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", mininterval=1.0)
+            self.bar = tqdm(total=total_steps, desc="train", unit="step")
+            self.bar.n = start_step
         self.wandb = None
         if self.wandb_mode != "disabled":
             self.wandb = self._init_wandb(config, self.wandb_mode, project, run_name)
@@ -177,7 +180,7 @@ class MetricsSink:
         self.history.append({"step": step, **metrics})
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", bucket=metrics.get("bucket"), refresh=True)
+            self.bar.set_description(f"train loss {metrics['loss']:.4f} bucket {metrics.get('bucket')}")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 

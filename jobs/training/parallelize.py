@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -22,6 +24,17 @@ from jobs.training.config import TrainJobConfig
 from models import NextDiT, NextDiTConfig, preset
 
 log = logging.getLogger(__name__)
+
+
+def quiet_deepspeed(gpu: bool) -> None:
+    """Stop, in this worker before DeepSpeed loads, the messages that every rank repeats without news, which flooded a
+    training log ("repeated 120x across cluster"): DeepSpeed calls torch.distributed's ``all_gather_into_tensor`` /
+    ``reduce_scatter_tensor``, which torch marks deprecated with a FutureWarning per call site and rank, and on a CPU
+    worker it warns that it fell back to its CPU accelerator — named here through ``DS_ACCELERATOR``, as the run asks
+    for it (``scaling.gpu``). A user's own ``DS_ACCELERATOR`` stays."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 
 def model_config(cfg: TrainJobConfig) -> NextDiTConfig:
