@@ -33,8 +33,8 @@ def quiet_deepspeed(gpu: bool) -> None:
     worker it warns that it fell back to its CPU accelerator — named here through ``DS_ACCELERATOR``, as the run asks
     for it (``scaling.gpu``). A user's own ``DS_ACCELERATOR`` stays."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", category=FutureWarning, message=deprecated)
 
 
 def model_config(cfg: TrainJobConfig) -> NextDiTConfig:
