@@ -138,6 +138,7 @@ def ray_cluster(s3_server):
             num_cpus=4,  # logical CPUs: lets 2 train workers + data tasks coexist on a 2-core CI machine
             include_dashboard=True,  # on loopback, as jobs.runtime.init_ray has it: the state API Ray Train asks
             dashboard_host="127.0.0.1",
+            _metrics_export_port=free_port(),  # Ray's metrics agent: tests scrape what the jobs export
             _node_ip_address="127.0.0.1",
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -260,3 +261,61 @@ def test_cluster_launcher_commands_parse_with_rays_cli():
     head, worker = started["start"]
     assert head["head"] and head["port"] == 6379 and head["autoscaling_config"]
     assert worker["address"] == "$RAY_HEAD_IP:6379"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Observability: infra/observability/ scrapes every Ray pod and draws only metrics that exist
+OBSERVABILITY = REPO_ROOT / "infra" / "observability"
+SUFFIXES = re.compile(r"_(total|bucket|sum|count)$")  # what Prometheus adds to a counter's or a histogram's name
+
+
+def ray_groups():
+    """(manifest, group spec) of every head and worker group of the cluster manifests (RayCluster, RayService)."""
+    for path in MANIFESTS:
+        doc = yaml.safe_load(path.read_text())
+        spec = doc["spec"].get("rayClusterConfig", doc["spec"]) if doc["kind"] == "RayService" else doc["spec"]
+        if "headGroupSpec" in spec:
+            for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+                yield path.name, group
+
+
+def test_the_podmonitor_scrapes_the_metrics_port_of_every_ray_container():
+    monitor = yaml.safe_load((OBSERVABILITY / "podmonitor.yaml").read_text())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}  # KubeRay's label of Ray pods
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    groups = list(ray_groups())
+    assert len(groups) >= 5
+    for manifest, group in groups:
+        port = int(group["rayStartParams"]["metrics-export-port"])
+        for container in group["template"]["spec"]["containers"]:
+            named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+            assert named.get(endpoint["port"]) == port, (manifest, group.get("groupName", "head"), container["name"])
+
+
+def defined_lumina_metrics() -> set[str]:
+    """Every ray.util.metrics name the code defines: serve/ and jobs/ sources, and the training gauges."""
+    from jobs.training.metrics import PROMETHEUS_GAUGES
+
+    names = set(PROMETHEUS_GAUGES.values())
+    for path in [*(REPO_ROOT / "serve").rglob("*.py"), *(REPO_ROOT / "jobs").rglob("*.py")]:
+        names |= set(re.findall(r"(?:Counter|Gauge|Histogram)\(\s*\"(lumina_\w+)\"", path.read_text()))
+    return names
+
+
+def test_the_grafana_dashboard_draws_every_lumina_metric_and_only_metrics_that_exist():
+    import json
+
+    import ray
+
+    dashboard = json.loads((OBSERVABILITY / "grafana-lumina.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    drawn = {SUFFIXES.sub("", name) for e in exprs for name in re.findall(r"\bray_(\w+)", e)}
+    ours = defined_lumina_metrics()
+    assert {"lumina_http_requests", "lumina_images_generated", "lumina_train_loss"} <= ours
+    assert {n for n in drawn if n.startswith("lumina_")} == ours  # nothing drawn that is not defined, nothing left out
+    ray_source = "\n".join(p.read_text(errors="ignore") for sub in ("serve/_private", "dashboard/modules/reporter")
+                           for p in (Path(ray.__file__).parent / sub).rglob("*.py"))
+    for name in drawn - ours:  # Ray's own metrics: names Ray's installed source defines
+        assert f'"{name}"' in ray_source, f"ray_{name} is not a metric of Ray {ray.__version__}"
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])  # Grafana keys panels by id

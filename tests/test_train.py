@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -611,6 +612,38 @@ def test_the_progress_bar_of_a_worker_is_drawn_by_the_driver(tmp_path, monkeypat
     assert states[-1]["x"] == 10 and states[-1]["total"] == 20 and states[-1]["closed"]
     assert "loss 0.2500" in states[-1]["desc"] and "32x32" in states[-1]["desc"]
     assert sink.bar.n == 10
+
+
+def test_rank_0_metrics_reach_prometheus_through_rays_metrics_agent(ray_cluster, tmp_path):
+    """Inside a Ray worker, MetricsSink sets the training gauges (tagged with the run) that the node's metrics agent
+    serves to Prometheus as ray_lumina_train_* (infra/observability/ draws them)."""
+    import time
+    import urllib.request
+
+    from jobs.training.metrics import MetricsSink
+
+    @ray_cluster.remote(num_cpus=0)
+    def log_a_step(run_dir: str) -> None:
+        sink = MetricsSink(run_dir, 10, 0, {}, "disabled", "p", "gauge-run", progress=False)
+        sink.log(3, {"loss": 0.25, "samples_per_s": 12.5, "bucket": "32x32"})
+        deadline = time.time() + 60  # the gauges live with this worker: it stays until the test has read them
+        while not os.path.exists(os.path.join(run_dir, "read")) and time.time() < deadline:
+            time.sleep(0.2)
+
+    running = log_a_step.remote(str(tmp_path))
+    url = f"http://127.0.0.1:{ray_cluster._private.worker.global_worker.node.metrics_export_port}/metrics"
+    wanted = {"ray_lumina_train_loss": 0.25, "ray_lumina_train_step": 3.0, "ray_lumina_train_samples_per_s": 12.5}
+    found: dict[str, float] = {}
+    deadline = time.time() + 60
+    while set(found) != set(wanted) and time.time() < deadline:
+        for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted and 'run="gauge-run"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+        time.sleep(1)
+    (tmp_path / "read").touch()
+    ray_cluster.get(running)
+    assert found == wanted
 
 
 def test_offline_wandb_run_is_copied_into_remote_storage(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Training metrics (issue "Metrics every N steps"): loss, grad norm, lr, samples/s, tokens/s, bucket and, on GPU, model
-FLOP utilisation — through ``ray.train.report``, the console (a progress bar on rank 0) and wandb (offline by default).
+FLOP utilisation — through the console (a progress bar on rank 0), Prometheus gauges, wandb (offline by default),
+``metrics.jsonl``, and with each checkpoint ``ray.train.report``.
 
 MFU counts *model* FLOPs (forward + backward = 3 × forward, matmuls and attention only, the PaLM convention of
 docs/benchmarks.md#targets): activation-checkpointing recomputation is not counted, so turning it on lowers MFU, as it
@@ -144,8 +145,38 @@ def describe_wandb(configured: str | None, run_dir: str, run_name: str) -> str:
     return line
 
 
+# Rank 0's metrics as Prometheus gauges, tagged with the run name: Ray's metrics agent on the node exports each as
+# ray_<name>{run=…} (infra/observability/ scrapes and draws them; docs/training.md#metrics).
+PROMETHEUS_GAUGES = {
+    "step": "lumina_train_step",
+    "loss": "lumina_train_loss",
+    "grad_norm": "lumina_train_grad_norm",
+    "lr": "lumina_train_lr",
+    "samples_per_s": "lumina_train_samples_per_s",
+    "tokens_per_s": "lumina_train_tokens_per_s",
+    "tflops_per_device": "lumina_train_tflops_per_device",
+    "mfu": "lumina_train_mfu",
+}
+
+
+def prometheus_gauges(run_name: str) -> dict[str, Any]:
+    """The gauges of PROMETHEUS_GAUGES, tagged ``run``; none outside Ray (no metrics agent to export them)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    from ray.util.metrics import Gauge
+
+    gauges = {}
+    for key, name in PROMETHEUS_GAUGES.items():
+        gauges[key] = Gauge(name, f"training {key} of rank 0 at its last logged step", tag_keys=("run",))
+        gauges[key].set_default_tags({"run": run_name})
+    return gauges
+
+
 class MetricsSink:
-    """Rank 0's outputs: a progress bar, wandb, and ``metrics.jsonl`` in the run directory (every logged step)."""
+    """Rank 0's outputs: a progress bar, Prometheus gauges, wandb, and ``metrics.jsonl`` in the run directory (every
+    logged step)."""
 
     def __init__(self, run_dir: str, total_steps: int, start_step: int, config: dict[str, Any],
                  wandb_configured: str | None, project: str, run_name: str, progress: bool):
@@ -161,6 +192,7 @@ class MetricsSink:
 
             self.bar = tqdm(total=total_steps, desc="train", unit="step")
             self.bar.n = start_step
+        self.gauges = prometheus_gauges(run_name)
         self.wandb = None
         if self.wandb_mode != "disabled":
             self.wandb = self._init_wandb(config, self.wandb_mode, project, run_name)
@@ -181,6 +213,9 @@ class MetricsSink:
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_description(f"train loss {metrics['loss']:.4f} bucket {metrics.get('bucket')}")
+        for key, gauge in self.gauges.items():
+            if isinstance(value := {"step": step, **metrics}.get(key), (int, float)):
+                gauge.set(float(value))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
