@@ -1,10 +1,11 @@
-"""``python -m jobs.export CHECKPOINT_URI OUT_DIR [--ema/--no-ema]``
+"""``python -m jobs.export CHECKPOINT_URI OUT_DIR [--ema/--no-ema] [--push-to-hub ORG/NAME [--private]]``
 
 Turns a training checkpoint (a Ray Train checkpoint folder, or a run folder: its latest checkpoint; local or s3://) into
 a model folder (docs/architecture.md#model-folder): config.json + model.safetensors (raw weights) +
 ema.safetensors, with the
 text-encoder / VAE references, loadable by NextDiT.from_pretrained and the Sampler and convertible with jobs.convert.
 A LoRA run exports a peft adapter folder instead (EMA adapters under ema/), applied on top of model.init_from.
+``--push-to-hub`` then uploads the folder as a Hub model repo (docs/architecture.md#model-paths).
 """
 
 from __future__ import annotations
@@ -97,23 +98,59 @@ def _write_adapter(train_config: dict, raw: dict, ema_state: dict | None, out_di
         save_adapter(NextDiT.from_pretrained(base), lora, ema_state, os.path.join(out_dir, "ema"))
 
 
+def check_hub_repo(repo: str) -> None:
+    """Refuse, before anything is exported, a push that cannot happen: a malformed repo id, or HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    from models.config_io import ConfigError
+    from models.storage import HUB_ID
+
+    match = HUB_ID.match(repo)
+    if not match or match["revision"]:
+        raise ConfigError(f"--push-to-hub {repo!r} is not a Hub repo id (org/name)")
+    if constants.is_offline_mode():
+        raise ConfigError("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set in this environment")
+
+
+def push_to_hub(out_dir: str, repo: str, private: bool = False) -> str:
+    """Upload the exported folder ``out_dir`` (local or s3://) as the model repo ``repo``, created if missing; returns
+    the commit's URL. The token is the environment's (HF_TOKEN or a saved login), never a flag."""
+    from huggingface_hub import HfApi
+
+    from models.storage import local_copy
+
+    api = HfApi()
+    api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+    with local_copy(out_dir) as folder:
+        info = api.upload_folder(repo_id=repo, repo_type="model", folder_path=folder,
+                                 commit_message=f"jobs.export of {out_dir}")
+    return str(info)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser("jobs.export", __doc__.split("\n\n")[1])
     parser.add_argument("checkpoint", help="training checkpoint folder or run folder (local or s3://)")
     parser.add_argument("out_dir", help="model folder to write (local or s3://)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="also write the EMA weights (ema.safetensors); --no-ema: raw weights only")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME",
+                        help="then upload the folder as this Hugging Face Hub model repo (token: HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     from jobs.runtime import check_job_path
 
     check_job_path(args.out_dir, "out_dir")
+    if args.push_to_hub:
+        check_hub_repo(args.push_to_hub)
     try:
         uri = export(args.checkpoint, args.out_dir, ema=args.ema)
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 1
     log.info("wrote %s from %s", args.out_dir, uri)
+    if args.push_to_hub:
+        log.info("pushed to the Hub: %s", push_to_hub(args.out_dir, args.push_to_hub, args.private))
     return 0
 
 

@@ -3,13 +3,15 @@
 Every job that takes a URI goes through here, so S3 settings (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`) are honoured the same way everywhere. Remote files are staged here too: read
 through ``local_copy`` (one use) or ``local_path`` (a cached copy, for models many workers load), written through
-``staged_output`` (write locally, then upload).
+``staged_output`` (write locally, then upload). A Hugging Face Hub id (``org/name``, ``org/name@revision``) names a
+model folder too: ``hub_snapshot`` resolves it through ``huggingface_hub``'s cache (docs/architecture.md#model-paths).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -71,14 +73,56 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+
+
+def is_hub_id(uri: str) -> bool:
+    """``org/name`` or ``org/name@revision`` that is not a local path (a relative folder of that name wins)."""
+    return not is_remote(str(uri)) and bool(HUB_ID.match(str(uri))) and not os.path.exists(str(uri))
+
+
+def hub_snapshot(uri: str) -> str:
+    """The local folder of the Hub repo ``uri`` (``org/name[@revision]``), fetched into the Hugging Face cache
+    (``HF_HUB_CACHE`` / ``HF_HOME``) if it is not there yet, as transformers and diffusers do. ``HF_HUB_OFFLINE=1``
+    fetches nothing: a repo missing from the cache is then a FileNotFoundError saying how to get it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    match = HUB_ID.match(str(uri))
+    repo, revision = match["repo"], match["revision"]
+    try:
+        return snapshot_download(repo, revision=revision)
+    except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
+        where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        if constants.is_offline_mode():
+            raise FileNotFoundError(
+                f"{uri!r} is not a local path, and the Hub repo {repo} is not in {where}: HF_HUB_OFFLINE is set, so "
+                f"nothing is downloaded; fetch it where the Hub is reachable (`huggingface-cli download {repo}` with "
+                "the same HF_HOME) or unset HF_HUB_OFFLINE") from exc
+        raise FileNotFoundError(f"{uri!r} is not a local path, and the Hub repo {repo} could not be fetched into "
+                                f"{where}: {exc}") from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise FileNotFoundError(f"{uri!r} is not a local path, and the Hub has no repo {repo}"
+                                f"{f' at revision {revision}' if revision else ''} (a gated or private one needs "
+                                "HF_TOKEN)") from exc
+
+
 def local_path(uri: str, cache_dir: str | None = None) -> str:
     """A local path for a model folder or file given as a local path, a hub id or an ``s3://`` URL.
 
     Remote folders are copied once into a content-addressed cache (``$LUMINA_CACHE`` or ``~/.cache/lumina-ray``) and
     reused: every worker of a job that loads ``encode.vae=s3://…`` downloads it once per machine. A copy is complete
-    only when its marker file exists, so an interrupted download is redone, never half-used. Local paths and hub ids are
-    returned unchanged. (A copy for one use, removed after it, is ``local_copy``.)
+    only when its marker file exists, so an interrupted download is redone, never half-used. A Hub id gives its
+    snapshot in the Hugging Face cache (``hub_snapshot``); a local path is returned unchanged. (A copy for one use,
+    removed after it, is ``local_copy``.)
     """
+    if is_hub_id(str(uri)):
+        return hub_snapshot(str(uri))
     if not is_remote(str(uri)):
         return str(uri)
     root = cache_dir or os.environ.get("LUMINA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lumina-ray")
