@@ -8,6 +8,8 @@ official ``image_size`` of a checkpoint is its token grid side × 16 (docs/archi
 
 from __future__ import annotations
 
+import re
+
 VAE_DOWNSAMPLE = 8  # pixels per latent cell per side
 DEFAULT_PATCH_SIZE = 2  # latent cells per token per side (NextDiTConfig.patch_size)
 MAX_SIDE = 2048  # default upper bound on either image side in pixels (SamplerConfig.max_side)
@@ -52,10 +54,15 @@ def check_size(width: int, height: int, max_side: int = MAX_SIDE, patch_size: in
         raise ValueError(f"size {width}x{height} has {width * height} pixels, above the maximum of {max_pixels}")
 
 
+# "WxH" of ASCII digits: `\d`, int() and str.isdigit() also take other scripts' digits ("６４x６４"). The HTTP schema
+# publishes the same pattern (serve/schema.py).
+SIZE_PATTERN = r"^[0-9]+x[0-9]+$"
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' (e.g. '1024x768') → (width, height)."""
-    try:
-        w, h = str(text).strip().lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise ValueError(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 1024x768") from None
+    """'WxH' (e.g. '1024x768'; ASCII digits, case and surrounding blanks ignored) → (width, height)."""
+    size = str(text).strip().lower()
+    if not re.match(SIZE_PATTERN, size):
+        raise ValueError(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 1024x768")
+    w, h = size.split("x")
+    return int(w), int(h)

@@ -14,13 +14,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from models.geometry import SIZE_PATTERN
 from models.rope import ROPE_MODES
 from models.schedules import SCHEDULES
 from models.solvers import SOLVERS
 
 MAX_SEED = 2**63 - 1
-# "WxH" of ASCII digits: `\d`, int() and str.isdigit() also take other scripts' digits ("６４x６４").
-SIZE_PATTERN = r"^[0-9]+x[0-9]+$"
 
 
 class _GenerationRequest(BaseModel):

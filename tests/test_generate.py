@@ -58,6 +58,7 @@ def test_config_file_and_set_overrides(parts, tmp_path):
     (["--size", "81x48"], "multiple of 16"), (["--size", "4096x64"], "exceeds the maximum"),
     (["--steps", "0"], "steps"), (["--solver", "leapfrog"], "unknown solver"),
     (["--schedule", "cosine"], "unknown schedule"), (["--size", "big"], "WIDTHxHEIGHT"),
+    (["--size", "６４x６４"], "WIDTHxHEIGHT"),  # other scripts' digits: int() takes them, the API refuses them
     (["--set", "sampler.rope.mode=yarn"], "unknown RoPE scaling mode"), (["--set", "nope=1"], "unknown config key"),
 ])
 def test_bad_input_fails_with_a_clear_error(parts, tmp_path, extra, match):
