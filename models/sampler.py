@@ -75,7 +75,7 @@ from models.nextdit import ContextDrop, NextDiT
 from models.points import MAX_POINTS, check_points
 from models.rope import RopeScaling
 from models.schedules import OFFICIAL_SHIFT, ScheduleConfig, make_schedule
-from models.solvers import ADAPTIVE_SOLVERS, check_solver
+from models.solvers import ADAPTIVE_SOLVERS, check_solver, nfe_for
 from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoderStack
 from models.vae import ImageVAE, VAEConfig, images_to_uint8
 from models.vocoder import GriffinLim, Vocoder, VocoderConfig, load_vocoder
@@ -182,6 +182,10 @@ class GenerationResult:
     points: np.ndarray | None = None  # point-cloud models: (N, 3) float32 coordinates
 
 
+class GenerationCancelled(RuntimeError):
+    """``Sampler.generate``'s ``should_stop`` said stop: the solve ended between two model evaluations."""
+
+
 @dataclass(frozen=True)
 class ResolvedRequest:
     """A request validated and with every default filled in (``Sampler.resolve``)."""
@@ -213,6 +217,15 @@ class ResolvedRequest:
     def negative_text(self) -> tuple[str, str]:
         """The unconditional branch's texts: the negative prompt for every part of a stack."""
         return self.negative_prompt, self.negative_prompt
+
+    def cost(self) -> int | None:
+        """What one slot of this request's solve costs, in latent elements × model evaluations (× 2 with CFG, whose
+        two branches run as one double batch): the unit a server prices requests in
+        (docs/sampling.md#cost-and-deadlines). None for an adaptive solver, whose evaluations are known only after."""
+        nfe = nfe_for(self.solver, self.steps)
+        if nfe is None:
+            return None
+        return self.latent_shape[0] * self.latent_shape[1] * nfe * (2 if self.guidance != 1.0 else 1)
 
     def group_key(self, caption_length: int | None) -> tuple:
         """Requests with equal keys share a solve. ``caption_length`` is None for class requests (they have no caption),
@@ -488,10 +501,11 @@ class Sampler:
         return torch.cat([feats for feats, _ in padded]), torch.cat([mask for _, mask in padded])
 
     @torch.inference_mode()
-    def generate(self, requests: list[GenerationRequest],
-                 progress: Callable[[int], None] | None = None) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], progress: Callable[[int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[GenerationResult]:
         """Generate one image per request (results in request order). ``progress(n)`` is called after each solve with
-        the number of requests it finished."""
+        the number of requests it finished. ``should_stop()`` is asked before every model evaluation; when it says
+        True the call raises :class:`GenerationCancelled` (a server's deadline: docs/sampling.md#cost-and-deadlines)."""
         plans = self.resolve(requests)
         cache: dict = {}
         text = self.model.config.conditioning == "text"
@@ -512,7 +526,7 @@ class Sampler:
             slots = 1 if members[0].solver in ADAPTIVE_SOLVERS else self.config.batch_size
             for start in range(0, len(members), slots):
                 chunk = members[start:start + slots]
-                for plan, result in zip(chunk, self._solve(chunk, slots, key[1], cache)):
+                for plan, result in zip(chunk, self._solve(chunk, slots, key[1], cache, should_stop)):
                     results[plan.index] = result
                 if progress is not None:
                     progress(len(chunk))
@@ -537,8 +551,8 @@ class Sampler:
         return {"cap_feats": feats.to(device), "cap_mask": mask.to(device), "uncond_feats": uncond_feats,
                 "uncond_mask": uncond_mask}
 
-    def _solve(self, chunk: list[ResolvedRequest], slots: int, caption_length: int | None,
-               cache: dict) -> list[GenerationResult]:
+    def _solve(self, chunk: list[ResolvedRequest], slots: int, caption_length: int | None, cache: dict,
+               should_stop: Callable[[], bool] | None = None) -> list[GenerationResult]:
         began = time.perf_counter()
         first = chunk[0]
         cfg_model = self.model.config
@@ -555,6 +569,8 @@ class Sampler:
             self.forward, **self._conditioning(padded, caption_length, cache), guidance=first.guidance,
             cfg_channels=first.cfg_channels, rope_scaling=first.rope, context_drop=first.context_drop,
         )
+        if should_stop is not None:
+            fn = stoppable(fn, should_stop)
         grid = make_schedule(first.schedule).grid(first.steps)
         solved = solve(fn, x0, grid, first.solver, self.config.atol, self.config.rtol)
         latents = solved.x[: len(chunk)].float()
@@ -629,6 +645,16 @@ def _component_config(spec, config_cls, instance_cls, model_path: str):
     elif isinstance(spec, dict):
         spec = from_dict(config_cls, spec)
     return dataclasses.replace(spec, path=_resolve_path(spec.path, str(model_path)))
+
+
+def stoppable(fn: Callable, should_stop: Callable[[], bool]) -> Callable:
+    """``fn`` (a velocity function) that first asks ``should_stop()`` and raises GenerationCancelled when it says so."""
+    def checked(*args, **kwargs):
+        if should_stop():
+            raise GenerationCancelled("the solve was stopped between two model evaluations (its deadline passed)")
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 def resolve_text_encoder_config(spec, model_path: str) -> TextEncoderConfig | None:

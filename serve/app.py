@@ -10,6 +10,7 @@ a KubeRay RayService all use it; ``python -m jobs.serve`` wraps it for local use
 
 import asyncio
 import base64
+import collections
 import copy
 import hmac
 import io
@@ -109,6 +110,9 @@ class SamplerReplica:
                                  boundaries=LATENCY_BUCKETS, tag_keys=("size",))
         self.nfe = Histogram("lumina_image_nfe", "function evaluations per image",
                              boundaries=[2, 5, 10, 20, 40, 80, 160, 320])
+        # per model: the last measured seconds per cost unit of a solve's slot (ResolvedRequest.cost), which prices
+        # a request before it runs (docs/sampling.md#cost-and-deadlines)
+        self.unit_seconds: dict[str, collections.deque] = {}
 
     def _load(self, name: str):
         from models.sampler import Sampler
@@ -149,6 +153,8 @@ class SamplerReplica:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def generate_batch(self, model_ids: list[str], requests: list[dict]) -> list[dict]:
+        from models.sampler import GenerationCancelled
+
         results: list[dict | None] = [None] * len(requests)
         by_model: dict[str, list[int]] = {}
         for i, model_id in enumerate(model_ids):
@@ -174,10 +180,21 @@ class SamplerReplica:
                     results[i] = {"error": {"status": 400, "message": problem}}
                 else:
                     valid.append(i)
+            for i in list(valid):
+                problem = self._over_budget(sampler, model_id, requests[i])
+                if problem:
+                    self.failures.inc(tags={"reason": "over_budget"})
+                    results[i] = {"error": {"status": 400, "message": problem}}
+                    valid.remove(i)
             if not valid:
                 continue
+            deadline = time.monotonic() + self.config.request_timeout_s  # the callers have had their 504 by then
             try:
-                outputs = await asyncio.to_thread(self._run, sampler, [requests[i] for i in valid])
+                outputs = await asyncio.to_thread(self._run, sampler, model_id, [requests[i] for i in valid], deadline)
+            except GenerationCancelled as exc:
+                self.failures.inc(len(valid), tags={"reason": "timeout"})
+                late = f"generation took longer than {self.config.request_timeout_s} s: {exc}"
+                outputs = [{"error": {"status": 504, "message": late}}] * len(valid)
             except Exception as exc:  # noqa: BLE001 - report to every caller instead of failing the whole batch
                 log.exception("generation failed")
                 if isinstance(exc, RuntimeError) and "CUDA" in str(exc):
@@ -208,13 +225,39 @@ class SamplerReplica:
             return str(exc)
         return None
 
-    def _run(self, sampler, requests: list[dict]) -> list[dict]:
+    def _over_budget(self, sampler, model_id: str, request: dict) -> str | None:
+        """Why a request would overrun the request timeout, priced before it runs: its cost (ResolvedRequest.cost:
+        latent elements × evaluations, × 2 with CFG) × the padded slots × the solves its n images need, at the seconds
+        per unit this replica last measured for the model (the least of its last solves: overheads only inflate a
+        measurement). None when it fits, or before any measurement (the deadline still bounds it)."""
+        measured = self.unit_seconds.get(model_id)
+        (plan,) = sampler.resolve([generation_request(request)])
+        cost = plan.cost()
+        if not measured or cost is None:
+            return None
+        slots = sampler.config.batch_size
+        solves = -(-int(request.get("n") or 1) // slots)
+        estimate = min(measured) * cost * slots * solves
+        budget = self.config.request_timeout_s
+        if estimate <= budget:
+            return None
+        return (f"this request would take about {estimate:.0f} s on this replica, over the {budget:g} s request budget "
+                f"({solves} solve(s) of {cost:,} latent elements × evaluations per image, measured here at "
+                f"{min(measured) * 1e6:.3g} µs each): ask for fewer steps, a smaller size or fewer images")
+
+    def _run(self, sampler, model_id: str, requests: list[dict], deadline: float) -> list[dict]:
         from models.audio import audio_bytes
         from models.points import ply_bytes
 
         began = time.perf_counter()
-        results = sampler.generate([generation_request(r) for r in requests])
+        plans = [generation_request(r) for r in requests]
+        results = sampler.generate(plans, should_stop=lambda: time.monotonic() > deadline)
         elapsed = time.perf_counter() - began
+        costs = [plan.cost() for plan in sampler.resolve(plans)]
+        if None not in costs:  # every solve is padded to the batch size: the units it ran are slots × its cost
+            slots = sampler.config.batch_size
+            units = sum(costs) / len(costs) * slots * -(-len(costs) // slots)
+            self.unit_seconds.setdefault(model_id, collections.deque(maxlen=8)).append(elapsed / units)
         out = []
         for request, result in zip(requests, results):
             meta = result.metadata
@@ -246,7 +289,7 @@ class SamplerReplica:
 
 
 # what a route adds to the GenerationRequest fields of a request dict
-ROUTE_KEYS = ("modality", "audio_format", "points_format", "label")
+ROUTE_KEYS = ("modality", "audio_format", "points_format", "label", "n")
 
 
 def generation_request(request: dict):
@@ -452,7 +495,7 @@ class Ingress:
         base_seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**31)
         calls = [{"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
                   "solver": body.solver, "schedule": body.schedule, "guidance": body.guidance_scale, **job,
-                  "seed": base_seed + i} for i in range(body.n)]
+                  "n": body.n, "seed": base_seed + i} for i in range(body.n)]
         handle = self.sampler.options(multiplexed_model_id=model)
         retry_after = {"Retry-After": str(self.config.retry_after_s)}
         responses = []

@@ -465,6 +465,39 @@ def test_overload_gets_503_with_retry_after_and_nothing_hangs(server, folders):
         serve.delete("tight")
 
 
+def test_an_overrunning_solve_is_stopped_and_an_over_budget_request_refused_up_front(server, folders):
+    """A second app with a 4-s request budget. Cold (nothing measured yet), a request of 10 000 rk4 steps is answered
+    504 at the budget and its solve stops at the replica's deadline, so a small request right after is served at once
+    (uncancelled, the big solve would hold the replica for tens of seconds more). Once the replica has measured a
+    solve, the same big request is refused up front with a 400 that names the budget, and small ones still run."""
+    from ray import serve
+
+    config = to_dict(serve_config({"tiny": folders["tiny"]}, request_timeout_s=4.0,
+                                  limits={"max_n": 2, "max_steps": 10_000, "max_prompt_tokens": 24},
+                                  batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0}))
+    start_app(config, "budget", "/budget")
+    try:
+        url = PATH.replace("/v1", "/budget/v1")
+        big = {"prompt": "a red cat", "size": "128x96", "steps": 10_000, "solver": "rk4", "seed": 1}
+        small = {"prompt": "a red cat", "size": "64x64", "steps": 2, "seed": 2}
+
+        def timed(body):
+            started = time.time()
+            response = server.post(url, json=body, headers=AUTH, timeout=120)
+            return response, time.time() - started
+
+        late, _ = timed(big)
+        assert assert_json_error(late, 504)["type"] == "timeout"
+        served, seconds = timed(small)
+        assert served.status_code == 200 and seconds < 20, (served.status_code, seconds)
+        refused, seconds = timed(big)
+        message = assert_json_error(refused, 400)["message"]
+        assert "over the 4 s request budget" in message and seconds < 5, (message, seconds)
+        assert timed(small)[0].status_code == 200
+    finally:
+        serve.delete("budget")
+
+
 def assert_json_error(response, status: int) -> dict:
     assert response.status_code == status and response.headers["content-type"] == "application/json", (
         response.status_code, response.headers.get("content-type"), response.text[:300])
