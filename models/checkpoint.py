@@ -38,7 +38,7 @@ from models.formats import (
     official_to_diffusers,
 )
 from models.presets import NextDiTConfig
-from models.storage import filesystem, hub_snapshot, is_hub_id, is_remote, local_copy, staged_output
+from models.storage import filesystem, is_remote, local_copy, resolve_hub, staged_output
 
 OUR_FORMAT = "lumina-ray/nextdit"
 CONFIG_FILE = "config.json"
@@ -139,9 +139,7 @@ def fetched(path: str, tensors: bool = True) -> Iterator[str]:
     ``tensors=False`` fetches only what describes the model: the JSON files of our or diffusers' folder (an official
     checkpoint's shapes are its config: fetched whole); a consolidated file comes with the model_args.pth beside it.
     A Hub id gives its snapshot in the Hugging Face cache."""
-    if is_hub_id(path):
-        yield hub_snapshot(path)
-        return
+    path = resolve_hub(path)
     if not is_remote(path):
         yield path
         return
@@ -201,7 +199,7 @@ def read_config(path: str) -> NextDiTConfig:
 def _our_config(path: str) -> dict:
     """The config.json of our model folder at ``path`` (local, s3:// or a Hub id; nothing else fetched); {} for other
     formats."""
-    fs, remote = filesystem(hub_snapshot(str(path)) if is_hub_id(str(path)) else str(path))
+    fs, remote = filesystem(resolve_hub(path))
     config = remote.rstrip("/") + "/" + CONFIG_FILE
     if not fs.exists(config):
         return {}

@@ -112,6 +112,11 @@ def hub_snapshot(uri: str) -> str:
                                 "HF_TOKEN)") from exc
 
 
+def resolve_hub(uri: str) -> str:
+    """``uri`` itself, or for a Hub id the local folder of its snapshot (``hub_snapshot``)."""
+    return hub_snapshot(str(uri)) if is_hub_id(str(uri)) else str(uri)
+
+
 def local_path(uri: str, cache_dir: str | None = None) -> str:
     """A local path for a model folder or file given as a local path, a hub id or an ``s3://`` URL.
 
@@ -121,10 +126,9 @@ def local_path(uri: str, cache_dir: str | None = None) -> str:
     snapshot in the Hugging Face cache (``hub_snapshot``); a local path is returned unchanged. (A copy for one use,
     removed after it, is ``local_copy``.)
     """
-    if is_hub_id(str(uri)):
-        return hub_snapshot(str(uri))
-    if not is_remote(str(uri)):
-        return str(uri)
+    uri = resolve_hub(uri)
+    if not is_remote(uri):
+        return uri
     root = cache_dir or os.environ.get("LUMINA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lumina-ray")
     target = os.path.join(root, "models", hashlib.sha256(str(uri).encode()).hexdigest()[:24])
     fs, remote = filesystem(str(uri))

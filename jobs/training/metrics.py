@@ -209,12 +209,13 @@ class MetricsSink:
                           config=config)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.history.append({"step": step, **metrics})
+        row = {"step": step, **metrics}
+        self.history.append(row)
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_description(f"train loss {metrics['loss']:.4f} bucket {metrics.get('bucket')}")
         for key, gauge in self.gauges.items():
-            if isinstance(value := {"step": step, **metrics}.get(key), (int, float)):
+            if isinstance(value := row.get(key), (int, float)):
                 gauge.set(float(value))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
