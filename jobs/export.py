@@ -114,16 +114,25 @@ def check_hub_repo(repo: str) -> None:
 
 def push_to_hub(out_dir: str, repo: str, private: bool = False) -> str:
     """Upload the exported folder ``out_dir`` (local or s3://) as the model repo ``repo``, created if missing; returns
-    the commit's URL. The token is the environment's (HF_TOKEN or a saved login), never a flag."""
+    the commit's URL. The token is the environment's (HF_TOKEN or a saved login), never a flag. A refusal is a
+    RuntimeError naming the repo (and, when it is the token's, HF_TOKEN): huggingface_hub's own names only a URL."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     from models.storage import local_copy
 
     api = HfApi()
-    api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-    with local_copy(out_dir) as folder:
-        info = api.upload_folder(repo_id=repo, repo_type="model", folder_path=folder,
-                                 commit_message=f"jobs.export of {out_dir}")
+    try:
+        api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        with local_copy(out_dir) as folder:
+            info = api.upload_folder(repo_id=repo, repo_type="model", folder_path=folder,
+                                     commit_message=f"jobs.export of {out_dir}")
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        hint = (f": the token (HF_TOKEN, else a saved `hf auth login`) is missing, invalid or cannot write to {repo}"
+                if status in (401, 403) else "")
+        raise RuntimeError(f"pushing {out_dir} to the Hub repo {repo} failed (HTTP {status}){hint}; the exported "
+                           f"folder is kept") from exc
     return str(info)
 
 

@@ -8,6 +8,7 @@ tokens come from SERVE_API_TOKEN (comma-separated) or `api_tokens` in the config
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -54,15 +55,44 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(to_dict(config)), name="lumina", route_prefix="/")
     log.info("serving %s on http://%s:%d (OpenAPI: /docs); Ctrl-C stops", list(config.models), args.host, args.port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    serve.shutdown()
+    wait_for_stop_signal()
+    shut_down(config.graceful_shutdown_s)
     return 0
 
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGTERM (Kubernetes, systemd, `kill`) or SIGINT (Ctrl-C). A second one ends the process at once."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # the second signal: the user will not wait for the graceful shutdown
+            log.warning("%s again: stopping now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    stop.wait()
+
+
+def shut_down(grace_s: float) -> None:
+    """Stop the app within ``grace_s`` seconds (docs/architecture.md#shutdown).
+
+    Serve drains its deployments one after the other, each for up to its graceful-shutdown timeout, so an Ingress
+    request waiting on a long solve holds the shutdown for that timeout twice. Past ``grace_s`` the local cluster this
+    process started is stopped, which ends the solves; a joined cluster (RAY_ADDRESS) goes on draining without us.
+    """
+    import ray
+    from ray import serve
+
+    log.info("draining in-flight requests for up to %.0f s", grace_s)
+    drained = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+    drained.start()
+    drained.join(grace_s)
+    if drained.is_alive():
+        log.warning("in-flight requests did not finish within graceful_shutdown_s=%.0f s: stopping them", grace_s)
+    ray.shutdown()  # a local cluster goes with the driver; a joined one keeps running and finishes the drain
 
 if __name__ == "__main__":
     run_main(main)

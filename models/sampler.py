@@ -42,6 +42,7 @@ batched ODE solve of ``batch_size`` slots. What holds, and why (docs/sampling.md
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 import os
@@ -55,6 +56,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from models import lora
 from models.audio import (
     MAX_DURATION_S,
     MEL_VAES,
@@ -238,6 +240,9 @@ class Sampler:
     """Text encoder + Next-DiT + VAE; ``generate(requests) -> results``. Holds no global state; safe to share between
     threads as long as they don't mutate the modules (every call runs under ``torch.inference_mode``).
 
+    LoRA adapters can be loaded unmerged on the model (``load_adapter``, models/lora.py): each gives a sampler that
+    shares every module with this one and solves with that adapter active; solves on the shared model take turns.
+
     A class-conditional model has no text encoder (passing one is an error: it would be silently unused) and may have
     ``class_names`` (one per class, index order) so that prompts can name classes."""
 
@@ -251,6 +256,10 @@ class Sampler:
 
             quantize_fp8(self.model)
         self.forward = torch.compile(self.model) if self.config.compile else self.model  # what every solve calls
+        # the LoRA adapters loaded unmerged on the model, shared with every sampler made from this one, and the one this
+        # sampler solves with (None: the model alone)
+        self.adapters = lora.LoraAdapters(self.model)
+        self.adapter: str | None = None
         self.text_encoder = text_encoder
         self.vae = vae
         audio = model.config.modality == "audio"
@@ -289,10 +298,14 @@ class Sampler:
                         vae: str | VAEConfig | ImageVAE | None = None, config: SamplerConfig | dict | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         ema: bool = False, adapter: str | None = None,
-                        vocoder: str | VocoderConfig | Vocoder | None = None) -> Sampler:
+                        vocoder: str | VocoderConfig | Vocoder | None = None, merge_adapter: bool = True) -> Sampler:
         """Load a model folder (ours, official or diffusers). Text encoder / VAE / sampler defaults not given here come
-        from the folder's metadata (``text_encoder``, ``vae``, ``sampler`` entries of our config.json). ``adapter``: a
-        LoRA adapter folder merged into the model's weights.
+        from the folder's metadata (``text_encoder``, ``vae``, ``sampler`` entries of our config.json).
+
+        ``adapter``: a LoRA adapter folder on this base model (models/lora.py). By default it is merged into the
+        model's weights: no compute of its own per step, and a sampler of one adapter has no other variant to share
+        the base with. ``merge_adapter=False`` loads it unmerged (``load_adapter``), so that more adapters can share
+        the base.
 
         An audio model's vocoder (docs/sampling.md#audio): ``vocoder`` (a ``SpeechT5HifiGan`` folder, or
         ``"griffin_lim"``), else the metadata's ``vocoder`` entry, else the one published with the mel VAE (an AudioLDM
@@ -303,10 +316,8 @@ class Sampler:
         cfg, state, meta = read_checkpoint(model_path, ema=ema)
         model = NextDiT.from_state_dict(cfg, state, device, dtype)
         del state
-        if adapter is not None:  # a LoRA fine-tune of this base model (jobs.export of a lora run)
-            from models.lora import apply_adapter
-
-            model = apply_adapter(model, adapter)
+        if adapter is not None and merge_adapter:  # a LoRA fine-tune of this base model (jobs.export of a lora run)
+            model = lora.merge_adapter(model, adapter)
         te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
                                              model_path)
         loaded = isinstance(vae, (ImageVAE, *MEL_VAES))
@@ -347,7 +358,27 @@ class Sampler:
         if audio and not isinstance(vocoder, Vocoder):
             spec = resolve_vocoder_config(vocoder if vocoder is not None else meta.get("vocoder"), model_path)
             vocoder = load_vocoder((spec.path if spec else None) or bundled, autoencoder.mel, device)
-        return cls(model, encoder, autoencoder, config, class_names, vocoder)
+        sampler = cls(model, encoder, autoencoder, config, class_names, vocoder)
+        return sampler if adapter is None or merge_adapter else sampler.load_adapter(adapter, adapter)
+
+    def load_adapter(self, name: str, folder: str) -> Sampler:
+        """Load the peft LoRA adapter folder ``folder`` unmerged on this sampler's model as ``name``; returns a sampler
+        that solves with it and shares every module with this one, so the base weights stay one copy. An adapter that
+        does not fit the model is a ValueError naming the folder. ``self.adapters.delete(name)`` unloads it."""
+        if self.config.fp8:
+            raise ValueError(f"cannot load the LoRA adapter {folder!r} unmerged on FP8 projections (models/fp8.py): "
+                             "merge it (Sampler.from_pretrained(..., adapter=...)) instead")
+        self.adapters.load(name, folder)
+        return self.with_adapter(name)
+
+    def with_adapter(self, name: str | None) -> Sampler:
+        """A sampler that shares every module with this one and solves with the loaded adapter ``name`` (None: the model
+        alone, without any adapter)."""
+        if name is not None and name not in self.adapters:
+            raise KeyError(f"no LoRA adapter named {name!r} is loaded on this sampler's model")
+        view = copy.copy(self)  # shallow: the modules, and the adapters on them, are shared
+        view.adapter = name
+        return view
 
     @property
     def device(self) -> torch.device:
@@ -522,14 +553,15 @@ class Sampler:
             groups.setdefault(plan.group_key(length), []).append(plan)
 
         results: list[GenerationResult | None] = [None] * len(plans)
-        for key, members in groups.items():
-            slots = 1 if members[0].solver in ADAPTIVE_SOLVERS else self.config.batch_size
-            for start in range(0, len(members), slots):
-                chunk = members[start:start + slots]
-                for plan, result in zip(chunk, self._solve(chunk, slots, key[1], cache, should_stop)):
-                    results[plan.index] = result
-                if progress is not None:
-                    progress(len(chunk))
+        with self.adapters.active(self.adapter):  # this sampler's adapter for every solve; other samplers' wait
+            for key, members in groups.items():
+                slots = 1 if members[0].solver in ADAPTIVE_SOLVERS else self.config.batch_size
+                for start in range(0, len(members), slots):
+                    chunk = members[start:start + slots]
+                    for plan, result in zip(chunk, self._solve(chunk, slots, key[1], cache, should_stop)):
+                        results[plan.index] = result
+                    if progress is not None:
+                        progress(len(chunk))
         return results  # type: ignore[return-value]
 
     def _conditioning(self, padded: list[ResolvedRequest], caption_length: int | None, cache: dict) -> dict:

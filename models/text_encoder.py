@@ -21,6 +21,7 @@ Loaded from a local path or a hub id; nothing here downloads on its own (tests b
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -199,6 +200,10 @@ class TextEncoder(torch.nn.Module):
         TextEncoderConfig(kind=kind, layer=layer, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # the official code sets it explicitly; Gemma's default is left
+        # A fast tokenizer's padding and truncation are settings of its one Rust object, set by every call: calls from
+        # two threads with different settings (token_count's none, tokenize's) break each other's batch. Samplers of
+        # one base share their text encoder (models/lora.py), and a server counts tokens while another thread encodes.
+        self._tokenizer_lock = threading.Lock()
         self.model = model.eval().requires_grad_(False)
         self.kind = kind
         self.layer = DEFAULT_LAYER[kind] if layer is None else layer
@@ -254,10 +259,11 @@ class TextEncoder(torch.nn.Module):
         return next(self.model.parameters()).device
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            list(prompts), padding=True, pad_to_multiple_of=self.pad_to_multiple_of, max_length=self.max_length,
-            truncation=True, return_tensors="pt",
-        )
+        with self._tokenizer_lock:
+            batch = self.tokenizer(
+                list(prompts), padding=True, pad_to_multiple_of=self.pad_to_multiple_of, max_length=self.max_length,
+                truncation=True, return_tensors="pt",
+            )
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         # A tokenizer without BOS (Qwen, T5 without EOS) gives the empty prompt no token at all; attention and the
         # masked mean-pool need one, so an empty row gets a single BOS/EOS/PAD token (in a batch of empty prompts only,
@@ -276,7 +282,8 @@ class TextEncoder(torch.nn.Module):
 
     def token_count(self, prompt: str, structured: str | None = None) -> int:
         """Tokens of ``prompt`` before truncation (what a server's prompt-length limit counts)."""
-        return len(self.tokenizer(prompt)["input_ids"])
+        with self._tokenizer_lock:
+            return len(self.tokenizer(prompt)["input_ids"])
 
     @torch.no_grad()
     def encode(self, prompts: list[str], structured: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

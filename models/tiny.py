@@ -3,8 +3,8 @@ and the tests' (tests/tiny_models.py imports them from here; this module owns th
 
 A decoder-only LLM (Gemma architecture, 2 layers) with a word-level tokenizer that adds <bos> like Gemma's, or a T5
 encoder whose tokenizer appends </s>. Random weights still give every word its own features, which is all a model
-trained on those features needs to tell "red" from "blue". Also a tiny /8 VAE and a tiny Next-DiT model folder in our
-format that references them.
+trained on those features needs to tell "red" from "blue". Also a tiny /8 VAE, a tiny Next-DiT model folder in our
+format that references them, and peft LoRA adapter folders with random weights for any Next-DiT.
 """
 
 from __future__ import annotations
@@ -189,6 +189,25 @@ def make_tiny_model_folder(path, text_encoder: str | None = None, vae: str | Non
     if sampler is not None:
         metadata["sampler"] = sampler
     model.save_pretrained(str(path), fmt="ours", metadata=metadata)
+    return str(path)
+
+
+def make_lora_adapter(model: torch.nn.Module, path, seed: int = 0, target_modules: Iterable[str] = ("wq", "w2"),
+                      rank: int = 4, alpha: float | None = None, std: float = 0.5) -> str:
+    """A peft LoRA adapter folder for ``model`` (what a LoRA run's export writes) with random non-zero weights: B is
+    zero at initialisation, and an adapter that changes nothing would test nothing. ``alpha`` defaults to the rank.
+    ``model`` gets its own layers back, frozen (peft freezes the base it wraps); returns the path."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(target_modules))
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+    peft_model.save_pretrained(str(path))
+    peft_model.unload()
     return str(path)
 
 

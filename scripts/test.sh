@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 WANDB_MODE=offline
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# --durations: the slowest tests close the log, since the suite has a time budget (README, Development)
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=20 "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then echo "no tests collected"; exit 1; fi

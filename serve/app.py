@@ -79,13 +79,27 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+class LoadedModel:
+    """What a sampler replica's multiplex cache holds for one model id: its sampler, and what to undo when Serve evicts
+    it. Serve's multiplexer calls a cached object's ``__del__`` on eviction (ray.serve.multiplex), and the garbage
+    collector may call it again: ``release`` runs once."""
+
+    def __init__(self, sampler, release=None):
+        self.sampler = sampler
+        self.release = release
+
+    def __del__(self):
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+
 @serve.deployment(
     name="SamplerReplica",
     max_ongoing_requests=8,
     max_queued_requests=16,
-    health_check_period_s=10,
+    health_check_period_s=2,
     health_check_timeout_s=60,
-    graceful_shutdown_timeout_s=20,
     ray_actor_options={"num_cpus": 0.5},
 )
 class SamplerReplica:
@@ -100,6 +114,9 @@ class SamplerReplica:
         else:
             self.device = self.config.device
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        # the loaded bases (ModelSpec.base_key → its sampler and the loaded model ids that use it); changed only by
+        # _load and _release, which Serve's multiplexer runs one at a time (under its model cache lock)
+        self._bases: dict[tuple, tuple[Any, set[str]]] = {}
         self._preloaded = {self.config.default_model: self._load(self.config.default_model)}
         self.fatal_error: str | None = None
         self.generate_batch.set_max_batch_size(self.config.batching.max_batch_size)
@@ -114,20 +131,52 @@ class SamplerReplica:
         # a request before it runs (docs/sampling.md#cost-and-deadlines)
         self.unit_seconds: dict[str, collections.deque] = {}
 
-    def _load(self, name: str):
+    def _load(self, name: str) -> LoadedModel:
+        """Model ``name`` for the multiplex cache. Model ids whose specs load the same base (``ModelSpec.base_key``)
+        share one loaded base: a LoRA model id is its adapter loaded unmerged on it (models/lora.py), so a LoRA variant
+        costs its adapter's weights instead of a copy of the model (docs/benchmarks.md#lora-adapters-on-one-base-cpu)."""
+        spec = self.config.models[name]
+        key = spec.base_key()
+        if key not in self._bases:
+            self._bases[key] = (self._from_pretrained(spec), set())
+        base, users = self._bases[key]
+        try:
+            if spec.adapter is None:
+                sampler = base.with_adapter(None)
+            elif base.config.fp8:  # FP8 projections take no LoRA layers: this variant is a copy of its own, merged
+                return LoadedModel(self._from_pretrained(spec, spec.adapter))
+            else:
+                sampler = base.load_adapter(name, spec.adapter)
+            users.add(name)
+        finally:
+            if not users:  # loaded for this model id alone, which failed or holds a copy of its own: not kept
+                del self._bases[key]
+        log.info("loaded model %s from %s%s on %s", name, spec.path,
+                 f" with the adapter {spec.adapter}" if spec.adapter else "", self.device)
+        return LoadedModel(sampler, lambda: self._release(name))
+
+    def _from_pretrained(self, spec, adapter: str | None = None):
         from models.sampler import Sampler
 
-        spec = self.config.models[name]
         # Every solve is padded to the batch size: its kernels never depend on the batch-mates — bit-identical in the
         # same slot, equal to rounding across slots (models/sampler.py).
         overrides = dict(self.config.sampler, batch_size=self.config.batching.max_batch_size)
-        sampler = Sampler.from_pretrained(spec.path, text_encoder=spec.text_encoder, vae=spec.vae, config=overrides,
-                                          device=self.device, dtype=self.dtype, ema=spec.ema, adapter=spec.adapter,
-                                          vocoder=spec.vocoder)
-        log.info("loaded model %s from %s on %s", name, spec.path, self.device)
-        return sampler
+        return Sampler.from_pretrained(spec.path, text_encoder=spec.text_encoder, vae=spec.vae, config=overrides,
+                                       device=self.device, dtype=self.dtype, ema=spec.ema, adapter=adapter,
+                                       vocoder=spec.vocoder)
 
-    @serve.multiplexed(max_num_models_per_replica=4)  # model folders / LoRA variants kept loaded per replica
+    def _release(self, name: str) -> None:
+        """Serve evicted model ``name``: unload its adapter, and its base once no loaded model id uses it."""
+        spec = self.config.models[name]
+        base, users = self._bases[spec.base_key()]
+        users.discard(name)
+        if spec.adapter is not None:
+            base.adapters.delete(name)
+        if not users:
+            del self._bases[spec.base_key()]
+        log.info("unloaded model %s", name)
+
+    @serve.multiplexed(max_num_models_per_replica=4)  # model ids kept loaded per replica (LoRA ids share a base: _load)
     async def get_sampler(self, model_id: str):
         if model_id in self._preloaded:
             return self._preloaded.pop(model_id)
@@ -161,7 +210,7 @@ class SamplerReplica:
             by_model.setdefault(model_id, []).append(i)
         for model_id, indices in by_model.items():
             try:
-                sampler = await self.get_sampler(model_id)
+                sampler = (await self.get_sampler(model_id)).sampler
             except Exception as exc:  # noqa: BLE001 - the callers of this model get a 500; other models' still run
                 log.exception("loading model %s failed", model_id)
                 if model_id == self.config.default_model:
@@ -190,6 +239,10 @@ class SamplerReplica:
                 continue
             deadline = time.monotonic() + self.config.request_timeout_s  # the callers have had their 504 by then
             try:
+                # Serve runs the sub-batches of different model ids at once (@serve.batch splits a batch by model id),
+                # each solve in a thread here, and a cancelled batch's solve runs on to its deadline: two solves on one
+                # shared base take turns, as Sampler.generate holds the base's adapter for its whole solve
+                # (models/lora.py LoraAdapters.active)
                 outputs = await asyncio.to_thread(self._run, sampler, model_id, [requests[i] for i in valid], deadline)
             except GenerationCancelled as exc:
                 self.failures.inc(len(valid), tags={"reason": "timeout"})
@@ -355,6 +408,12 @@ def validation_error(exc: ValidationError) -> JSONResponse:
     return error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value")
 
 
+# The playground's page loads nothing from elsewhere and talks only to this app: the browser holds it to that, so a
+# page edit that pulls in an outside script or sends the token elsewhere fails in the browser (and in its test).
+PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+                  "media-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
 # backpressure_config: the HTTP proxy's answer when every Ingress replica's queue is full (the proxy calls only the
 # Ingress; the Ingress answers the SamplerReplica's back-pressure itself, as a JSON 503 with Retry-After)
 @serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.25},
@@ -366,9 +425,13 @@ class Ingress:
         self.config = from_dict(ServeConfig, config)
         self.tokens = [t.encode() for t in self.config.tokens()]
         self.created = int(time.time())
+        from importlib import resources
+
         from models.checkpoint import read_modality
 
         self.modalities = {name: read_modality(spec.path) for name, spec in self.config.models.items()}
+        # read once here, so that an install without the page fails at deploy, not at a person's first visit
+        self.playground_html = resources.files("serve").joinpath("playground.html").read_bytes()
         self.schemas = request_models(self.config.limits)  # by modality; their JSON schema is /openapi.json's
         self.openapi = openapi_document(self.config.limits)
         self.requests = Counter("lumina_http_requests", "HTTP requests by status", tag_keys=("status",))
@@ -434,6 +497,13 @@ class Ingress:
     async def docs(self, request: Request):
         return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
                                    title=f"{api.title} - docs")
+
+    @api.get("/", include_in_schema=False)
+    async def playground(self):
+        """The playground page (serve/playground.html, docs/architecture.md#playground): a form over the public API.
+        It holds no secret, so it needs no token; the API calls it makes send the token typed into it."""
+        return Response(self.playground_html, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": PLAYGROUND_CSP, "Cache-Control": "no-cache"})
 
     @api.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
     async def list_models(self, request: Request):
@@ -600,4 +670,5 @@ def build_app(args: dict) -> serve.Application:
     """Application builder (``serve run serve.app:build_app`` with the ServeConfig fields as ``args``)."""
     config = from_dict(ServeConfig, dict(args))
     plain = to_dict(config)
-    return Ingress.bind(SamplerReplica.bind(plain), plain)
+    drain = {"graceful_shutdown_timeout_s": config.graceful_shutdown_s}
+    return Ingress.options(**drain).bind(SamplerReplica.options(**drain).bind(plain), plain)

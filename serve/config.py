@@ -20,7 +20,13 @@ class ModelSpec:
     vae: str | None = None
     vocoder: str | None = None  # audio models: a SpeechT5HifiGan folder or "griffin_lim" (None: Sampler's default)
     ema: bool = False
-    adapter: str | None = None  # a LoRA adapter folder (jobs.export of a LoRA run) merged onto `path` at load
+    # a LoRA adapter folder (jobs.export of a LoRA run) on `path`'s model: a replica loads it unmerged on the base it
+    # shares with every model of the same base_key (docs/architecture.md#http-api)
+    adapter: str | None = None
+
+    def base_key(self) -> tuple:
+        """What the model's base is loaded from: models with equal keys share one loaded base in a replica."""
+        return (self.path, self.ema, self.text_encoder, self.vae, self.vocoder)
 
 
 @dataclass
@@ -59,6 +65,9 @@ class ServeConfig:
     default_model: str = ""  # "" → the first entry of `models`
     api_tokens: list[str] = field(default_factory=list)  # empty: SERVE_API_TOKEN; both empty: no auth
     request_timeout_s: float = 300.0
+    # how long a stopping replica lets its in-flight requests finish, and the bound on `jobs.serve`'s whole shutdown
+    # after SIGTERM / Ctrl-C (docs/architecture.md#shutdown); Kubernetes kills a pod 30 s after its SIGTERM by default
+    graceful_shutdown_s: float = 20.0
     retry_after_s: int = 2  # Retry-After of 503 responses (overload, no sampler replica, not ready)
     # how long GET /readyz waits for a sampler replica to answer (docs/architecture.md#health-and-readiness)
     ready_timeout_s: float = 2.0
@@ -81,6 +90,8 @@ class ServeConfig:
             self.default_model = next(iter(self.models))
         if self.default_model not in self.models:
             raise ConfigError(f"serve config: default_model {self.default_model!r} is not one of {list(self.models)}")
+        if self.graceful_shutdown_s <= 0:
+            raise ConfigError(f"serve config: graceful_shutdown_s must be > 0, got {self.graceful_shutdown_s}")
         if self.ready_timeout_s <= 0:
             raise ConfigError(f"serve config: ready_timeout_s must be > 0, got {self.ready_timeout_s}")
         if self.batching.max_batch_size < 1:

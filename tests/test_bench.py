@@ -154,3 +154,18 @@ def test_loader_bench_reads_from_a_local_s3_server_beside_its_anchor():
     assert "wrote 32 synthetic samples" in out and "(4 shards, 8 steps)" in out
     assert "reads on the training thread (anchor)" in out and "prefetch 2 steps" in out
     assert "prefetch / anchor step rate: " in out and "\ndevice: CPU" in out
+
+
+def test_adapters_bench_measures_merged_copies_and_one_shared_base_in_fresh_processes(tmp_path):
+    """The LoRA memory benchmark on the tiny preset: both ways' parameters (N copies against one base plus N adapters)
+    and memory growth, the ratios, and one evaluation unmerged against merged, which agree."""
+    stdout, (row,) = run_bench(["adapters", "--device", "cpu", "--preset", "tiny", "--adapters", "3",
+                                "--caption-len", "8", "--warmup", "0", "--repeats", "1"], tmp_path)
+    assert stdout.startswith("device: CPU") and "3 LoRA variants, rank 16 on wq wk wv wo w1 w2 w3" in stdout
+    merged, shared = row["merged"], row["shared"]
+    base = merged["parameter_bytes"] / 3  # the merged way holds three copies of the model
+    assert base < shared["parameter_bytes"] < 2 * base  # one copy, and three adapters smaller than it
+    assert row["ratio_parameters"] == pytest.approx(shared["parameter_bytes"] / merged["parameter_bytes"])
+    assert merged["memory_growth"] > 0 and shared["memory_growth"] > 0
+    assert row["ratio_step"] == pytest.approx(shared["unmerged_ms"] / shared["merged_ms"])
+    assert shared["rel_diff"] < 1e-5  # the unmerged adapter computes what its merged copy does

@@ -137,3 +137,61 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_jobs_serve_stops_within_its_graceful_shutdown_on_sigterm_mid_solve(tmp_path):
+    """`python -m jobs.serve` as a user runs it: it becomes ready, and a SIGTERM while a long solve runs ends the process and
+    its local cluster within graceful_shutdown_s plus Ray's own stop, where Serve alone drains the Ingress and then the
+    sampler for their timeouts one after the other (docs/architecture.md#shutdown)."""
+    import signal
+    import threading
+
+    import httpx
+
+    from models.tiny import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
+
+    model = make_tiny_model_folder(tmp_path / "m", make_tiny_text_encoder(tmp_path / "te"), make_tiny_vae(tmp_path / "vae"))
+    port, grace = free_port(), 3
+    temp_dir = tempfile.mkdtemp(prefix="rayserve-", dir="/tmp")  # names this cluster's processes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = temp_dir
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.serve", "--model", model, "--port", str(port), "--set", f"graceful_shutdown_s={grace}",
+         "--set", "sampler.max_side=512", "--set", f"sampler.max_pixels={512 * 512}"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            deadline = time.time() + 180
+            while True:
+                assert driver.poll() is None and time.time() < deadline, "jobs.serve did not become ready"
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+        # minutes on this tiny CPU model; the first request of a replica, so no measured cost refuses it up front
+        long = {"prompt": "a slow circle", "size": "512x512", "steps": 100, "n": 4}
+        answered = []
+
+        def post_long():
+            try:
+                answered.append(httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", json=long, timeout=120))
+            except httpx.TransportError:
+                pass  # the server goes away under it: that is the point
+
+        threading.Thread(target=post_long, daemon=True).start()
+        time.sleep(3)
+        assert not answered, answered[0].text  # the solve is running
+        began = time.monotonic()
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) == 0
+        # Serve alone took 2 × 20 s; ray.shutdown after the grace takes a few seconds on a loaded 2-core machine
+        assert time.monotonic() - began < grace + 20
+        found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True, check=False)
+        assert not found.stdout.split(), f"left running after jobs.serve's shutdown: {found.stdout}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        stop_processes_matching(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from models import preset
-from models.config_io import to_dict
+from models.config_io import from_dict, to_dict
 from models.tiny import make_tiny_audio_vae, make_tiny_text_encoder_stack, random_nextdit
 from tests.conftest import free_port
 from tests.tiny_models import make_tiny_model_folder, make_tiny_text_encoder, make_tiny_vae
@@ -47,6 +47,9 @@ def folders(tmp_path_factory):
     return {"tiny": {"path": base},
             "tiny-b": {"path": make_tiny_model_folder(root / "m1", te, vae, seed=1)},
             "tiny-lora": {"path": base, "adapter": make_lora_adapter(base, root / "lora")},
+            # a second LoRA variant of the same base, other targets and weights: both share one base in a replica
+            "tiny-lora-2": {"path": base, "adapter": make_lora_adapter(base, root / "lora-2", seed=1,
+                                                                     target_modules=("wk", "w1"))},
             "tiny-class": {"path": make_tiny_model_folder(root / "class", vae=vae, preset_name="tiny-class",
                                                           class_names=[f"shape {i}" for i in range(10)])},
             # the audio model conditions on the paper's dual encoder (CLAP + T5 stack, paper §5.2)
@@ -60,21 +63,13 @@ def folders(tmp_path_factory):
                 class_names=["sphere", "cube", "cylinder"])}}
 
 
-def make_lora_adapter(base: str, path) -> str:
-    """A peft LoRA adapter on the base folder's model with non-zero weights (what a LoRA run's export writes)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
+def make_lora_adapter(base: str, path, **options) -> str:
+    """A peft LoRA adapter on the base folder's model with non-zero weights (what a LoRA run's export writes);
+    ``options``: those of ``models.tiny.make_lora_adapter``."""
     from models import NextDiT
+    from models.tiny import make_lora_adapter as make_adapter
 
-    model = get_peft_model(NextDiT.from_pretrained(base), LoraConfig(r=4, lora_alpha=4, target_modules=["wq", "w2"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(str(path))
-    return str(path)
+    return make_adapter(NextDiT.from_pretrained(base), path, **options)
 
 
 def start_app(config: dict, name: str, route_prefix: str, sampler_options: dict | None = None):
@@ -145,9 +140,9 @@ def test_models_health_and_openapi(server):
     ready = server.get("/readyz")  # a sampler replica is up with the default model
     assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": "tiny"}, ready.text
     models = server.get("/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-class", "tiny-audio",
-                                                 "tiny-points", "tiny-points-label"]
-    assert [m["modality"] for m in models["data"]] == ["image"] * 4 + ["audio", "points", "points"]
+    assert [m["id"] for m in models["data"]] == ["tiny", "tiny-b", "tiny-lora", "tiny-lora-2", "tiny-class",
+                                                 "tiny-audio", "tiny-points", "tiny-points-label"]
+    assert [m["modality"] for m in models["data"]] == ["image"] * 5 + ["audio", "points", "points"]
     schema = server.get("/openapi.json").json()
     assert PATH in schema["paths"] and "requestBody" in schema["paths"][PATH]["post"]
     assert "requestBody" in schema["paths"][AUDIO]["post"]
@@ -316,6 +311,69 @@ def test_multiplexed_models_and_lora_adapters_are_chosen_by_the_model_field(serv
     lora = generate(server, size="32x32", seed=3, model="tiny-lora").json()["data"][0]["b64_json"]
     assert len({a, b, lora}) == 3
     assert generate(server, size="32x32", seed=3).json()["data"][0]["b64_json"] == a  # default model
+
+
+def test_lora_ids_on_one_base_each_get_their_own_image_interleaved_concurrent_and_after_eviction(server):
+    """The base and two LoRA ids of it share one loaded base in the replica, an adapter each (models/lora.py): requests
+    to the three, interleaved and concurrent, each get the image they get alone; so do they after other models push
+    them out of the replica's multiplex cache (4 models, least recently used first): one adapter, then the base."""
+    ids = ["tiny", "tiny-lora", "tiny-lora-2"]
+
+    def image(model: str) -> dict:
+        response = generate(server, size="32x32", seed=11, model=model)
+        assert response.status_code == 200, response.text
+        return response.json()["data"][0]
+
+    def use(model: str, route: str = PATH, **body) -> None:  # a request to ``model`` loads it on the replica
+        response = server.post(route, json={"model": model, "steps": 1, **body}, headers=AUTH)
+        assert response.status_code == 200, response.text
+
+    alone = {model: image(model) for model in ids}
+    assert len({alone[model]["b64_json"] for model in ids}) == 3
+    calls = ids * 3
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        for model, item in zip(calls, pool.map(image, calls)):
+            assert_same_image_to_rounding(item, alone[model])
+    others = [("tiny-b", PATH, {"prompt": "a red circle", "size": "32x32"}),
+              ("tiny-class", PATH, {"prompt": "3", "size": "32x32"}),
+              ("tiny-points", POINTS, {"prompt": "a sphere"}), ("tiny-points-label", POINTS, {"label": 0})]
+    for model in ["tiny-lora", "tiny-lora-2", "tiny"]:  # in this order of use
+        assert_same_image_to_rounding(image(model), alone[model])
+    for model, route, body in others[:2]:  # whatever else the replica held goes, then tiny-lora: its adapter alone
+        use(model, route, **body)
+    for model in ["tiny-lora-2", "tiny", "tiny-lora"]:  # tiny-lora's adapter is loaded again on the shared base
+        assert_same_image_to_rounding(image(model), alone[model])
+    for model, route, body in others[2:] + others[:2]:  # all three go, and with them the base
+        use(model, route, **body)
+    for model in ids:
+        assert_same_image_to_rounding(image(model), alone[model])
+
+
+def test_a_replica_loads_one_base_for_its_lora_ids_and_unloads_what_no_loaded_id_uses(folders):
+    """What the replica's multiplex cache holds (SamplerReplica._load, without Serve): the base and its LoRA ids share
+    one model and text encoder; evicting a LoRA id (Serve calls the cached object's __del__) unloads its adapter
+    only, and the base goes with the last id that uses it."""
+    import torch
+
+    from serve.app import SamplerReplica
+    from serve.config import ServeConfig
+
+    replica = SamplerReplica.func_or_class.__new__(SamplerReplica.func_or_class)  # the state _load needs, no Serve
+    replica.config = from_dict(ServeConfig, serve_config(folders))
+    replica.device, replica.dtype, replica._bases = "cpu", torch.float32, {}
+    loaded = {name: replica._load(name) for name in ("tiny-lora", "tiny", "tiny-lora-2", "tiny-b")}
+    shared = loaded["tiny"].sampler
+    for name in ("tiny-lora", "tiny-lora-2"):
+        assert loaded[name].sampler.model is shared.model and loaded[name].sampler.text_encoder is shared.text_encoder
+    assert loaded["tiny-b"].sampler.model is not shared.model and len(replica._bases) == 2
+    assert len(shared.adapters) == 2
+    loaded.pop("tiny-lora").__del__()  # evicted: its adapter goes, the base stays for the other two
+    assert len(shared.adapters) == 1 and "tiny-lora-2" in shared.adapters and len(replica._bases) == 2
+    loaded.pop("tiny").__del__()
+    assert len(shared.adapters) == 1 and len(replica._bases) == 2
+    loaded.pop("tiny-lora-2").__del__()  # the last id of the base: the base goes too
+    assert len(shared.adapters) == 0 and len(replica._bases) == 1
+    assert not any("lora" in name for name, _ in shared.model.named_modules())
 
 
 def test_class_conditional_model_takes_a_class_index_or_name_as_prompt(server):
@@ -592,9 +650,23 @@ def test_killed_replica_gives_json_503s_in_flight_and_is_replaced(server):
         time.sleep(0.05)
     served = len(responses)
     time.sleep(0.3)
+    readiness = []
+
+    def probe():  # from the kill on, until the replacement is ready: the recovery window seen from /readyz
+        with httpx.Client(base_url=server.base_url, timeout=30) as own:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                readiness.append(own.get("/readyz"))
+                statuses = [r.status_code for r in readiness]
+                if 503 in statuses and statuses[-1] == 200:  # a 200 just after the kill may be the dying replica's
+                    return
+                time.sleep(0.05)
+
     ray.kill(ray.get_actor(next(iter(before)), namespace="serve"), no_restart=False)
+    prober = threading.Thread(target=probe)
+    prober.start()
     stop.set()
-    for thread in threads:
+    for thread in [*threads, prober]:
         thread.join(timeout=120)
     for response in responses:
         assert response.status_code in (200, 503), (response.status_code, response.text[:300])
@@ -604,8 +676,11 @@ def test_killed_replica_gives_json_503s_in_flight_and_is_replaced(server):
     for response in in_flight:
         assert assert_json_error(response, 503)["code"] == "replica_unavailable"
         assert response.headers["retry-after"] == "2"
-    first = server.get("/readyz")  # the replica is gone and its replacement loads the model: not ready
-    assert_json_error(first, 503)
+    for ready in readiness:  # the replica is gone and its replacement loads the model: not ready, as JSON
+        assert ready.status_code in (200, 503) and ready.headers["content-type"] == "application/json", ready.text
+    not_ready = [r for r in readiness if r.status_code == 503]
+    assert not_ready, [r.status_code for r in readiness]
+    assert assert_json_error(not_ready[0], 503)["code"] == "not_ready"
     deadline = time.time() + 120
     while time.time() < deadline:
         ready = server.get("/readyz")
