@@ -92,6 +92,13 @@ class DemoConfig:
     # solid 0.02 at 1 or 1.5, 0.2 at 4 (the images' and clips' scale)
     points_guidance: float = 1.5
     points_requested: int = 1024  # points per generated cloud: 4× the 256 it trains on (time-aware Fourier features)
+    # in-training evaluation of the image model (docs/training.md#in-training-evaluation): every eval_every steps
+    # (0: off) and at the last, the EMA weights draw one prompt per colour with seed 0 in eval_sample_steps solver
+    # steps, scored by the same colour dominance as the served images; the curve and the last grid go into the
+    # report. About 0.45 s per evaluation on 2 cores (4 VAE decodes are most of it) and 1.7 s for the first (it loads
+    # the VAE): 6 evaluations of the 1100 steps add ≈ 4 s
+    eval_every: int = 200
+    eval_sample_steps: int = 4
     keep: bool = False  # keep an earlier run's output folder (resume) instead of starting clean
 
 
@@ -124,6 +131,11 @@ def audio_prompts() -> list[tuple[str, int]]:
     return [(tone_caption(hertz), hertz) for hertz in PITCHES_HZ]
 
 
+def eval_prompts() -> list[str]:
+    """The in-training evaluation's fixed set: one prompt per colour, the shapes in turn."""
+    return [f"a {colour} {SHAPES[i % len(SHAPES)]} on a white background" for i, colour in enumerate(COLOURS)]
+
+
 def point_prompts() -> list[tuple[str, str]]:
     """(prompt, solid) for every built-in solid, in the captions' words."""
     return [(f"a {solid}", solid) for solid in SOLIDS]
@@ -154,8 +166,13 @@ def prepare(cfg: DemoConfig, data: Path, curated: Path, text_encoder: str, vae: 
 
 
 def train(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str, vae: str):
-    """The tiny Next-DiT on the curated images (their precomputed caption features)."""
-    return train_run(cfg, curated, runs, "demo", "tiny", text_encoder, vae, cfg.steps, cfg.lr)
+    """The tiny Next-DiT on the curated images (their precomputed caption features), evaluated while it trains: the
+    colour prompts at 128×128, batched in one solve (few steps: it must stay a small part of the training time)."""
+    evaluation = {"every": cfg.eval_every, "prompts": eval_prompts(), "seeds": [0],
+                  "sampler": {"steps": cfg.eval_sample_steps, "guidance": cfg.guidance, "width": 128, "height": 128,
+                              "batch_size": len(COLOURS)},
+                  "scorers": ["jobs.demo_data:colour_fidelity"]} if cfg.eval_every else None
+    return train_run(cfg, curated, runs, "demo", "tiny", text_encoder, vae, cfg.steps, cfg.lr, evaluation=evaluation)
 
 
 def train_audio(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str, mel_vae: str):
@@ -174,9 +191,9 @@ def train_points(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str):
 
 
 def train_run(cfg: DemoConfig, curated: Path, runs: Path, name: str, preset: str, text_encoder: str, vae: str | None,
-              steps: int, lr: float, data: dict | None = None):
+              steps: int, lr: float, data: dict | None = None, evaluation: dict | None = None):
     """One jobs.train run of the demo (ZeRO-3 on cfg.workers Ray Train workers, EMA 0.99; wandb offline unless
-    WANDB_MODE says otherwise)."""
+    WANDB_MODE says otherwise; ``evaluation``: its eval section)."""
     from jobs.training.config import TrainJobConfig
     from jobs.training.driver import train as run_training
 
@@ -188,6 +205,7 @@ def train_run(cfg: DemoConfig, curated: Path, runs: Path, name: str, preset: str
         "train": {"steps": steps, "log_every": 10, "ckpt_every": max(steps // 2, 1)},
         "scaling": {"workers": cfg.workers},
         "run": {"storage": str(runs), "name": name},
+        **({"eval": evaluation} if evaluation else {}),
     })
     return run_training(config)
 
@@ -310,10 +328,40 @@ def score_clouds(report: Path, clouds: list[dict], history: list[dict]) -> tuple
     return summary, lines
 
 
+def eval_section(report: Path, eval_dir: Path) -> tuple[dict, list[str]]:
+    """The image model's in-training evaluation in the report: its curve (``eval_curve.png``: the training loss
+    beside colour fidelity and latent_fd over the steps) and its last grid (``eval_grid.png``), copied from the run's
+    ``eval/`` folder; returns (summary fields, report.md lines). Nothing without an evaluation."""
+    from jobs.training.evaluation import CURVE_FILE, GRID_FILE, read_rows
+
+    rows = read_rows(str(eval_dir)) if eval_dir.exists() else []
+    if not rows:
+        return {}, []
+    shutil.copyfile(eval_dir / CURVE_FILE, report / "eval_curve.png")
+    shutil.copyfile(eval_dir / rows[-1]["dir"] / GRID_FILE, report / "eval_grid.png")
+    def cells(name: str, fmt: str) -> str:
+        return " | ".join(format(r[name], fmt) if name in r else "–" for r in rows)
+
+    lines = [
+        "## In-training evaluation (image model)", "",
+        (f"Every {rows[0]['step']} steps the {rows[-1]['weights'].upper()} weights drew {rows[-1]['samples']} fixed "
+         "prompts (one per colour, seed 0) while training went on; colour fidelity is the share whose dominant "
+         "colour is the colour the prompt names (chance 25%), latent_fd the Fréchet distance of their latents' "
+         "channel statistics to the training latents' (lower is closer)."), "",
+        "| step | " + cells("step", "d") + " |", "|---|" + "---|" * len(rows),
+        "| colour fidelity | " + cells("colour_fidelity", ".0%") + " |",
+        "| latent_fd | " + cells("latent_fd", ".3g") + " |", "",
+        "![in-training evaluation: loss, colour fidelity, latent_fd](eval_curve.png)", "",
+        f"The last evaluation's samples (step {rows[-1]['step']}):", "",
+        "![the last in-training evaluation's samples](eval_grid.png)", "",
+    ]
+    return {"eval": rows}, lines
+
+
 def write_report(report: Path, results: list[dict], history: list[dict], stats: dict, timings: dict,
                  clips: list[dict] | None = None, audio_history: list[dict] | None = None,
                  round_trip: dict | None = None, clouds: list[dict] | None = None,
-                 points_history: list[dict] | None = None) -> dict:
+                 points_history: list[dict] | None = None, eval_dir: Path | None = None) -> dict:
     from jobs.report import image_grid, line_chart, spectrogram_image
 
     report.mkdir(parents=True, exist_ok=True)
@@ -385,6 +433,8 @@ def write_report(report: Path, results: list[dict], history: list[dict], stats: 
     if clouds is not None:
         points_summary, points_lines = score_clouds(report, clouds, points_history or [])
         summary.update(points_summary)
+    eval_summary, eval_lines = eval_section(report, eval_dir) if eval_dir is not None else ({}, [])
+    summary.update(eval_summary)
     summary.update({"timings_s": timings, "prepare_stats": stats})
     (report / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     lines = [
@@ -394,11 +444,14 @@ def write_report(report: Path, results: list[dict], history: list[dict], stats: 
         f"Training loss: {summary['loss_first']:.4f} → {summary['loss_last']:.4f}" if losses else "No loss logged.", "",
         *audio_lines,
         *points_lines,
+        *eval_lines,
         "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in timings.items()], "",
         "Files: `samples.png` (prompt → dominant colour found), "
         + ("`mel.png` (log-mel of every clip: asked pitch → pitch found), `audio/*.wav`, " if clips is not None else "")
         + ("`points.png` (four views of every cloud: asked solid → nearest solid), `points/*.ply`, "
            if clouds is not None else "")
+        + ("`eval_curve.png`, `eval_grid.png` (the in-training evaluation; every step's samples in "
+           "`../runs/demo/eval/`), " if eval_lines else "")
         + "`loss.png`, `report.json` (every number, the prepare stats of every stage), `../curated/stats.json`, "
         "`../curated/rejects.parquet`.",
     ]
@@ -476,7 +529,8 @@ def run(cfg: DemoConfig) -> dict:
     audio_history = read_history(str(out / "runs" / "demo-audio")) if cfg.audio else None
     points_history = read_history(str(out / "runs" / "demo-points")) if cfg.points else None
     report = write_report(out / "report", results, history, stats, timings, clips if cfg.audio else None,
-                          audio_history, round_trip, clouds if cfg.points else None, points_history)
+                          audio_history, round_trip, clouds if cfg.points else None, points_history,
+                          out / "runs" / "demo" / "eval")
     report["corrupt_inputs"] = summary["corrupt"]
     return report
 
@@ -504,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(DemoConfig, args, {"out": args.out, "steps": args.steps, "train_vae": args.train_vae})
     if min(cfg.workers, cfg.steps, cfg.audio_steps, cfg.points_steps) < 1:
         raise ConfigError("workers, steps, audio_steps and points_steps must be ≥ 1")
+    if cfg.eval_every < 0 or cfg.eval_sample_steps < 1:
+        raise ConfigError("eval_every must be ≥ 0 (0: no in-training evaluation) and eval_sample_steps ≥ 1")
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
@@ -517,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     if "point_fidelity" in report:
         print(f"point fidelity: {report['point_fidelity']:.0%} of {report['clouds']} clouds "
               f"(chance {report['point_chance']:.0%})")
+    if report.get("eval"):
+        print("in-training colour fidelity by step: "
+              + ", ".join(f"{r['step']}: {r['colour_fidelity']:.0%}" for r in report["eval"] if "colour_fidelity" in r))
     files = ["samples.png", *(["mel.png", "audio/*.wav"] if "audio_fidelity" in report else []),
-             *(["points.png", "points/*.ply"] if "point_fidelity" in report else []), "loss.png", "report.json"]
+             *(["points.png", "points/*.ply"] if "point_fidelity" in report else []),
+             *(["eval_curve.png", "eval_grid.png"] if report.get("eval") else []), "loss.png", "report.json"]
     print(f"report: {out}/report.md  ({', '.join(files)})")
     return 0
 

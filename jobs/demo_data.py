@@ -179,6 +179,21 @@ def dominant_colour(image: np.ndarray) -> str:
     return min(COLOURS, key=lambda name: float(np.sum((np.array(COLOURS[name]) - mean) ** 2)))
 
 
+def prompt_colour(prompt: str) -> str | None:
+    """The colour a prompt names (the first word of it that is one of ``COLOURS``), None when it names none."""
+    return next((word for word in prompt.lower().split() if word in COLOURS), None)
+
+
+def colour_fidelity(samples: list) -> dict[str, float]:
+    """The demo report's prompt fidelity as an in-training evaluation scorer (``eval.scorers:
+    [jobs.demo_data:colour_fidelity]``, docs/training.md#in-training-evaluation): the share of the generated images
+    (``EvalSample.result.image``) whose dominant colour is the colour their prompt names; chance is 1 / len(COLOURS).
+    Samples without an image or whose prompt names no colour do not count (no number when none counts)."""
+    scored = [dominant_colour(s.result.image) == prompt_colour(s.prompt) for s in samples
+              if s.result.image is not None and prompt_colour(s.prompt) is not None]
+    return {"colour_fidelity": float(np.mean(scored))} if scored else {}
+
+
 def dominant_frequency(waveform: np.ndarray, rate: int = SAMPLE_RATE) -> float:
     """The frequency (Hz) of the peak of the clip's magnitude spectrum (Hann-windowed FFT of the whole clip), 0 for
     silence; below 50 Hz (DC, rumble) does not count."""

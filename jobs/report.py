@@ -1,4 +1,5 @@
-"""Small PNG reports drawn with Pillow (no plotting stack needed): line charts, captioned image grids and spectrograms."""
+"""Small PNG reports drawn with Pillow (no plotting stack needed): line charts (alone, or as panels side by side),
+captioned image grids and spectrograms."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
                x_label: str = "step", y_label: str = "loss", size: tuple[int, int] = (720, 420)) -> None:
     """Each named series of (x, y) points as a polyline on shared axes; writes a PNG."""
+    chart_image(series, title, x_label, y_label, size).save(path)
+
+
+def panels(charts: list[Image.Image], columns: int = 2) -> Image.Image:
+    """Charts (of one size) side by side, ``columns`` to a row: one PNG with, e.g., a loss curve beside the quality
+    curves of the same run."""
+    width, height = charts[0].size
+    rows = max(1, math.ceil(len(charts) / columns))
+    sheet = Image.new("RGB", (min(columns, len(charts)) * width, rows * height), "white")
+    for i, chart in enumerate(charts):
+        sheet.paste(chart, ((i % columns) * width, (i // columns) * height))
+    return sheet
+
+
+def chart_image(series: dict[str, list[tuple[float, float]]], title: str = "", x_label: str = "step",
+                y_label: str = "loss", size: tuple[int, int] = (720, 420), markers: bool = False) -> Image.Image:
+    """``line_chart``'s picture, not yet written; ``markers`` draws a dot at every point (a curve of a few points,
+    such as one evaluation every few hundred steps, and a series of one point are visible)."""
     width, height = size
     left, right, top, bottom = 70, 20, 40, 50
     image = Image.new("RGB", size, "white")
@@ -22,8 +41,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
     points = [p for values in series.values() for p in values if math.isfinite(p[1])]
     if not points:
         draw.text((left, height // 2), "no data", fill="black", font=font)
-        image.save(path)
-        return
+        return image
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
@@ -40,7 +58,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
         fy = y0 + (y1 - y0) * i / 4
         _, py = to_pixel(x0, fy)
         draw.line([left, py, width - right, py], fill=(230, 230, 230))
-        draw.text((5, py - 6), f"{fy:.3g}", fill="black", font=font)
+        draw.text((5, py - 6), f"{fy:.4g}", fill="black", font=font)
         fx = x0 + (x1 - x0) * i / 4
         px, _ = to_pixel(fx, y0)
         draw.text((px - 10, height - bottom + 5), f"{fx:.0f}", fill="black", font=font)
@@ -49,16 +67,24 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
         pixels = [to_pixel(x, y) for x, y in values if math.isfinite(y)]
         if len(pixels) > 1:
             draw.line(pixels, fill=colour, width=2)
+        if markers:
+            for px, py in pixels:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         draw.text((width - right - 150, top + 5 + 14 * index), f"— {name}", fill=colour, font=font)
     draw.text((left, 10), title, fill="black", font=font)
     draw.text(((width - left) // 2, height - 20), x_label, fill="black", font=font)
     draw.text((5, top - 20), y_label, fill="black", font=font)
-    image.save(path)
+    return image
 
 
 def image_grid(images: list[np.ndarray], captions: list[str], path: str | Path, columns: int = 4,
                cell: int = 160) -> None:
     """Images (H×W×3 uint8) scaled into square cells with a caption under each; writes a PNG."""
+    grid_image(images, captions, columns, cell).save(path)
+
+
+def grid_image(images: list[np.ndarray], captions: list[str], columns: int = 4, cell: int = 160) -> Image.Image:
+    """``image_grid``'s picture, not yet written."""
     rows = max(1, math.ceil(len(images) / columns))
     caption_height = 28
     grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
@@ -73,7 +99,7 @@ def image_grid(images: list[np.ndarray], captions: list[str], path: str | Path, 
         text_y = (i // columns) * (cell + caption_height) + cell
         for line_index, line in enumerate(_wrap(caption, 26)[:2]):
             draw.text(((i % columns) * cell + 4, text_y + 12 * line_index), line, fill="black", font=font)
-    grid.save(path)
+    return grid
 
 
 # a dark-to-bright map (black → purple → orange → yellow), for spectrograms

@@ -318,6 +318,21 @@ class Sampler:
         del state
         if adapter is not None and merge_adapter:  # a LoRA fine-tune of this base model (jobs.export of a lora run)
             model = lora.merge_adapter(model, adapter)
+        sampler = cls.from_model(model, meta, model_path, text_encoder, vae, config, device, dtype, vocoder)
+        return sampler if adapter is None or merge_adapter else sampler.load_adapter(adapter, adapter)
+
+    @classmethod
+    def from_model(cls, model: NextDiT, meta: dict, model_path: str = "",
+                   text_encoder: str | TextEncoderConfig | TextEncoder | TextEncoderStack | None = None,
+                   vae: str | VAEConfig | ImageVAE | None = None, config: SamplerConfig | dict | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   vocoder: str | VocoderConfig | Vocoder | None = None, vae_required: bool = True) -> Sampler:
+        """A sampler around a model already in memory, its text encoder, VAE, vocoder, class names and sampler
+        defaults taken as ``from_pretrained`` takes them (arguments first, then the model folder's metadata ``meta``,
+        relative paths against ``model_path``). The in-training evaluation builds one this way from the gathered
+        weights and the run's references (jobs/training/evaluation.py); a loaded encoder or VAE passed here is used as
+        is. ``vae_required=False`` lets an image model go without a VAE when none is given or recorded: its results
+        then carry the latent alone (``image`` None)."""
         te_cfg = resolve_text_encoder_config(text_encoder if text_encoder is not None else meta.get("text_encoder"),
                                              model_path)
         loaded = isinstance(vae, (ImageVAE, *MEL_VAES))
@@ -348,6 +363,8 @@ class Sampler:
         elif vae_cfg is not None and vae_cfg.path:
             # Decoding runs in fp32 (docs/official-formats.md#vae-scaling-factors).
             autoencoder = ImageVAE.from_pretrained(vae_cfg.path, vae_cfg.scaling_factor, vae_cfg.shift_factor, device)
+        elif not audio and not vae_required:
+            autoencoder = None
         else:
             raise ValueError(f"no VAE given and none recorded in {model_path}'s metadata")
         if not isinstance(config, SamplerConfig):  # a preset given here beats the folder's defaults
@@ -358,8 +375,7 @@ class Sampler:
         if audio and not isinstance(vocoder, Vocoder):
             spec = resolve_vocoder_config(vocoder if vocoder is not None else meta.get("vocoder"), model_path)
             vocoder = load_vocoder((spec.path if spec else None) or bundled, autoencoder.mel, device)
-        sampler = cls(model, encoder, autoencoder, config, class_names, vocoder)
-        return sampler if adapter is None or merge_adapter else sampler.load_adapter(adapter, adapter)
+        return cls(model, encoder, autoencoder, config, class_names, vocoder)
 
     def load_adapter(self, name: str, folder: str) -> Sampler:
         """Load the peft LoRA adapter folder ``folder`` unmerged on this sampler's model as ``name``; returns a sampler

@@ -261,3 +261,80 @@ def make_tiny_audioldm(path, seed: int = 0, scaling_factor: float = 0.9227914214
         index["vocoder"] = ["transformers", "SpeechT5HifiGan"]
     (Path(path) / "model_index.json").write_text(json.dumps(index, indent=2))
     return str(path)
+
+
+def make_tiny_clip(path, image_size: int = 32, projection_dim: int = 16, seed: int = 0,
+                   words: list[str] | None = None) -> str:
+    """A tiny random transformers CLIPModel (image and text towers) with a word-level tokenizer (<bos> … <eos>, CLIP's
+    text tower pools at <eos>) and a ``preprocessor_config.json``, saved in ``path``: the CLIP score's and FD_CLIP's
+    model in the tests; returns the path."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer, vocab = word_level_tokenizer(words or vocabulary(), "clap")
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32, "pad_token_id": vocab["<pad>"],
+                     "bos_token_id": vocab["<bos>"], "eos_token_id": vocab["<eos>"]},
+        vision_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 8},
+        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(Path(path))
+    tokenizer.save_pretrained(Path(path))
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(Path(path))
+    return str(path)
+
+
+def make_tiny_dinov2(path, image_size: int = 32, seed: int = 0) -> str:
+    """A tiny random transformers Dinov2Model saved in ``path`` (no preprocessor file: the config's image size and
+    ImageNet's mean and std apply): FD_DINOv2's model in the tests; returns the path."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                          image_size=image_size, patch_size=8)
+    torch.manual_seed(seed)
+    Dinov2Model(config).eval().save_pretrained(Path(path))
+    return str(path)
+
+
+def make_tiny_clap_model(path, sample_rate: int = 16000, seconds: int = 1, projection_dim: int = 16, seed: int = 0,
+                         words: list[str] | None = None) -> str:
+    """A tiny random transformers ClapModel (text and HTS-AT audio towers, no fusion) with a word-level tokenizer and a
+    ClapFeatureExtractor (16 mel bands at ``sample_rate``, clips of ``seconds``, whole seconds: the extractor pads by it), saved in ``path``: FAD's and the
+    CLAP score's model in the tests; returns the path."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+    tokenizer, vocab = word_level_tokenizer(words or vocabulary(), "clap")
+    config = ClapConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 48, "max_position_embeddings": 64, "pad_token_id": vocab["<pad>"],
+                     "bos_token_id": vocab["<bos>"], "eos_token_id": vocab["<eos>"]},
+        # HTS-AT in miniature: a 64² spectrogram image from 16 mel bands, two Swin stages
+        audio_config={"spec_size": 64, "num_mel_bins": 16, "patch_size": 4, "patch_stride": [4, 4], "window_size": 4,
+                      "depths": [1, 1], "num_attention_heads": [2, 2], "hidden_size": 32,
+                      "patch_embeds_hidden_size": 16, "enable_fusion": False},
+        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    ClapModel(config).eval().save_pretrained(Path(path))
+    tokenizer.save_pretrained(Path(path))
+    ClapFeatureExtractor(feature_size=16, sampling_rate=sample_rate, hop_length=sample_rate // 100,
+                         max_length_s=seconds, fft_window_size=sample_rate // 40, frequency_min=0,
+                         frequency_max=sample_rate // 2, truncation="rand_trunc").save_pretrained(Path(path))
+    return str(path)
+
+
+def make_tiny_audio_classifier(path, labels: int = 8, sample_rate: int = 16000, seed: int = 0) -> str:
+    """A tiny random transformers Audio Spectrogram Transformer classifier (``labels`` classes, multi-label as the
+    AudioSet ones) with its feature extractor (16 mel bands, 64 frames), saved in ``path``: KL's model in the tests;
+    returns the path."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+
+    config = ASTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=8,
+                       frequency_stride=8, time_stride=8, max_length=64, num_mel_bins=16, num_labels=labels,
+                       problem_type="multi_label_classification")
+    torch.manual_seed(seed)
+    ASTForAudioClassification(config).eval().save_pretrained(Path(path))
+    ASTFeatureExtractor(feature_size=1, sampling_rate=sample_rate, num_mel_bins=16, max_length=64,
+                        do_normalize=True).save_pretrained(Path(path))
+    return str(path)

@@ -21,9 +21,10 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     # pitch: it learns the pitch much sooner than the image model learns the colour
     # the points model trains 150 of the demo's 200 steps on half its solids (8 of each) and is asked for 4 clouds per
     # solid
+    # the image model is evaluated every 100 of its 400 steps while it trains (the demo: every 200 of 1100)
     cfg = DemoConfig(out=str(out), counts=DemoCounts(images=96, tones=16, solids=24), steps=400, lr=4e-3,
                      batch_tokens=1024, seeds_per_prompt=2, sample_steps=10, audio_steps=150, points_steps=150,
-                     points_seeds_per_prompt=4)
+                     points_seeds_per_prompt=4, eval_every=100)
     report = run(cfg)
 
     # every modality curated, every corrupt file rejected with a reason, the job did not fail
@@ -63,7 +64,15 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     assert all(c["points"] == 1024 for c in report["per_cloud"])
     assert report["points_loss_last"] < report["points_loss_first"]
     assert len(list((out / "report" / "points").glob("*.ply"))) == 12
-    for name in ("samples.png", "mel.png", "points.png", "loss.png", "report.json", "report.md"):
+    # the image model's in-training evaluation (docs/training.md#in-training-evaluation): every 100 of its 400 steps
+    # the EMA weights drew one prompt per colour; the run's storage holds the samples and the curve, the report shows
+    # the curve and the last grid
+    assert [(r["step"], r["samples"]) for r in report["eval"]] == [(100, 4), (200, 4), (300, 4), (400, 4)]
+    assert all(0 <= r["colour_fidelity"] <= 1 and r["latent_fd"] >= 0 for r in report["eval"])
+    evaluation = out / "runs" / "demo" / "eval"
+    assert (evaluation / "curve.png").exists() and len(list((evaluation / "step_00000400").glob("*.png"))) == 5
+    for name in ("samples.png", "mel.png", "points.png", "loss.png", "report.json", "report.md", "eval_curve.png",
+                 "eval_grid.png"):
         assert (out / "report" / name).stat().st_size > 0
     saved = json.loads((out / "report" / "report.json").read_text())
     assert set(saved["timings_s"]) >= {"prepare (Ray Data)", "train (Ray Train + DeepSpeed ZeRO-3)",
@@ -71,3 +80,4 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
                                        "train points (Ray Train + DeepSpeed ZeRO-3)", "total"}
     assert saved["audio_fidelity"] == report["audio_fidelity"] and len(saved["per_clip"]) == 24
     assert "Audio fidelity" in (markdown := (out / "report" / "report.md").read_text()) and "Point fidelity" in markdown
+    assert "## In-training evaluation" in markdown and "](eval_curve.png)" in markdown

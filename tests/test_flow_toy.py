@@ -1,4 +1,4 @@
-"""On the toy Next-DiT trained in the suite (tests/toy.py): few-step sampling against a 1000-NFE reference.
+"""On the toy Next-DiT trained in the suite (tests/toy.py): few-step sampling against a 400-NFE reference.
 
 At equal NFE (10), the paper's recipe — midpoint on the sigmoid schedule (Algorithm 1) with the constants measured on
 this toy (c = 0.5, a = 0, b = 3: its error is near data, unlike the demo model's, whose sweep set the library defaults)
@@ -24,7 +24,7 @@ def test_toy_learned_the_flow(model):
     assert model.train_loss < 0.6  # the velocity target x1 − x0 has a mean square of ≈ 1.4 on this data
 
 
-@pytest.mark.parametrize("guidance", [toy.GUIDANCE])  # guidance 1 is in docs/sampling.md (another 1000-NFE reference)
+@pytest.mark.parametrize("guidance", [toy.GUIDANCE])  # guidance 1 is in docs/sampling.md (another reference solve)
 def test_sigmoid_midpoint_beats_uniform_euler_at_equal_nfe(model, guidance):
     ref = toy.reference(guidance)
     euler, nfe_euler = toy.sample(model, "uniform", "euler", 10, guidance)

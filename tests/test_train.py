@@ -626,19 +626,22 @@ def test_rank_0_metrics_reach_prometheus_through_rays_metrics_agent(ray_cluster,
     def log_a_step(run_dir: str) -> None:
         sink = MetricsSink(run_dir, 10, 0, {}, "disabled", "p", "gauge-run", progress=False)
         sink.log(3, {"loss": 0.25, "samples_per_s": 12.5, "bucket": "32x32"})
+        sink.log_eval(3, {"latent_fd": 1.5})  # the in-training evaluation's numbers: one gauge tagged by metric
         deadline = time.time() + 60  # the gauges live with this worker: it stays until the test has read them
         while not os.path.exists(os.path.join(run_dir, "read")) and time.time() < deadline:
             time.sleep(0.2)
 
     running = log_a_step.remote(str(tmp_path))
     url = f"http://127.0.0.1:{ray_cluster._private.worker.global_worker.node.metrics_export_port}/metrics"
-    wanted = {"ray_lumina_train_loss": 0.25, "ray_lumina_train_step": 3.0, "ray_lumina_train_samples_per_s": 12.5}
+    wanted = {"ray_lumina_train_loss": 0.25, "ray_lumina_train_step": 3.0, "ray_lumina_train_samples_per_s": 12.5,
+              "ray_lumina_train_eval": 1.5}
     found: dict[str, float] = {}
     deadline = time.time() + 60
     while set(found) != set(wanted) and time.time() < deadline:
         for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
             name = line.split("{", 1)[0]
-            if name in wanted and 'run="gauge-run"' in line:
+            if name in wanted and 'run="gauge-run"' in line and (name != "ray_lumina_train_eval"
+                                                                 or 'metric="latent_fd"' in line):
                 found[name] = float(line.rsplit(" ", 1)[1])
         time.sleep(1)
     (tmp_path / "read").touch()
@@ -661,6 +664,9 @@ def test_offline_wandb_run_is_copied_into_remote_storage(tmp_path, monkeypatch):
     sink = MetricsSink(run_dir, 2, 0, {"x": 1}, None, "lumina-test", "wandb-test", progress=False)
     assert sink.wandb_mode == "offline" and sink.wandb_dir.startswith(str(tmp_path))
     sink.log(1, {"loss": 0.5})
+    # an in-training evaluation's numbers and samples go to the same run (evaluation.py), under eval/
+    sink.log_eval(1, {"latent_fd": 2.5}, {"samples": [("image", np.zeros((16, 16, 3), np.uint8), "a red cat"),
+                                                      ("audio", (np.zeros(1600, np.float32), 16000), "a tone")]})
     sink.flush("a", checkpoint=True)
     fs = fsspec.filesystem("memory")
     root = run_dir.split("://", 1)[1]
@@ -668,6 +674,9 @@ def test_offline_wandb_run_is_copied_into_remote_storage(tmp_path, monkeypatch):
     sink.close()
     (run,) = fs.ls(f"{root}/wandb", detail=False)
     assert any(p.endswith(".wandb") for p in fs.find(run))
+    media = [p.rsplit("/media/", 1)[1] for p in fs.find(run) if "/media/" in p]
+    assert any(m.startswith("images/eval/samples") for m in media), media
+    assert any(m.startswith("audio/eval/samples") for m in media), media
     assert not fs.exists(f"{root}/wandb/latest-run")  # wandb's symlinks stay behind
 
 
@@ -757,3 +766,164 @@ def test_a_resume_on_another_worker_count_keeps_the_global_batch(tmp_path, caplo
     changed = config(3, keep_global_batch=False)
     keep_global_batch(changed)
     assert changed.train.grad_accum == 1 and "changes from 4 to 3 micro-batches" in caplog.text
+
+
+# ---- in-training evaluation (jobs/training/evaluation.py, docs/training.md#in-training-evaluation) ------------------
+def _eval_config(data: Path, **eval_section) -> TrainJobConfig:
+    section = {"every": 2, "prompts": ["a red cat", "a blue dog"], "seeds": [0], "reference_samples": 4,
+               "sampler": {"steps": 2, "width": 128, "height": 128}, **eval_section}
+    return from_dict(TrainJobConfig, {"data": {"uri": str(data), "modality": "image"},
+                                      "model": {"preset": "tiny"}, "train": {"steps": 4, "task": "t2i"},
+                                      "run": {"storage": str(data.parent / "runs"), "name": "r"}, "eval": section})
+
+
+def test_eval_config_is_checked_before_any_worker_starts(tmp_path, capsys):
+    """Off by default; its own values (validate), then against the model and the data on the driver (check_eval):
+    prompts a text model can read and an encoder to read them, labels within a class model's classes, a VAE for
+    audio, the modality's size fields, scorers that import; a prompt file is read into the prompts."""
+    from jobs.training.evaluation import check_eval
+
+    assert TrainJobConfig().eval.every == 0
+    data = tmp_path / "data"
+    for section, message in [({"every": -1}, "eval.every must be >= 0"),
+                             ({"seeds": []}, "eval.seeds must name at least one seed"),
+                             ({"class_labels": [-1]}, "class indices >= 0"),
+                             ({"scorers": ["no_function"]}, "is not 'package.module:function'")]:
+        with pytest.raises(ConfigError, match=message):
+            _eval_config(data, **section).validate()
+    with pytest.raises(ConfigError, match=r"eval.use_ema=true needs the EMA"):
+        from_dict(TrainJobConfig, {"data": {"uri": "d"}, "run": {"storage": "s"}, "ema": {"enabled": False},
+                                   "eval": {"use_ema": True}}).validate()
+
+    text, image_vae = preset("tiny"), {"vae": {"path": "vae"}, "text_encoder": {"path": "te"}}
+    check_eval(_eval_config(data), image_vae, text)  # passes
+    for section, encoders, mcfg, message in [
+        ({"prompts": []}, image_vae, text, "eval.prompts .* is empty"),
+        ({"class_labels": [1]}, image_vae, text, "eval.class_labels is for class-conditional models"),
+        ({}, {"vae": {"path": "vae"}}, text, "reads its prompts with a text encoder, but the run names none"),
+        ({"sampler": {"duration": 1.0}}, image_vae, text, r"sets duration, but the model \(image\) takes width / height"),
+        ({"sampler": {"width": 100, "height": 128}}, image_vae, text, "width 100 must be a positive multiple of 16"),
+        ({"prompts": [], "class_labels": [12]}, {}, preset("tiny-class"), r"the model has 10 classes \(0..9\)"),
+        ({"prompts": ["tabby"]}, {}, preset("tiny-class"), "'tabby' is neither a class index below 10"),
+        ({"prompts": ["a tone"], "sampler": {"steps": 2}}, {"text_encoder": {"path": "te"}}, preset("tiny-audio"),
+         "decodes with the mel VAE"),
+        ({"scorers": ["jobs.demo_data:no_such_scorer"]}, image_vae, text, "cannot load 'jobs.demo_data:no_such"),
+        ({"clip_model": "clip", "sampler": {"steps": 2}}, {"text_encoder": {"path": "te"}}, preset("tiny-points"),
+         "a point-cloud model gets MMD"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_eval(_eval_config(data, **section), encoders, mcfg)
+    check_eval(_eval_config(data, prompts=["7"], class_labels=[3]), {}, preset("tiny-class"))
+    (tmp_path / "prompts.txt").write_text('a green cat\n{"prompt": "a yellow dog", "seed": 3}\n')
+    cfg = _eval_config(data, prompt_file=str(tmp_path / "prompts.txt"))
+    check_eval(cfg, image_vae, text)
+    assert cfg.eval.prompts == ["a red cat", "a blue dog", "a green cat", "a yellow dog"]
+    assert cfg.eval.prompt_file is None
+    # through jobs.train: --set, the driver's checks, the --dry-run line
+    _tiny_shards(data)
+    base = ["--data", str(data), "--storage", str(tmp_path / "runs"), "--preset", "tiny", "--steps", "10",
+            "--set", "eval.every=5", "--dry-run"]
+    with pytest.raises(ConfigError, match="eval.prompts .* is empty"):
+        run_train(base)
+    assert run_train(base + ["--set", "eval.prompts=[a red cat]", "--set", "model.text_encoder=te",
+                             "--set", "eval.sampler.steps=3"]) == 0
+    assert f"eval: every 5 steps and at the last, 1 prompt(s) × 1 seed(s) with the EMA weights, 3 midpoint steps, " \
+           f"to {tmp_path / 'runs'}/nextdit/eval/" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory):
+    from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
+
+    root = tmp_path_factory.mktemp("eval-encoders")
+    return make_tiny_text_encoder(root / "text-encoder"), make_tiny_vae(root / "vae")
+
+
+def test_eval_generates_stores_and_scores_the_fixed_set_with_the_ema_weights(tmp_path, tiny_encoders):
+    """The Evaluator without Ray or DeepSpeed (a world of one: the gathers are copies): at the due steps it stores each
+    prompt × seed as a PNG with its JSON sidecar and a grid under eval/step_*/, one metrics.jsonl row per evaluation
+    (latent_fd against the shards' latents, and the configured scorer's number) and curve.png; the samples are those
+    of the EMA weights with the fixed seeds (regenerated bit for bit); a resumed attempt keeps the rows up to its
+    start and evaluates the later steps again."""
+    from PIL import Image
+
+    from jobs.training.evaluation import Evaluator, check_eval, read_rows
+    from jobs.training.parallelize import ShardedEMA, build_model
+    from jobs.training.tasks import make_task
+    from models.sampler import GenerationRequest, Sampler
+    from models.tiny import make_tiny_clip
+
+    text_encoder, vae = tiny_encoders
+    data = _tiny_shards(tmp_path / "data", samples=6)
+    cfg = _eval_config(data, scorers=["jobs.demo_data:colour_fidelity"]).validate()
+    cfg.model.text_encoder, cfg.model.vae = text_encoder, vae
+    cfg.eval.clip_model = make_tiny_clip(tmp_path / "clip")
+    catalog = ShardCatalog.from_config(cfg.data)
+    mcfg = preset("tiny")
+    check_eval(cfg, catalog.encoders, mcfg)
+    task = make_task(cfg, catalog, torch.device("cpu"))
+    model = build_model(cfg)
+    ema = ShardedEMA(model, 0.5)
+    run_dir = tmp_path / "runs" / "r"
+    evaluator = Evaluator(cfg, task, catalog, mcfg, str(run_dir), 0, torch.device("cpu"))
+    rows = []
+    for step in range(1, 5):
+        with torch.no_grad():  # a stand-in for a training step: the EMA now differs from the raw weights
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        ema.update()
+        rows.append(evaluator(step, model, ema))
+    assert rows[0] is None and rows[2] is None  # every 2 steps
+    assert [r["step"] for r in read_rows(str(run_dir / "eval"))] == [2, 4]
+    last = read_rows(str(run_dir / "eval"))[-1]
+    assert last["weights"] == "ema" and last["samples"] == 2 and last["dir"] == "step_00000004"
+    assert last["latent_fd"] > 0 and 0 <= last["colour_fidelity"] <= 1 and 0 <= last["clip_score"] <= 100
+    step_dir = run_dir / "eval" / "step_00000004"
+    assert sorted(p.name for p in step_dir.iterdir()) == ["000000_0.json", "000000_0.png", "000001_0.json",
+                                                         "000001_0.png", "grid.png"]
+    assert json.loads((step_dir / "000001_0.json").read_text())["prompt"] == "a blue dog"
+    # loss, clip_score | colour_fidelity, latent_fd
+    assert Image.open(run_dir / "eval" / "curve.png").size == (1120, 680)
+    # the fixed seeds on the EMA weights give exactly the stored samples
+    weights = NextDiT.from_state_dict(mcfg, ema.full_state())
+    again = Sampler.from_model(weights, {"text_encoder": text_encoder, "vae": vae}, config=cfg.eval.sampler)
+    result = again.generate([GenerationRequest("a blue dog", seed=0)])[0]
+    assert np.array_equal(np.asarray(Image.open(step_dir / "000001_0.png")), result.image)
+    # a resumed attempt (from step 2) keeps row 2 and evaluates step 4 again
+    resumed = Evaluator(cfg, task, catalog, mcfg, str(run_dir), 0, torch.device("cpu"), start_step=2)
+    assert [r["step"] for r in resumed.rows] == [2]
+
+
+def test_eval_numbers_and_a_lora_runs_weights():
+    """latent_fd is 0 for one set against itself and grows with a shift of the mean (‖d‖² per channel); point clouds
+    get MMD-CD / COV-CD; a LoRA run's gathered weights (frozen base + adapters, peft's names) build a sampling model
+    that computes what the training module computes."""
+    from jobs.training.evaluation import build_model, builtin_metrics, gather_weights, latent_fd
+    from jobs.training.lora import apply_lora
+    from models.tiny import random_nextdit
+
+    gen = torch.Generator().manual_seed(0)
+    latents = [torch.randn(4, 8, 8, generator=gen) for _ in range(8)]
+    assert latent_fd(latents, latents) == pytest.approx(0.0, abs=1e-6)
+    shifted = [x + 0.5 for x in latents]
+    assert latent_fd(shifted, latents) == pytest.approx(4 * 0.25, rel=1e-3)
+    clouds = [torch.randn(3, 1, 64, generator=gen) for _ in range(4)]
+    numbers = builtin_metrics("points", clouds, clouds)
+    assert numbers["mmd_cd"] == pytest.approx(0.0, abs=1e-6) and numbers["cov_cd"] == 1.0
+    assert builtin_metrics("image", latents, []) == {}
+
+    cfg = from_dict(TrainJobConfig, {"model": {"preset": "tiny"}, "lora": {"enabled": True, "rank": 2}})
+    trained = apply_lora(random_nextdit(preset("tiny")), cfg.lora)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=gen)
+    state = gather_weights(trained)
+    assert any("lora_B" in name for name in state) and len(state) == len(dict(trained.named_parameters()))
+    rng = torch.get_rng_state()
+    model = build_model(state, cfg, preset("tiny"), torch.device("cpu"), None)
+    assert torch.equal(rng, torch.get_rng_state())  # its throw-away initialisation left the training's RNG alone
+    x, t = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([0.3])
+    caption, mask = torch.randn(1, 3, 32, generator=gen), torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, t, caption, mask), trained.eval()(x, t, caption, mask))

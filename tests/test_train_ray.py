@@ -180,10 +180,17 @@ def assert_exactly_once(recorded: dict[int, dict], expected: dict[int, list[str]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The in-training evaluation of the two_workers run (docs/training.md#in-training-evaluation): at steps 10 and 20,
+# two prompts with one seed each, 2 solver steps at the training size; it reads the prompts with the text encoder and
+# decodes with the VAE that jobs.prepare recorded for the shards (the run names neither).
+EVAL = {"every": 10, "prompts": ["a red cat", "a red dog"], "seeds": [0], "reference_samples": 8,
+        "sampler": {"steps": 2, "width": 128, "height": 128}}
+
+
 @pytest.fixture(scope="module")
 def two_workers(prepared, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    cfg = make_config(prepared, storage, "two-workers")
+    cfg = make_config(prepared, storage, "two-workers", eval=EVAL)
     result = fit(cfg)
     return cfg, result, storage / "two-workers"
 
@@ -262,6 +269,33 @@ def test_export_gives_exactly_the_trained_weights(two_workers, tmp_path):
     assert generate_main(["--model", str(tmp_path / "model"), "--prompt", "a red cat", "--size", "128x128",
                           "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
+def test_in_training_evaluation_lands_in_the_run_storage(two_workers, tmp_path):
+    """Under ZeRO-3 on 2 workers every rank joined the EMA's gather and rank 0 generated the fixed set at steps 10 and
+    20: the samples, a grid, metrics.jsonl and the quality curve are in the run's storage, and the fixed seeds on the
+    exported EMA weights give the stored samples again."""
+    from PIL import Image
+
+    from jobs.export import export
+    from jobs.training.evaluation import read_rows
+    from models.sampler import GenerationRequest, Sampler
+
+    cfg, _, run_dir = two_workers
+    rows = read_rows(str(run_dir / "eval"))
+    assert [(r["step"], r["weights"], r["samples"]) for r in rows] == [(10, "ema", 2), (20, "ema", 2)]
+    assert all(np.isfinite(r["latent_fd"]) and r["latent_fd"] > 0 for r in rows)
+    for step in (10, 20):
+        names = {p.name for p in (run_dir / "eval" / f"step_{step:08d}").iterdir()}
+        assert names == {"000000_0.png", "000000_0.json", "000001_0.png", "000001_0.json", "grid.png"}
+    assert Image.open(run_dir / "eval" / "curve.png").size == (1120, 340)  # the loss beside latent_fd
+    export(str(run_dir), str(tmp_path / "model"))
+    sampler = Sampler.from_pretrained(str(tmp_path / "model"), ema=True, config=cfg.eval.sampler)
+    results = sampler.generate([GenerationRequest(p, seed=0) for p in cfg.eval.prompts])
+    for i, result in enumerate(results):
+        stored = np.asarray(Image.open(run_dir / "eval" / "step_00000020" / f"{i:06d}_0.png")).astype(int)
+        # the same weights and seeds; the worker's thread count may round a matmul otherwise (docs/sampling.md)
+        assert np.abs(stored - result.image).max() <= 1
 
 
 def prepared_vae(cfg: TrainJobConfig) -> str:

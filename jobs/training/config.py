@@ -14,6 +14,7 @@ from typing import Any
 from models.config_io import ConfigError
 from models.flow import FlowConfig
 from models.presets import MODALITIES, PRESETS, NextDiTConfig
+from models.sampler import SamplerConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TEXT_SOURCES = ("auto", "shards", "online")
@@ -178,6 +179,36 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-training evaluation (docs/training.md#in-training-evaluation): every ``every`` steps and at the last step,
+    rank 0 generates the fixed ``prompts`` × ``seeds`` (or ``class_labels`` × ``seeds``) with the EMA weights, stores
+    them under ``{run}/eval/step_{step:08d}/`` and scores them; ``{run}/eval/metrics.jsonl`` and ``curve.png`` hold
+    the quality curve. Off by default: it costs rank 0 a text encoder, a VAE and a model copy, and the other ranks
+    wait for it."""
+
+    every: int = 0  # steps between evaluations; 0: off
+    prompts: list[str] = field(default_factory=list)  # text-conditioned models; class models: class names or indices
+    # one prompt per line, or JSON lines with a "prompt" (jobs.generate's prompt file), local or s3://; read by the
+    # driver and appended to ``prompts``
+    prompt_file: str | None = None
+    class_labels: list[int] = field(default_factory=list)  # class-conditional models: class indices
+    seeds: list[int] = field(default_factory=lambda: [0])  # every prompt (label) is generated with each seed
+    # the Sampler's own settings (default: midpoint, 10 steps, CFG 4): steps, solver, guidance, batch_size; width /
+    # height (images), duration (audio), points (point clouds), None: the model's training size
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    use_ema: bool | None = None  # None: the EMA weights when ema.enabled, else the raw ones
+    # training samples (the largest bucket's first ones) the built-in metric compares against: latent_fd for images
+    # and audio, MMD-CD / COV-CD for point clouds; 0: none
+    reference_samples: int = 32
+    # a transformers CLIP folder (image models) or CLAP folder (audio models), local, s3:// or a Hub id: adds
+    # clip_score / clap_score, each sample against its prompt; None: no scoring model
+    clip_model: str | None = None
+    # more scores: "package.module:function" callables, fn(list[evaluation.EvalSample]) -> {name: float}
+    # (jobs.demo_data:colour_fidelity is the demo's)
+    scorers: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -190,6 +221,7 @@ class TrainJobConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> TrainJobConfig:
         """Value checks that types cannot express; raises ConfigError before any worker starts."""
@@ -248,4 +280,24 @@ class TrainJobConfig:
                               f"offline), got {self.logging.wandb!r}")
         if "/" in self.run.name or not self.run.name:
             raise ConfigError("run.name must be a non-empty name without '/'")
+        self.validate_eval()
         return self
+
+    def validate_eval(self) -> None:
+        """The eval section's own values; what depends on the model and the data (prompts for a text model, labels
+        within its classes, a text encoder to read the prompts) the driver checks (driver.check_eval)."""
+        e = self.eval
+        if e.every < 0:
+            raise ConfigError("eval.every must be >= 0 (0: no in-training evaluation)")
+        if e.reference_samples < 0:
+            raise ConfigError("eval.reference_samples must be >= 0")
+        if any(label < 0 for label in e.class_labels):
+            raise ConfigError("eval.class_labels must be class indices >= 0")
+        if e.every and not e.seeds:
+            raise ConfigError("eval.seeds must name at least one seed")
+        if e.use_ema and not self.ema.enabled:
+            raise ConfigError("eval.use_ema=true needs the EMA (ema.enabled)")
+        for name in e.scorers:
+            module, _, function = name.partition(":")
+            if not module or not function:
+                raise ConfigError(f"eval.scorers: {name!r} is not 'package.module:function'")

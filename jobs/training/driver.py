@@ -49,8 +49,9 @@ def check_storage(uri: str) -> None:
 
 
 def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
-    """Every check that can fail before a worker starts: config values, manifest, buckets, text source, storage. Sets
-    ``cfg.model.resolved``, the architecture every worker builds (resolved here once)."""
+    """Every check that can fail before a worker starts: config values, manifest, buckets, text source, storage, the
+    in-training evaluation's prompts and encoders. Sets ``cfg.model.resolved``, the architecture every worker builds
+    (resolved here once), and reads ``eval.prompt_file`` into ``eval.prompts``."""
     cfg.validate()
     if write_probe:
         check_storage(cfg.run.storage)
@@ -79,6 +80,9 @@ def validate(cfg: TrainJobConfig, write_probe: bool = True) -> ShardCatalog:
         rows = first.shape[1] if len(first.shape) == 3 else 1
         check_audio_latents(mcfg, latent_channels, rows, f"the audio shards (latent shape {list(first.shape)})")
     check_encoders(cfg, catalog)
+    from jobs.training.evaluation import check_eval
+
+    check_eval(cfg, catalog.encoders, mcfg)
     return catalog
 
 
@@ -351,6 +355,13 @@ def describe(cfg: TrainJobConfig, catalog: ShardCatalog) -> str:
         lines.append(f"  bucket {name}: shape {list(b.shape)}, {catalog.bucket_samples(name)} samples, micro-batch "
                      f"{b.micro_batch}, global batch {per_step}, {catalog.bucket_samples(name) // per_step} steps/epoch")
     lines.append("deepspeed: " + json.dumps(deepspeed_config(cfg, cfg.scaling.workers)))
+    e = cfg.eval
+    if e.every:
+        weights = "EMA" if (cfg.ema.enabled if e.use_ema is None else e.use_ema) else "raw"
+        conditions = len(e.class_labels) + len(e.prompts)
+        lines.append(f"eval: every {e.every} steps and at the last, {conditions} prompt(s) × {len(e.seeds)} seed(s) "
+                     f"with the {weights} weights, {e.sampler.steps} {e.sampler.solver} steps, "
+                     f"to {join(cfg.run.storage, cfg.run.name, 'eval')}/")
     return "\n".join(lines)
 
 

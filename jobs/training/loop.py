@@ -9,6 +9,8 @@ updated. So one step's gradient is the mean over the global batch, whatever the 
 
 After every step the loop calls its step callbacks with a :class:`StepEnd`; ``train.record_samples`` installs the
 :class:`SampleRecorder` (data lineage), and ``run_worker(cfg, callbacks)`` takes more (tests inject faults this way).
+With ``eval.every`` set, every ``eval.every`` steps and at the last one, after the step's metrics and checkpoint, the
+in-training evaluation (evaluation.py) gathers the EMA weights on every rank and generates its fixed set on rank 0.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from jobs.training import checkpointing
 from jobs.training.config import TrainJobConfig
 from jobs.training.data import BucketLoader, LoaderState, ShardCatalog
+from jobs.training.evaluation import Evaluator
 from jobs.training.metrics import MetricsSink, Throughput, peak_flops, train_flops
 from jobs.training.parallelize import ShardedEMA, build_model, model_config, parallelize, quiet_deepspeed
 from jobs.training.tasks import Task, make_task
@@ -168,6 +171,8 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
         if rank == 0:
             sink = MetricsSink(run_dir, cfg.train.steps, start_step, to_dict(cfg), cfg.logging.wandb,
                                cfg.logging.wandb_project, cfg.run.name, cfg.logging.progress)
+        evaluator = (Evaluator(cfg, task, catalog, mcfg, run_dir, rank, device, start_step, sink)
+                     if cfg.eval.every else None)
         attempt = f"{time.time_ns()}-{uuid.uuid4().hex[:6]}"
         recorder = SampleRecorder(run_dir, rank) if cfg.train.record_samples else None
         callbacks = ([recorder] if recorder else []) + list(callbacks)
@@ -211,6 +216,10 @@ def run_worker(cfg: TrainJobConfig, callbacks: Sequence[StepCallback] = ()) -> N
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                      checkpoint_dir_name=checkpointing.checkpoint_dir_name(step),
                                      checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+            if evaluator is not None and evaluator.due(step):  # every rank: the gather is a collective
+                began = time.perf_counter()
+                evaluator(step, engine.module, ema)  # rank 0 generates while the others wait at the next step
+                meter.start += time.perf_counter() - began  # not training time: samples/s and MFU leave it out
             event = StepEnd(step, step_plan.epoch, bucket, [s["key"] for mb in micro_batches for s in mb], rank, world,
                             run_dir, logged)
             for callback in callbacks:

@@ -171,6 +171,11 @@ def prometheus_gauges(run_name: str) -> dict[str, Any]:
     for key, name in PROMETHEUS_GAUGES.items():
         gauges[key] = Gauge(name, f"training {key} of rank 0 at its last logged step", tag_keys=("run",))
         gauges[key].set_default_tags({"run": run_name})
+    # the in-training evaluation's numbers (evaluation.py): one gauge, tagged with the metric, whose names depend on
+    # the modality and the configured scorers
+    gauges["eval"] = Gauge("lumina_train_eval", "the in-training evaluation's numbers at its last evaluation",
+                           tag_keys=("run", "metric"))
+    gauges["eval"].set_default_tags({"run": run_name})
     return gauges
 
 
@@ -215,10 +220,30 @@ class MetricsSink:
             self.bar.n = step
             self.bar.set_description(f"train loss {metrics['loss']:.4f} bucket {metrics.get('bucket')}")
         for key, gauge in self.gauges.items():
-            if isinstance(value := row.get(key), (int, float)):
+            if key in PROMETHEUS_GAUGES and isinstance(value := row.get(key), (int, float)):
                 gauge.set(float(value))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_eval(self, step: int, metrics: dict[str, float], media: dict[str, list] | None = None) -> None:
+        """An in-training evaluation (evaluation.py): its numbers to Prometheus (``lumina_train_eval{metric=…}``) and,
+        with its samples, to wandb under ``eval/`` — after the step's own ``log``, since wandb's steps only go
+        forward. ``media``: name → the samples as (kind, payload, caption), kind "image" (an H×W×3 uint8 array) or
+        "audio" ((waveform, sample rate)). They stay out of ``history`` (metrics.jsonl is the loss's: one row per
+        step); the evaluation writes its own ``{run}/eval/metrics.jsonl``."""
+        if "eval" in self.gauges:
+            for name, value in metrics.items():
+                self.gauges["eval"].set(float(value), tags={"metric": name})
+        if self.wandb is None:
+            return
+        import wandb
+
+        row: dict[str, Any] = {f"eval/{k}": v for k, v in metrics.items()}
+        for name, items in (media or {}).items():
+            row[f"eval/{name}"] = [wandb.Image(payload, caption=caption) if kind == "image"
+                                   else wandb.Audio(payload[0], sample_rate=payload[1], caption=caption)
+                                   for kind, payload, caption in items]
+        self.wandb.log(row, step=step)
 
     def flush(self, attempt: str, checkpoint: bool = False) -> None:
         """Write this attempt's history (one file per attempt: object stores cannot append); at a checkpoint, also
