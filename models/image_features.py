@@ -6,7 +6,7 @@ URL, fetched once into the local cache): nothing is downloaded at run time.
     ClipScorer(folder)             a transformers CLIPModel folder → the CLIP score of image–prompt pairs
 
 Every extractor takes images as uint8 tensors (B, 3, H, W) and returns ``{"features": (B, D)}`` (plus ``"logits"``
-(B, K) where it has a classifier: the Inception network, for IS), float32. ``id`` names it in cache keys and reports.
+(B, K) where it has a classifier, and ``"spatial"`` (B, 2023), the sFID features: the Inception network), float32. ``id`` names it in cache keys and reports.
 
 FID's Inception is torch-fidelity's port of the TensorFlow graph the FID authors published
 (``pt_inception-2015-12-05``, TF 1.x-exact bilinear resize to 299²), from the weights file of torch-fidelity
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 INCEPTION_FEATURES = ("2048", "logits_unbiased")  # torch-fidelity's names: pool_3 features, fc logits without bias
 INCEPTION_NAME = "inception-v3-compat"
+SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv (Nash et al. 2021, the ADM suite), 17·17·7 = 2023
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -45,11 +46,13 @@ def fingerprint(path: str) -> str:
 
 
 class ImageFeatures(torch.nn.Module):
-    """uint8 images (B, 3, H, W) → ``{"features": (B, D)[, "logits": (B, K)]}``; ``id``, ``dim``, ``has_logits``."""
+    """uint8 images (B, 3, H, W) → ``{"features": (B, D)[, "logits": (B, K), "spatial": (B, 2023)]}``; ``id``, ``dim``,
+    ``has_logits``, ``has_spatial``."""
 
     id: str = ""
     dim: int = 0
     has_logits: bool = False
+    has_spatial: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -77,10 +80,13 @@ def _inception_state(state: Any, path: str) -> tuple[dict[str, torch.Tensor], bo
 
 class InceptionFeatures(ImageFeatures):
     """FID's Inception-v3 (torch-fidelity's ``FeatureExtractorInceptionV3``) from a local weights file: 2048-d pool
-    features and the 1008-class logits (without the fc bias, as torch-fidelity's IS uses them). Any input size: the
+    features, the 1008-class logits (without the fc bias, as torch-fidelity's IS uses them) and sFID's spatial
+    features (the first 7 channels of the TF graph's ``mixed_6/conv``, 2023-d; Nash et al. 2021, "Generating images
+    with sparse representations", as the ADM suite takes them). Any input size: the
     network resizes to 299² itself, with TensorFlow 1.x's bilinear rule, as the reference implementation did."""
 
     has_logits = True
+    has_spatial = True
     dim = 2048
 
     def __init__(self, weights_path: str):
@@ -104,11 +110,23 @@ class InceptionFeatures(ImageFeatures):
             except RuntimeError as exc:  # load_state_dict's missing / unexpected keys
                 raise ValueError(f"{weights_path} does not fit FID's Inception-v3: {exc}") from exc
         self.id = f"{INCEPTION_NAME}:{fingerprint(original)}"
+        # sFID's layer: the TF graph's 11 "mixed" blocks are torchvision's Mixed_5b … Mixed_7c in order (mixed_3 is
+        # the 35→17 reduction Mixed_6a), so mixed_6 is Mixed_6d, and its "conv" the 1×1 branch, whose output in the
+        # graph is the ReLU after conv and batchnorm (mixed_6/conv/Conv2D, …/batchnorm, then mixed_6/conv): the
+        # output of torch-fidelity's BasicConv2d Mixed_6d.branch1x1 (weights converted by the same names).
+        self._spatial: torch.Tensor | None = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        # the ADM suite keeps the first 7 of 192 channels of the NHWC tensor and flattens it (17·17·7 = 2023): the
+        # same channels, flattened in TF's (height, width, channel) order so ADM's mu_s / sigma_s line up
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(output), -1).float()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         pool, logits = self.net(images.to(self.device, torch.uint8))
-        return {"features": pool.float(), "logits": logits.float()}
+        spatial, self._spatial = self._spatial, None
+        return {"features": pool.float(), "logits": logits.float(), "spatial": spatial}
 
 
 # -------------------------------------------------------------------------------------------------------- transformers

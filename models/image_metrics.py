@@ -1,5 +1,6 @@
 """Generation metrics on features (images, and audio through ``models.audio_metrics``): the Fréchet distance (FID,
-FD_DINOv2, FAD), KID, the Inception Score and the CLIP score, and the reference statistics they compare against.
+sFID, FD_DINOv2, FAD), KID, the Inception Score, precision and recall, the CLIP score, and the reference statistics
+they compare against.
 
 Every metric here takes features, not images: the networks that make them are ``models.image_features`` (and
 ``models.audio_metrics``), so one function serves every extractor. With X the real features (N, D), Y the generated
@@ -12,6 +13,9 @@ ones (M, D), all in float64:
     IS         = exp E_x KL(p(y|x) ‖ p(y)), per split, mean and std                     (Salimans et al. 2016, §4)
     CLIP score = 100 · max(cos(E_image, E_text), 0) per pair, averaged                 (Hessel et al. 2021, CLIPScore,
                  with torchmetrics' weight 100 instead of the paper's 2.5, the scale text-to-image papers report)
+    precision  = 1/M Σ_j 1[∃i: ‖y_j − x_i‖ ≤ r_k(x_i)],  recall = 1/N Σ_i 1[∃j: ‖x_i − y_j‖ ≤ r_k(y_j)]
+                 with r_k(x_i) the distance from x_i to its k-th nearest neighbour in its own set, k = 3
+                 (Kynkäänniemi et al. 2019, "Improved precision and recall metric for assessing generative models")
 
 Reference statistics (μ, Σ, N and, for KID, the features themselves) are ``FeatureStats``: written and read as
 ``.npz`` (``save_stats`` / ``load_stats``), which also reads the ADM evaluation suite's reference batches (Dhariwal &
@@ -185,6 +189,47 @@ def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
     return float(scores.mean()), float(scores.std(unbiased=False))
 
 
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(len(a), len(b)) squared Euclidean distances as ‖a‖² − 2ab + ‖b‖² (one matrix product; clamped at 0, which
+    rounding can cross for near-identical vectors)."""
+    return (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None, :]).clamp(min=0)
+
+
+def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
+    """(N,) squared distance from each vector to its k-th nearest neighbour in the same set, itself left out: the
+    (k + 1)-th smallest of its row, the first being its own 0. Rows ``chunk`` at a time (see ``precision_recall``)."""
+    if features.shape[0] <= k:
+        raise ValueError(f"the {k}-nearest-neighbour radius needs more than {k} vectors, got {features.shape[0]}")
+    return torch.cat([_squared_distances(part, features).topk(k + 1, dim=1, largest=False).values[:, -1]
+                      for part in torch.split(features, chunk)])
+
+
+def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(len(points),) whether each point lies in at least one ball (centre, radius), ``chunk`` points at a time."""
+    return torch.cat([(_squared_distances(part, centres) <= radii[None, :]).any(1) for part in torch.split(points, chunk)])
+
+
+def precision_recall(real: Any, fake: Any, k: int = 3, chunk: int = 1024,
+                     device: str | torch.device = "cpu") -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of generated features ``fake`` (M, D) against real
+    ``real`` (N, D), in float64 on ``device``. Each set's manifold is the union of balls around its vectors, each ball
+    reaching that vector's k-th nearest neighbour in its own set (k = 3, the paper's choice and the ADM suite's):
+    precision is the fraction of generated vectors inside the real manifold (sample quality), recall the fraction of
+    real vectors inside the generated one (coverage).
+
+    Distances are computed ``chunk`` rows at a time against the whole other set, so at most chunk × max(N, M) of them
+    exist at once (1024 × 50 000 × 8 bytes = 410 MB for the 50K protocol, beside the 2 × 50 000 × 2048 × 8 bytes = 1.6 GB
+    of the two sets), never the 50K × 50K matrix. No randomness, and the same chunks in the same order: the same sets
+    give the same numbers. Squared distances are compared with squared radii, which orders them the same way."""
+    x = torch.as_tensor(np.asarray(real), dtype=torch.float64, device=device)
+    y = torch.as_tensor(np.asarray(fake), dtype=torch.float64, device=device)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"precision / recall of features of different shapes: {tuple(x.shape)} and {tuple(y.shape)}")
+    precision = _inside_manifold(y, x, knn_radii(x, k, chunk), chunk).double().mean()
+    recall = _inside_manifold(x, y, knn_radii(y, k, chunk), chunk).double().mean()
+    return float(precision), float(recall)
+
+
 def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """Per pair (B,): 100 · max(cos(image_embeds[i], text_embeds[i]), 0)."""
     cos = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
@@ -210,13 +255,16 @@ def stats_key(extractor: str, resolution: int | None, listing: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:24] + ".npz"
 
 
-def save_stats(path: str, stats: FeatureStats) -> None:
+def save_stats(path: str, stats: FeatureStats, spatial: FeatureStats | None = None) -> None:
     """Write ``stats`` as ``.npz``: ``mu``, ``sigma`` (the ADM key names, so ADM's own tools read the pool statistics
-    too), ``n``, ``features`` when kept, and ``meta`` (JSON text with ``format``)."""
+    too), ``n``, ``features`` when kept, ``meta`` (JSON text with ``format``), and with ``spatial`` the sFID
+    statistics as ADM's ``mu_s`` / ``sigma_s``."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "n": np.asarray(stats.n),
               "meta": np.asarray(json.dumps({"format": STATS_FORMAT, **stats.meta}, sort_keys=True))}
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
+    if spatial is not None:
+        arrays["mu_s"], arrays["sigma_s"] = spatial.mu, spatial.sigma
     with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name without it
         np.savez(f, **arrays)
 
@@ -248,7 +296,9 @@ def load_stats(path: str) -> ReferenceFile:
             info = {k: v for k, v in meta.items() if k != "format"} if ours else {"source": "adm", "file": str(path)}
             pool = FeatureStats(data["mu"], data["sigma"], n, features, info)
         if "mu_s" in keys and "sigma_s" in keys:
-            spatial = FeatureStats(data["mu_s"], data["sigma_s"], 0, None, {"source": "adm", "file": str(path)})
+            spatial = FeatureStats(data["mu_s"], data["sigma_s"], pool.n if ours and pool else 0, None,
+                                   {k: v for k, v in meta.items() if k != "format"} if ours
+                                   else {"source": "adm", "file": str(path)})
     images, shape = _npz_array_shape(path, "arr_0")
     if pool is None and not images:
         raise ValueError(f"{path}: no statistics (mu, sigma) and no image batch (arr_0) in it; keys: "

@@ -130,6 +130,20 @@ def test_inception_score_bounds_by_construction():
     assert mean == pytest.approx(k) and std == pytest.approx(0.0, abs=1e-9)
 
 
+def test_precision_and_recall_by_construction():
+    """Identical sets cover each other; a set collapsed onto a few real points is precise but covers almost nothing;
+    a set far away is neither. Chunks smaller than the sets give the same numbers as one chunk."""
+    real = random_stats(16, 200, 5)
+    assert M.precision_recall(real, real) == (1.0, 1.0)
+    collapsed = real[:4].repeat(50, 1) + 1e-6 * random_stats(16, 200, 6)  # 4 real points, 50 near-copies each
+    precision, recall = M.precision_recall(real, collapsed, chunk=64)
+    assert precision == 1.0 and recall == pytest.approx(4 / 200)
+    assert (precision, recall) == M.precision_recall(real, collapsed, chunk=1000)  # chunking changes nothing
+    assert M.precision_recall(real, real + 1e3) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="more than 3"):
+        M.precision_recall(real, real[:3])
+
+
 def test_clip_score_ranks_matching_pairs_above_shuffled_ones():
     """A feature model where matching holds by construction: an image's embedding is its mean colour, a prompt's the
     colour it names."""
@@ -195,6 +209,47 @@ def test_inception_loads_from_a_local_weights_file_without_any_download(tmp_path
     assert changed and fixed.keys() == state.keys()
     with pytest.raises(ValueError, match="not an Inception state dict"):
         _inception_state([1, 2], "other.pth")
+
+
+def test_sfid_precision_and_recall_through_the_job(tmp_path):
+    """sFID's spatial features (Inception's Mixed_6d.branch1x1, TF's mixed_6/conv: 7 × 17 × 17 = 2023): sFID grows
+    from 0 for a set against itself with a shift; the job reports sFID, precision and recall; its cache file keeps the
+    spatial statistics as ADM's mu_s / sigma_s; and with an ADM-style reference the Fréchet distance uses the file's
+    statistics while precision and recall use the features of its arr_0 images. A 2023-d Fréchet distance costs a
+    second on two cores: two here."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    state = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008).state_dict()
+    weights = str(tmp_path / "pt_inception-random.pth")
+    torch.save(state, weights)
+    images = pictures(4)
+
+    def shift(d):
+        return [np.clip(im.astype(int) + d, 0, 255).astype(np.uint8) for im in images]
+
+    real = write_images(tmp_path / "real", images)
+    args = ["--metric", "sfid,precision,recall", "--feature-extractor", weights,
+            "--set", f"stats_cache={tmp_path / 'cache'}"]
+    assert job.main([*args, "--real", real, "--fake", write_images(tmp_path / "fake", shift(16)),
+                     "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["sfid"]["value"] > 0 and metrics["sfid"]["label"] == "sFID"
+    assert 0 <= metrics["precision"]["value"] <= 1 and 0 <= metrics["recall"]["value"] <= 1
+    assert metrics["precision"]["k"] == 3 and metrics["recall"]["real_samples"] == 4
+    cached = M.load_stats(report["real"]["cache_file"])
+    assert cached.spatial.mu.shape == (2023,) and cached.pool.features.shape == (4, 2048)
+    # an ADM-style reference whose statistics are the real set's but whose arr_0 holds other images: scoring the real
+    # set against it gives sFID 0 only if the file's mu_s / sigma_s are used
+    np.savez(tmp_path / "ref.npz", arr_0=np.stack(shift(64)), mu=cached.pool.mu, sigma=cached.pool.sigma,
+             mu_s=cached.spatial.mu, sigma_s=cached.spatial.sigma)
+    assert job.main([*args, "--real-stats", str(tmp_path / "ref.npz"), "--fake", real,
+                     "--out", str(tmp_path / "out2")]) == 0
+    adm = json.loads((tmp_path / "out2" / "report.json").read_text())
+    assert adm["metrics"]["sfid"]["value"] == pytest.approx(0, abs=1e-6 * metrics["sfid"]["value"])
+    assert adm["real"]["statistics"] == "file" and adm["real"]["features"] == "computed"
+    assert adm["metrics"]["recall"]["real_samples"] == 4 and adm["metrics"]["precision"]["value"] < 1
 
 
 def test_transformers_extractors_and_clip_scorer_load_from_folders(tiny):
@@ -380,10 +435,21 @@ def test_generation_resumes_where_it_stopped(tmp_path):
     assert [r["index"] for r in job.pending(rows, written)] == [1, 2, 3, 4, 5]
 
 
-def test_generate_and_score_writes_the_samples_once(tiny, tmp_path):
-    """--model --classes N --samples K: jobs.generate's code writes OUT/samples (a tiny class model, 2 solver steps);
-    a second run finds them all and only scores."""
+def test_generate_and_score_writes_the_samples_once(tiny, tmp_path, monkeypatch):
+    """--model --classes N --samples K: jobs.generate's Ray Data path (run_ray, the --prompt-file job) gets the class
+    rows and writes OUT/samples (a tiny class model, 2 solver steps); a second run finds them all and only scores.
+    run_ray's Ray Data job itself is tests/test_generate.py's (on the session's cluster); here its rows go through
+    jobs.generate's sampler and writer in this process, which keeps this test in the quick tier."""
+    from jobs import generate
     from models.tiny import make_tiny_model_folder, make_tiny_vae
+
+    ray_calls = []
+
+    def run_ray_here(gen, rows):
+        ray_calls.append([(r["index"], r["prompt"], r["seed"]) for r in rows])
+        return generate.run_local(gen, rows)
+
+    monkeypatch.setattr(generate, "run_ray", run_ray_here)
 
     model = make_tiny_model_folder(tmp_path / "model", vae=make_tiny_vae(tmp_path / "vae"), preset_name="tiny-class")
     real = write_images(tmp_path / "real", pictures(4))
@@ -398,3 +464,4 @@ def test_generate_and_score_writes_the_samples_once(tiny, tmp_path):
     assert reports[1]["fake"]["generated"]["skipped"] == 4 and reports[1]["fake"]["samples"] == 4
     assert reports[1]["metrics"]["fid"]["value"] == reports[0]["metrics"]["fid"]["value"]
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 4
+    assert ray_calls == [[(0, "0", 0), (1, "0", 1), (2, "1", 2), (3, "1", 3)]]  # once: the second run skipped all
