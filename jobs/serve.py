@@ -82,17 +82,21 @@ def shut_down(grace_s: float) -> None:
     Serve drains its deployments one after the other, each for up to its graceful-shutdown timeout, so an Ingress
     request waiting on a long solve holds the shutdown for that timeout twice. Past ``grace_s`` the local cluster this
     process started is stopped, which ends the solves; a joined cluster (RAY_ADDRESS) goes on draining without us.
+    The drain is awaited on this thread and cancelled at the bound: a thread of ours still inside Ray while
+    ``ray.shutdown`` tears the connection down can crash the process (seen: SIGSEGV).
     """
+    import asyncio
+
     import ray
     from ray import serve
 
     log.info("draining in-flight requests for up to %.0f s", grace_s)
-    drained = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
-    drained.start()
-    drained.join(grace_s)
-    if drained.is_alive():
+    try:
+        asyncio.run(asyncio.wait_for(serve.shutdown_async(), timeout=grace_s))
+    except TimeoutError:
         log.warning("in-flight requests did not finish within graceful_shutdown_s=%.0f s: stopping them", grace_s)
     ray.shutdown()  # a local cluster goes with the driver; a joined one keeps running and finishes the drain
+
 
 if __name__ == "__main__":
     run_main(main)

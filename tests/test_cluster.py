@@ -158,7 +158,7 @@ def test_jobs_serve_stops_within_its_graceful_shutdown_on_sigterm_mid_solve(tmp_
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.serve", "--model", model, "--port", str(port), "--set", f"graceful_shutdown_s={grace}",
          "--set", "sampler.max_side=512", "--set", f"sampler.max_pixels={512 * 512}"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(log := open(tmp_path / "serve.log", "w")))  # noqa: SIM115
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             deadline = time.time() + 180
@@ -185,7 +185,9 @@ def test_jobs_serve_stops_within_its_graceful_shutdown_on_sigterm_mid_solve(tmp_
         assert not answered, answered[0].text  # the solve is running
         began = time.monotonic()
         driver.send_signal(signal.SIGTERM)
-        assert driver.wait(timeout=120) == 0
+        code = driver.wait(timeout=120)
+        log.close()
+        assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
         # Serve alone took 2 × 20 s; ray.shutdown after the grace takes a few seconds on a loaded 2-core machine
         assert time.monotonic() - began < grace + 20
         found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True, check=False)
