@@ -41,7 +41,7 @@ def check_job_path(path: str | None, name: str) -> None:
                           "absolute path on storage every node sees, or an s3:// URI")
 
 
-def init_ray(num_cpus: int | None = None, **kwargs) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a cluster
     already running on this machine); otherwise start a fresh local cluster whose node address is 127.0.0.1 — the
     embedded default never attaches to someone else's Ray by accident.
@@ -53,6 +53,8 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     - runs its dashboard on 127.0.0.1 only (the next free port from 8265): the state API lives there, and Ray Train's
       placement-group cleaner asks it whether the run's controller is alive — without it the cleaner cannot tell and
       logs "Failed to query Ray Train Controller actor state" every few seconds of every training run.
+      ``dashboard=False`` leaves it out, for jobs that need neither (``jobs.prepare`` without ``--dashboard``): its
+      head process and modules cost about 2 CPU-seconds of a short job (docs/benchmarks.md#curation).
 
     A no-op when Ray is already initialised (tests share one session-wide cluster).
     """
@@ -67,8 +69,9 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
         if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
             log.warning("RAY_AUTH_MODE=disabled: this local Ray cluster runs without token authentication, and its "
                         "servers listen on every interface; firewall the machine, or unset RAY_AUTH_MODE")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", **kwargs)
+        where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, _node_ip_address="127.0.0.1",
+                 **where, **kwargs)
     log.info("Ray resources: %s", ray.cluster_resources())
 
 

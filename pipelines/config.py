@@ -39,7 +39,10 @@ class Resources:
     custom: dict[str, float] = field(default_factory=dict)
     concurrency: int = 0
     max_concurrency: int = 0
-    batch_size: int = 32
+    # rows per batch; for the task stages also per task. 128: a task of a few hundred milliseconds, so a job spends
+    # less on Ray Data's per-task handling and the run's actors' per-batch calls (about 5% of a 2000-image job at 32;
+    # docs/benchmarks.md#curation). Model stages set their own (``_actor_resources``).
+    batch_size: int = 128
 
 
 def _actor_resources(batch_size: int = 8) -> Resources:

@@ -73,11 +73,13 @@ def decode_to_bucket(data: bytes, cfg, bucket_sizes: tuple[tuple[int, int], ...]
     except Exception as exc:
         reason = R.TRUNCATED if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else R.NOT_DECODABLE
         raise Reject(reason, f"{type(exc).__name__}: {exc}") from exc
-    img = to_rgb(img)
+    # greyscale stays one band through the resampling and becomes RGB at the bucket's size: the same pixels (L → RGB
+    # copies the band, and every band is resampled alike) for a third of the work
+    img = img if img.mode == "L" else to_rgb(img)
     factor = min(img.size[0] // cw, img.size[1] // ch)
     if factor >= 2:
         img = img.reduce(factor)  # box filter, exact for integer factors
-    return fit_to_bucket(img, bucket), bucket, info
+    return to_rgb(fit_to_bucket(img, bucket)), bucket, info
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

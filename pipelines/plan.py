@@ -18,7 +18,6 @@ from typing import Any
 from models.config_io import ConfigError, to_dict
 from pipelines import constants as C
 from pipelines.buckets import Bucketize, bucket_table
-from pipelines.caption import Captioner
 from pipelines.config import PrepareConfig, Resources, mel_config
 from pipelines.decode import Decode
 from pipelines.encode import (
@@ -36,7 +35,6 @@ from pipelines.io import options_for, resolve_storage
 from pipelines.labels import assign_labels, check_labels, label_source, labels_record
 from pipelines.ledger import Ledger, ledger_name, new_run_id
 from pipelines.manifest import OutputState
-from pipelines.scores import ScoreFilter
 from pipelines.shards import encoder_json, read_labels, shard_encoders
 from pipelines.sources import expand_tar, items_table, list_inputs
 from pipelines.stage import StageChain, run_task_chain
@@ -106,11 +104,17 @@ def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = Non
         if f.enabled:
             specs.append(StageSpec(RuleFilter, {"config": cfg, **audio}, dec_res, False))
         caption_model = config.caption.audio_model if modality == C.AUDIO else config.caption.model
+        # the model stages' modules import torch: only a plan that has them pays for it (a driver and task workers
+        # without model stages never import it; docs/benchmarks.md#curation)
         if config.caption.enabled and caption_model:
+            from pipelines.caption import Captioner
+
             specs.append(StageSpec(Captioner, {"config": cfg, "modality": modality, **audio},
                                    config.caption.resources, True))
         score_model = {C.IMAGE: f.clip_model, C.AUDIO: f.clap_model}.get(modality)
         if f.enabled and score_model:
+            from pipelines.scores import ScoreFilter
+
             specs.append(StageSpec(ScoreFilter, {"config": cfg, "modality": modality, **audio}, f.resources, True))
         if f.enabled and (f.dedup_exact or f.dedup_perceptual):
             specs.append(StageSpec(Dedup, {"config": cfg, "index": dedup_name(run_id)}, dec_res, False))
@@ -179,7 +183,13 @@ def pool_size(r: Resources) -> tuple[int, int]:
     return low, max(low, r.max_concurrency)
 
 
-def apply_operator(ds, group: list[StageSpec], run_id: str, modality: str):
+def task_batch_size(r: Resources, rows: int, cpus: float) -> int:
+    """A task stage's rows per task: its ``batch_size``, smaller when the job is too small to give every CPU of the
+    cluster a task at that size (Ray Data gathers blocks up to the batch size, so this sets how many tasks run)."""
+    return max(1, min(r.batch_size, math.ceil(rows / max(1, int(cpus // max(r.num_cpus, 1e-3))))))
+
+
+def apply_operator(ds, group: list[StageSpec], run_id: str, modality: str, rows: int, cpus: float):
     import ray
 
     r = group[0].resources
@@ -199,7 +209,7 @@ def apply_operator(ds, group: list[StageSpec], run_id: str, modality: str):
     names = "-".join(spec.cls.__name__ for spec in group)
     return ds.map_batches(run_task_chain, fn_kwargs={"stages": stages, "ledger": ledger,
                                                      "cache_key": f"{run_id}-{modality}-{names}"},
-                          batch_size=r.batch_size, batch_format="numpy", **args)
+                          batch_size=task_batch_size(r, rows, cpus), batch_format="numpy", **args)
 
 
 def run_prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -210,7 +220,10 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     wall_start = time.time()
     s3_options = resolve_storage("s3://", config.storage)
     out_options = options_for(config.output, s3_options)
-    ray.data.DataContext.get_current().enable_progress_bars = config.progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = config.progress
+    # no thread per task polling its memory for Ray Data's stats (read by nothing here; docs/benchmarks.md#curation)
+    context.memory_usage_poll_interval_s = None
 
     state = OutputState(config.output, out_options).load()
     encoders = encoder_records(config, s3_options)  # config.json of each model only
@@ -263,10 +276,11 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
             rows = [it for it in items if it[C.MODALITY] == modality]
             if not rows:
                 continue
-            blocks = max(1, math.ceil(len(rows) / max(1, config.decode.resources.batch_size)))
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            blocks = math.ceil(len(rows) / task_batch_size(config.decode.resources, len(rows), cpus))
             ds = ray.data.from_arrow(items_table(rows), override_num_blocks=min(blocks, 10_000))
             for group in operators(specs):
-                ds = apply_operator(ds, group, run_id, modality)
+                ds = apply_operator(ds, group, run_id, modality, len(rows), cpus)
             for _ in ds.iter_batches(batch_size=None):
                 pass
         totals = ray.get([w.flush.remote() for w in writers])

@@ -18,7 +18,7 @@ import json
 import tarfile
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -84,25 +84,47 @@ class _HashingStream:
         self.f.flush()
 
 
+class PackedSample(NamedTuple):
+    """One sample as the writer takes it: its tar members already packed (``pack_sample``), its manifest record, and
+    whether it carries precomputed text features."""
+
+    data: bytes
+    record: dict[str, Any]
+    text: bool
+
+
+def pack_sample(sample: dict[str, bytes]) -> bytes:
+    """A sample's WebDataset tar members, as the bytes a tar holds for them: ``KEY.MEMBER`` in sorted order, USTAR
+    headers, fixed mtime/owner/mode (the layout ``webdataset.TarWriter`` writes), each member padded to 512 bytes.
+
+    Packed where the sample is made (a task, in parallel), so that a writer actor only appends bytes: its work per
+    sample does not grow with the cluster that feeds it (docs/benchmarks.md#curation). Plain ``tarfile`` on purpose:
+    importing webdataset imports torch, which costs a process seconds of CPU for nothing."""
+    key, parts = sample["__key__"], []
+    for name in sorted(k for k in sample if not k.startswith("_")):
+        data = sample[name]
+        info = tarfile.TarInfo(f"{key}.{name}")
+        info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o444
+        info.uname = info.gname = "bigdata"  # webdataset's default owner, so earlier shards and these look alike
+        parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data,
+                  tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)]
+    return b"".join(parts)
+
+
 class SampleTar:
-    """Writes samples as WebDataset tar members (``KEY.MEMBER``, members in sorted order, USTAR, fixed mtime/owner/mode:
-    the layout ``webdataset.TarWriter`` writes). Plain ``tarfile`` on purpose: importing webdataset imports torch, which
-    costs every writer actor seconds of CPU for nothing."""
+    """A tar stream of packed samples (``pack_sample``), closed as ``tarfile`` closes one: two zero blocks, then zeros
+    up to a whole 10 KiB record. The bytes are those ``tarfile.open(mode="w|")`` writes for the same members."""
 
     def __init__(self, stream):
-        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (close())
+        self.stream, self.offset = stream, 0
 
-    def write(self, sample: dict[str, bytes]) -> None:
-        key = sample["__key__"]
-        for name in sorted(k for k in sample if not k.startswith("_")):
-            data = sample[name]
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o444
-            info.uname = info.gname = "bigdata"  # webdataset's default owner, so earlier shards and these look alike
-            self.tar.addfile(info, io.BytesIO(data))
+    def write(self, packed: bytes) -> None:
+        self.stream.write(packed)
+        self.offset += len(packed)
 
     def close(self) -> None:
-        self.tar.close()
+        end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+        self.stream.write(end + tarfile.NUL * (-(self.offset + len(end)) % tarfile.RECORDSIZE))
 
 
 class ShardWriter:
@@ -136,15 +158,14 @@ class ShardWriter:
         return {"rel": rel, "final": final, "target": target, "file": f, "stream": stream,
                 "tar": SampleTar(stream), "records": [], "info": info, "text": True}
 
-    def add(self, slot: str, info: dict[str, Any], samples: list[dict[str, Any]]) -> int:
+    def add(self, slot: str, info: dict[str, Any], samples: list[PackedSample]) -> int:
         """Append samples of one bucket (``slot`` = "modality/bucket"); commits every full shard. Returns commits."""
         commits = 0
         for sample in samples:
             shard = self.open.get(slot) or self.open.setdefault(slot, self._start(slot, info))
-            record = sample.pop("__record__")
-            shard["tar"].write(sample)
-            shard["records"].append(record)
-            shard["text"] = shard["text"] and C.TEXT_FEATURES_MEMBER in sample
+            shard["tar"].write(sample.data)
+            shard["records"].append(sample.record)
+            shard["text"] = shard["text"] and sample.text
             if len(shard["records"]) >= self.per_shard:
                 self._commit(slot)
                 commits += 1
@@ -199,7 +220,7 @@ class WriteShards(Stage):
             return C.LATENT_MEMBER
         return TENSOR_MEMBERS[modality]
 
-    def sample_of(self, row: dict[str, Any]) -> dict[str, Any]:
+    def sample_of(self, row: dict[str, Any]) -> PackedSample:
         modality, tensor = row[C.MODALITY], row[C.TENSOR]
         member = self.member_of(modality)
         meta = dict(meta_of(row))
@@ -222,9 +243,9 @@ class WriteShards(Stage):
             sample[C.TEXT_FEATURES_MEMBER] = npy_bytes(row[C.TEXT_FEATURES])
         if w.keep_original and original:
             sample[f"orig.{meta.get('ext') or 'bin'}"] = original
-        sample["__record__"] = {"key": str(row[C.KEY]), "source": str(row[C.SOURCE]), "sha256": str(row[C.SHA256]),
-                                "phash": int(row[C.PHASH])}
-        return sample
+        record = {"key": str(row[C.KEY]), "source": str(row[C.SOURCE]), "sha256": str(row[C.SHA256]),
+                  "phash": int(row[C.PHASH])}
+        return PackedSample(pack_sample(sample), record, C.TEXT_FEATURES_MEMBER in sample)
 
     def process_rows(self, rows):
         import ray

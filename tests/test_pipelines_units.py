@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,7 +284,7 @@ def test_max_concurrency_grows_model_stage_pools_only():
             self.compute = kwargs["compute"]
             return self
 
-    pools = [apply_operator(Dataset(), g, "run", C.IMAGE).compute for g in groups]
+    pools = [apply_operator(Dataset(), g, "run", C.IMAGE, 1000, 2.0).compute for g in groups]
     assert [(p.min_size, p.max_size) for p in pools] == [(1, 1), (1, 8), (1, 1)]
 
     for key, value, message in (("encode.vae_resources", -1, "must be >= 0"),
@@ -442,3 +445,99 @@ def test_folder_labels_and_the_vocabulary_of_an_output():
     column = ReadConfig(label_from="column")
     assert label_of(make_item("/d/x.npy", "points", meta={"label": " "}), column) is None
     assert label_of(make_item("/d/x.npy", "points", meta={"label": 3}), column) == "3"
+
+
+def test_a_model_free_plan_never_imports_torch():
+    """A curation job without model stages runs no torch: its driver (the job module, the plan) and its task workers
+    (every stage of the plan, built as a worker builds them) import none, since importing torch costs each of those
+    processes about a CPU-second (docs/benchmarks.md#curation). A plan with a model stage does import it."""
+    script = """
+import sys
+from models.config_io import to_dict
+import jobs.prepare
+from pipelines.config import PrepareConfig
+from pipelines.plan import build_plan
+config = PrepareConfig(inputs=["in"], output="out")
+config.read.modalities = ["image", "audio", "points"]
+plan = build_plan(config, {}, encoders={})
+for specs in plan.stages.values():
+    for spec in specs:
+        if spec.cls.__name__ not in ("Dedup", "WriteShards"):  # they look up the run's actors: no Ray runs here
+            spec.cls(**spec.kwargs)
+print("torch" in sys.modules)
+config.filter.clip_model = "some/clip"
+build_plan(config, {}, encoders={})
+print("torch" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.split() == ["False", "True"], result.stderr
+
+
+def test_packed_samples_make_the_tar_tarfile_writes():
+    """Samples packed in the tasks and appended by the writer give byte for byte the tar ``tarfile`` writes for the same
+    members (sorted members, fixed owner, mode and mtime, the closing zero blocks and record padding), which every tar
+    reader reads back as the samples."""
+    import io
+    import tarfile
+
+    from pipelines.writer import FIXED_MTIME, SampleTar, pack_sample
+
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"{i:016x}", "jpg": rng.bytes(int(rng.integers(0, 3000))), "txt": b"a caption",
+                "json": b'{"k": 1}'} for i in range(5)] + [{"__key__": "empty", "txt": b""}]
+    ours = io.BytesIO()
+    tar = SampleTar(ours)
+    for sample in samples:
+        tar.write(pack_sample(sample))
+    tar.close()
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w|", format=tarfile.USTAR_FORMAT) as ref:
+        for sample in samples:
+            for name in sorted(k for k in sample if not k.startswith("_")):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = (len(sample[name]), FIXED_MTIME, 0o444,
+                                                                          "bigdata", "bigdata")
+                ref.addfile(info, io.BytesIO(sample[name]))
+    assert ours.getvalue() == reference.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(ours.getvalue())) as back:
+        members = {m.name: back.extractfile(m).read() for m in back.getmembers()}
+    assert members == {f"{s['__key__']}.{k}": v for s in samples for k, v in s.items() if k != "__key__"}
+
+
+def test_greyscale_decoded_as_one_band_gives_the_pixels_of_rgb():
+    """A greyscale JPEG is resampled as one band and made RGB at the bucket's size: exactly the pixels of making it RGB
+    first (what a colour image goes through), at every scale the decoder and the reduction take."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.buckets import cover_size, fit_to_bucket
+
+    rng = np.random.default_rng(0)
+    cfg, sizes = PrepareConfig().decode.image, image_bucket_sizes(256, 4.0)
+    for w, h in [(1900, 1200), (700, 300), (300, 700), (120, 90), (256, 256)]:
+        buf = io.BytesIO()
+        Image.fromarray(make_image(rng, w, h)).convert("L").save(buf, format="JPEG", quality=90)
+        ours, bucket, info = decode_to_bucket(buf.getvalue(), cfg, sizes)
+        assert info["mode"] == "L" and ours.mode == "RGB"
+        img = Image.open(io.BytesIO(buf.getvalue()))
+        img.draft("RGB", cover_size(w, h, bucket))
+        cw, ch = cover_size(w, h, bucket)
+        rgb = img.convert("RGB")
+        factor = min(rgb.size[0] // cw, rgb.size[1] // ch)
+        rgb = rgb.reduce(factor) if factor >= 2 else rgb
+        assert np.array_equal(np.asarray(ours), np.asarray(fit_to_bucket(rgb, bucket))), (w, h)
+
+
+def test_task_batches_give_every_cpu_work_and_stay_at_most_the_batch_size():
+    """A task stage's rows per task: its batch size for a big job; for a job too small to give every CPU a task of
+    that size, smaller, so that every CPU gets one (tasks of 1 CPU on 2 CPUs: 2 tasks; of 0.5 CPU: 4)."""
+    from pipelines.config import Resources
+    from pipelines.plan import task_batch_size
+
+    r = Resources(batch_size=128)
+    assert task_batch_size(r, 2000, 2.0) == 128
+    assert task_batch_size(r, 96, 2.0) == 48 and task_batch_size(r, 96, 64.0) == 2
+    assert task_batch_size(Resources(num_cpus=0.5, batch_size=128), 96, 2.0) == 24
+    assert task_batch_size(r, 1, 8.0) == 1 and task_batch_size(r, 5, 0.0) == 5

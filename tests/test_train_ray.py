@@ -448,17 +448,20 @@ def test_worker_failure_mid_upload_resumes_exactly_once(prepared, two_workers, t
     assert latest_checkpoint(str(run_dir)).endswith("checkpoint_00000008")
 
 
-def test_resume_on_fewer_workers(prepared, tmp_path):
-    """2 workers to step 4, then the same run name on 1 worker to step 8: the DeepSpeed checkpoint is loaded through
-    the universal format, grad_accum 2 keeps the global batch (train.keep_global_batch), the loader re-cuts its
-    remaining samples, and the curve follows the reference."""
-    first = make_config(prepared, tmp_path, "resize", steps=4)
-    fit(first)
-    second = make_config(prepared, tmp_path, "resize", workers=1, steps=8)
+def test_resume_on_fewer_workers(prepared, two_workers, tmp_path):
+    """The two_workers run (2 workers, 20 steps), then the same run name on 1 worker to step 24: the DeepSpeed
+    checkpoint is loaded through the universal format, grad_accum 2 keeps the global batch (train.keep_global_batch),
+    the loader re-cuts its remaining samples, and the curve follows the reference. The run goes on in a copy of the
+    two_workers run's storage (the other tests read it as it is), which saves a first 2-worker fit."""
+    shutil.copytree(two_workers[2], tmp_path / "two-workers")
+    second = make_config(prepared, tmp_path, "two-workers", workers=1, steps=STEPS + 4)
     result = fit(second)
-    assert result.metrics["step"] == 8 and second.train.grad_accum == 2
-    worlds = [(2, 1)] * 4 + [(1, 2)] * 4
-    run_dir = tmp_path / "resize"
+    assert result.metrics["step"] == STEPS + 4 and second.train.grad_accum == 2
+    worlds = [(2, 1)] * STEPS + [(1, 2)] * 4
+    run_dir = tmp_path / "two-workers"
+    attempts = sorted((run_dir / "metrics").glob("*.jsonl"), key=lambda p: int(p.name.split("-")[0]))
+    resumed = [json.loads(line)["step"] for line in attempts[-1].read_text().splitlines()]
+    assert resumed == list(range(STEPS + 1, STEPS + 5))  # the 1-worker run went on from step 20, it did not restart
     assert_exactly_once(recorded_steps(run_dir), expected_steps(second, worlds))
     ref_losses, _, _, _ = reference_run(second, worlds)
     np.testing.assert_allclose([r["loss"] for r in read_history(str(run_dir))], ref_losses, rtol=1e-4, atol=1e-5)

@@ -40,7 +40,7 @@ def write_synthetic(output: str, samples: int, per_shard: int, side: int, text_t
     """A jobs.prepare-shaped output of random latents and text features (shards, sidecars, manifest.parquet)."""
     from pipelines import constants as C
     from pipelines.manifest import OutputState
-    from pipelines.writer import ShardWriter, npy_bytes
+    from pipelines.writer import PackedSample, ShardWriter, npy_bytes, pack_sample
 
     rng = np.random.default_rng(0)
     shape = (4, *latent_size(side, side))  # an SD/SDXL-family VAE's 4 channels
@@ -50,12 +50,13 @@ def write_synthetic(output: str, samples: int, per_shard: int, side: int, text_t
     for i in range(samples):
         key = f"{i:016x}"
         meta = {"key": key, "member": C.LATENT_MEMBER, "modality": MODALITY, "shape": list(shape)}
-        writer.add(slot, info, [{
-            "__key__": key, "__record__": {"key": key, "source": "synthetic", "sha256": "", "phash": 0},
-            C.LATENT_MEMBER: npy_bytes(rng.standard_normal(shape, dtype=np.float32).astype(np.float16)),
+        sample = pack_sample({
+            "__key__": key, C.LATENT_MEMBER: npy_bytes(rng.standard_normal(shape, dtype=np.float32).astype(np.float16)),
             C.TEXT_FEATURES_MEMBER: npy_bytes(rng.standard_normal((text_tokens, text_width), np.float32)
                                               .astype(np.float16)),
-            C.CAPTION_MEMBER: b"a synthetic sample", C.META_MEMBER: json.dumps(meta).encode()}])
+            C.CAPTION_MEMBER: b"a synthetic sample", C.META_MEMBER: json.dumps(meta).encode()})
+        record = {"key": key, "source": "synthetic", "sha256": "", "phash": 0}
+        writer.add(slot, info, [PackedSample(sample, record, text=True)])
     writer.flush()
     OutputState(output).load().write_tables()
 
