@@ -172,6 +172,9 @@ class EncodeConfig:
     vae_shift_factor: float | None = None
     latent_mode: str = "sample"  # "sample" (official training) or "mean" of the posterior; image and audio latents
     latent_dtype: str = "float16"  # image and audio latents
+    # the image VAE's compute dtype: bfloat16 on a GPU encodes several times the images per second of float32
+    # (python -m jobs.bench encode; docs/benchmarks.md#vae-encode); float16 overflows in the SDXL VAE
+    vae_dtype: str = "float32"
     # precomputed caption features with models.text_encoder.TextEncoder (what the trainer and sampler use online)
     text_encoder: str | None = None  # transformers model folder, or a stack folder (models.text_encoder)
     # "auto" (config.json's model_type; a stack folder by its text_encoders.json), "decoder" (Gemma, Qwen, any
@@ -232,6 +235,8 @@ class PrepareConfig:
             raise ConfigError(f"write.image_format must be one of {list(C.IMAGE_FORMATS)}")
         if self.encode.latent_mode not in ("sample", "mean"):
             raise ConfigError("encode.latent_mode must be 'sample' or 'mean'")
+        if self.encode.vae_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError("encode.vae_dtype must be float32, bfloat16 or float16")
         for name in ("latent_dtype", "text_dtype"):
             if getattr(self.encode, name) not in ("float16", "float32"):
                 raise ConfigError(f"encode.{name} must be float16 or float32 (.npy has no bfloat16)")

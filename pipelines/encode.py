@@ -181,7 +181,8 @@ class VaeEncode(Stage):
 
         cfg = from_dict(PrepareConfig, config).encode
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.vae = ImageVAE.from_pretrained(cfg.vae, cfg.vae_scaling_factor, cfg.vae_shift_factor, device=self.device)
+        self.vae = ImageVAE.from_pretrained(cfg.vae, cfg.vae_scaling_factor, cfg.vae_shift_factor, device=self.device,
+                                            dtype=getattr(torch, cfg.vae_dtype))
         _check_record("VaeEncode", record, {"path": cfg.vae, "scaling_factor": self.vae.scaling_factor,
                                             "shift_factor": self.vae.shift_factor,
                                             "latent_channels": self.vae.latent_channels})
@@ -196,7 +197,8 @@ class VaeEncode(Stage):
             groups[r[C.PAYLOAD].shape].append(i)
         for indices in groups.values():
             images = np.stack([rows[i][C.PAYLOAD] for i in indices])  # (B, H, W, 3) uint8
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+            # to the VAE's device as uint8 (a quarter of the bytes of floats), scaled there: (B, 3, H, W) in [-1, 1]
+            x = torch.from_numpy(images).to(self.vae.device).permute(0, 3, 1, 2).float() / 127.5 - 1
             generator = torch.Generator(self.vae.device).manual_seed(int(rows[indices[0]][C.KEY], 16) % (2**31))
             z = self.vae.encode(x, sample=self.sample, generator=generator).cpu().numpy()  # (B, C, H/8, W/8)
             for j, i in enumerate(indices):

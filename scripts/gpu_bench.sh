@@ -4,15 +4,16 @@
 #
 #   here, once:   bash scripts/gpu_wheels.sh          (the image reaches no registry: diffusers, DeepSpeed … as wheels)
 #   device run:   bash scripts/gpu_bench.sh STAGE...   with carry [".whl"];
-#                 STAGE = model | train | train-compiled | sampler | all
+#                 STAGE = model | train | train-compiled | sampler | encode | all
 #
 # Budget: 15 device-minutes a session (the machine's start included), 10 a command. Estimated: `model` (CUDA tests,
 # 2B forward eager ± FP8 at 1024²/2048², compiled at 1024², issue 2) ≈ 6 min; `train` (2B ZeRO-3 steps at 512²/1024² and the
 # largest micro-batch, issue 5) ≈ 3 min; `sampler` (one sampler step, one whole 1024² image, one 10-s audio clip of the
 # `audio` preset with its step against the plain-PyTorch reference) ≈ 3 min;
+# `encode` (jobs.prepare's VAE-encode stage, SDXL-shaped VAE at 1024², float32 and bfloat16, issue 21) ≈ 1 min;
 # `train-compiled` (train.compile at 1024², one compile of a 2B block) ≈ 2 min. Run `model` in one call and
-# `train sampler train-compiled` in the next, on the same warm machine (stages run in that order): a timeout cuts the
-# last stage, and the files already under $OUT still come back. (`jobs.bench image --compile` adds three compiles of
+# `train sampler encode train-compiled` in the next, on the same warm machine (stages run in that order): a timeout
+# cuts the last stage, and the files already under $OUT still come back. (`jobs.bench image --compile` adds three compiles of
 # the 2B model, ~3 min: for a later session.)
 # With .whl/ present the image's own python3 (its PyTorch) is used; elsewhere (a GPU box with network) our .venv.
 #
@@ -81,6 +82,12 @@ if want sampler; then
     # the `audio` preset against the plain-PyTorch reference (checked allclose first). About 1 min.
     $PY -m jobs.bench audio --device $DEVICE --preset $AUDIO_PRESET --duration $DURATION --json "$OUT/audio.jsonl" \
         2>&1 | grep -v -i "warn" | tee "$OUT/audio.txt"
+fi
+if want encode; then
+    # jobs.prepare's VAE-encode stage on 1024² buckets with an SDXL-shaped VAE, float32 (the anchor) and bfloat16:
+    # images/s per GPU, what a user sizes the encode-gpu group by (docs/benchmarks.md#vae-encode). About 1 min.
+    $PY -m jobs.bench encode --device $DEVICE --size $SIZE --batch 8 --json "$OUT/encode.jsonl" 2>&1 \
+        | grep -v -i "warn" | tee "$OUT/encode.txt"
 fi
 if want train-compiled; then
     # train.compile (every block's forward compiled under ZeRO-3 + checkpointing) at the 1024² target bucket

@@ -169,3 +169,11 @@ def test_adapters_bench_measures_merged_copies_and_one_shared_base_in_fresh_proc
     assert merged["memory_growth"] > 0 and shared["memory_growth"] > 0
     assert row["ratio_step"] == pytest.approx(shared["unmerged_ms"] / shared["merged_ms"])
     assert shared["rel_diff"] < 1e-5  # the unmerged adapter computes what its merged copy does
+
+
+def test_encode_bench_times_the_prepare_vae_stage_per_dtype_against_float32(tmp_path):
+    stdout, rows = run_bench(["encode", "--device", "cpu", "--size", "32", "--batch", "2", "--warmup", "0",
+                              "--repeats", "1"], tmp_path)
+    assert stdout.startswith("device: CPU")
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and rows[0]["ratio"] == 1.0
+    assert all(r["finite"] and r["images_per_s"] > 0 and r["size"] == 32 for r in rows)

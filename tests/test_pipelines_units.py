@@ -150,6 +150,8 @@ def test_config_is_strict_and_round_trips(tmp_path):
     with pytest.raises(ConfigError):
         PrepareConfig(inputs=["a"], output="b", filter=from_dict(PrepareConfig, {}).filter.__class__(
             aesthetic_model="x")).validate()
+    with pytest.raises(ConfigError, match="encode.vae_dtype"):
+        resolve_config(PrepareConfig, overrides=["inputs=[a]", "output=b", "encode.vae_dtype=float64"]).validate()
 
 
 def test_score_filter_thresholds(tmp_path):
@@ -541,3 +543,24 @@ def test_task_batches_give_every_cpu_work_and_stay_at_most_the_batch_size():
     assert task_batch_size(r, 96, 2.0) == 48 and task_batch_size(r, 96, 64.0) == 2
     assert task_batch_size(Resources(num_cpus=0.5, batch_size=128), 96, 2.0) == 24
     assert task_batch_size(r, 1, 8.0) == 1 and task_batch_size(r, 5, 0.0) == 5
+
+
+def test_vae_encode_in_bfloat16_gives_the_float32_latents_to_its_precision(tmp_path):
+    """``encode.vae_dtype=bfloat16`` (the GPU setting) computes the same latents as float32, within bfloat16's
+    precision: the stage casts the VAE, not the meaning of its output (float32, scaled, in ``latent_dtype``)."""
+    from pipelines.encode import VaeEncode
+    from tests.pipelines_fixtures import make_vae
+
+    config = PrepareConfig()
+    config.encode.vae, config.encode.latent_mode = make_vae(tmp_path / "vae"), "mean"
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    latents = {}
+    for dtype in ("float32", "bfloat16"):
+        config.encode.vae_dtype = dtype
+        rows, _ = VaeEncode(to_dict(config), device="cpu").process_rows(
+            [{C.KEY: f"{i:016x}", C.PAYLOAD: image, C.META: {}} for i, image in enumerate(images)])
+        latents[dtype] = np.stack([r[C.TENSOR] for r in rows]).astype(np.float32)
+    assert latents["float32"].shape == (2, 4, 4, 6) and latents["bfloat16"].dtype == np.float32
+    scale = np.abs(latents["float32"]).max()
+    assert np.abs(latents["bfloat16"] - latents["float32"]).max() < 0.05 * scale
+    assert not np.array_equal(latents["bfloat16"], latents["float32"])  # it did compute in bfloat16

@@ -15,3 +15,12 @@ def bench_parser(name: str, doc: str | None, preset: str = "small",
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default=preset, help=f"Next-DiT preset ({preset} on CPU, {gpu_preset} on a GPU)")
     return parser
+
+
+def append_rows(path: str | None, rows: list[dict]) -> None:
+    """Append each row as a JSON line to ``path`` (a benchmark's ``--json``); nothing without a path."""
+    import json
+
+    if path:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 
 import torch
 
-from jobs.benchmarks import bench_parser
+from jobs.benchmarks import append_rows, bench_parser
 from jobs.benchmarks.model import build_pair, timed_pair, works
 
 # Real component shapes (Lumina-Next: Gemma-2B text encoder, SDXL VAE) and CPU-sized stand-ins.
@@ -140,7 +139,5 @@ def main(argv: list[str] | None = None) -> int:
         row["ours_fp8_ms"] = timings[2][0]
         print(f"whole image: ours FP8 {row['ours_fp8_ms']:9.1f} ms | ratio ours FP8 / peer "
               f"{row['ours_fp8_ms'] / peer_ms:.3f}")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    append_rows(args.json, [row])
     return 0
