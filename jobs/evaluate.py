@@ -12,8 +12,8 @@ FD_DINOv2, FD_CLIP), sFID, KID, IS, precision / recall, CLIP score; FAD, KL, CLA
 
 Score only: ``--real`` and ``--fake`` are folders of PNG / JPEG / WebP (or WAV / FLAC / MP3 / OGG) files, local or
 ``s3://``, a ``jobs.prepare`` output (its image shards, or its audio shards' original clips), or an ``.npz`` image
-batch (ADM's ``arr_0``). ``--real-stats FILE.npz`` instead gives the real side's statistics: a file this job cached, or an
-ADM reference batch (``mu`` / ``sigma``, docs/evaluation.md#the-adm-reference-format). The real side's statistics are
+batch (ADM's ``arr_0``). ``--real-stats FILE.npz`` instead gives the real side's statistics: a file this job cached (of
+images, or of clips for FAD), or an ADM reference batch (``mu`` / ``sigma``, docs/evaluation.md#the-adm-reference-format). The real side's statistics are
 computed once per extractor, resolution and file listing and cached as ``.npz`` (``stats_cache``). Generate and score:
 ``--model`` with ``--prompts FILE`` (jobs.generate's prompt file) or ``--classes N --samples K`` (a class-conditional
 model, K per class) first writes the samples into ``OUT/samples`` through jobs.generate's Ray Data job (its
@@ -142,8 +142,6 @@ def validate(cfg: EvaluateConfig) -> None:
         raise ValueError(f"{', '.join(compared)} compare against real data: give --real URI or --real-stats FILE.npz")
     if "kl" in cfg.metrics and not cfg.real:
         raise ValueError("kl pairs each generated clip with the real clip of the same file name: give --real URI")
-    if cfg.real_stats and modality_of(cfg) == "audio":
-        raise ValueError("--real-stats holds image statistics; for audio give --real URI (its statistics are cached)")
     if cfg.kl_mode not in ("auto", "softmax", "sigmoid"):
         raise ValueError(f"kl_mode must be auto, softmax or sigmoid, got {cfg.kl_mode!r}")
     for name in ("batch_size", "is_splits", "samples", "nearest_k"):
@@ -254,7 +252,7 @@ def reference_stats(cfg: EvaluateConfig, models: Models, metrics: set[str]) -> t
         missing = ("features" if has_statistics else "statistics" if ref.pool is None
                    else "spatial statistics (mu_s, sigma_s)")
         raise ValueError(f"{cfg.real_stats} has no {missing} for {', '.join(sorted(metrics))} and no image batch "
-                         "(arr_0) to compute them from: give --real")
+                         "(arr_0) to compute them from: give --real, or a cache file this job wrote for them")
     # ADM's arr_0: extract, through the cache
     stats, computed_spatial, computed = _set_stats(cfg, models, metrics, open_source(cfg.real_stats, "image",
                                                                                      cfg.limit))

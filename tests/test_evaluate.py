@@ -410,6 +410,17 @@ def test_audio_metrics_end_to_end(tiny, tmp_path):
     assert report["metrics"]["kl"]["pairs"] == 4 and report["metrics"]["kl"]["mode"] == "sigmoid"
     assert report["metrics"]["clap_score"]["fake_samples"] == 4
     assert [b["file"] for b in report["fake"]["bad"]] == ["empty.wav"]
+    # the real clips' statistics, cached by that run, are a reference file of their own: the same FAD from it alone
+    cache_file = report["real"]["cache_file"]
+    assert job.main(["--real-stats", cache_file, "--fake", str(tmp_path / "fake"), "--metric", "fad",
+                     "--audio-model", tiny["clap"], "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["real"]["statistics"] == "file" and again["metrics"]["fad"]["value"] == pytest.approx(
+        report["metrics"]["fad"]["value"], rel=1e-6)
+    # statistics of another network do not compare: a clear error names both
+    with pytest.raises(ValueError, match="computed with"):
+        job.main(["--real-stats", cache_file, "--fake", str(tmp_path / "fake"), "--metric", "fad",
+                  "--audio-model", tiny["ast"], "--out", str(tmp_path / "other")])
 
 
 def test_config_errors_name_the_problem(tmp_path):
