@@ -24,3 +24,16 @@ def append_rows(path: str | None, rows: list[dict]) -> None:
     if path:
         with open(path, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def platform_name() -> str:
+    """The CPU a benchmark ran on, as its report names it: the model from /proc/cpuinfo and the core count."""
+    import os
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"

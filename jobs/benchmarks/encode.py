@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from jobs.benchmarks import append_rows
+from jobs.benchmarks import append_rows, platform_name
 from jobs.benchmarks.image import VAES, build_vae
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     vae, size = args.vae or ("sdxl" if cuda else "tiny"), args.size or (1024 if cuda else 64)
     dtypes = ["float32", *[d for d in args.dtypes.split(",") if d and d != "float32"]]
-    device_name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
+    device_name = torch.cuda.get_device_name(args.device) if cuda else f"CPU ({platform_name()})"
     print(f"device: {device_name}; VAE {vae}, {size}² images, batch {args.batch}")
 
     images = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import time
 import uuid
 
 import numpy as np
 
+from jobs.benchmarks import platform_name
 from jobs.training.data import BucketLoader, ShardCatalog
 from models.geometry import latent_size
 
@@ -133,15 +132,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{ours['wait_ms']:.1f} ms of a {step_ms:.1f} ms step ({100 * ours['wait_ms'] / step_ms:.0f}%)")
         print(f"device: CPU loader thread ({platform_name()})")
     return 0
-
-
-def platform_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

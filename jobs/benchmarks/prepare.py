@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.benchmarks import platform_name
 from models.geometry import PIXELS_PER_TOKEN
 
 
@@ -325,10 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
 
-    import platform
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-prepare-"))
-    print(f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, output {args.size}px")
+    print(f"device: {platform_name()}; output {args.size}px")
     for kind in args.corpus.split(","):
         corpus = work / f"corpus-{kind}"
         if len(list(corpus.glob("*.jpg"))) != args.images:
