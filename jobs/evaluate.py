@@ -23,10 +23,11 @@ generation.
 
 Extractors and models are local paths (or ``s3://``), never downloaded: ``--feature-extractor`` the FID Inception
 weights file or a transformers vision folder (CLIP, DINOv2), ``--clip-model`` a CLIPModel folder, ``--audio-model`` a
-ClapModel or audio-encoder folder (FAD), ``--clap-model`` a ClapModel folder, ``--classifier`` an audio classifier
-folder (KL). The CLIP and CLAP scores take each sample's prompt from ``--prompts FILE`` (JSON lines with ``file``,
-relative to ``--fake``, and ``prompt``) or from the JSON sidecar jobs.generate writes beside it. A file that does not
-decode is counted and listed in the report with its reason; the rest are scored. Details: docs/evaluation.md.
+ClapModel or audio-encoder folder, or the VGGish or PANNs CNN14 weights file (FAD), ``--clap-model`` a ClapModel
+folder, ``--classifier`` an audio classifier folder or the CNN14 weights file (KL). The CLIP and CLAP scores take
+each sample's prompt from ``--prompts FILE`` (JSON lines with ``file``, relative to ``--fake``, and ``prompt``) or
+from the JSON sidecar jobs.generate writes beside it. A file that does not decode is counted and listed in the report
+with its reason; the rest are scored. Details: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ class EvaluateConfig:
     metrics: list[str] = field(default_factory=lambda: ["fid"])
     feature_extractor: str | None = None  # fid / kid / is: the FID Inception weights file or a transformers folder
     clip_model: str | None = None  # clip_score: a transformers CLIPModel folder
-    audio_model: str | None = None  # fad: a ClapModel folder or a transformers audio encoder with feature extractor
+    audio_model: str | None = None  # fad: a ClapModel / transformers audio encoder folder, or VGGish / CNN14 weights
     clap_model: str | None = None  # clap_score: a ClapModel folder
-    classifier: str | None = None  # kl: a transformers audio classifier folder (AST on AudioSet, …)
+    classifier: str | None = None  # kl: a transformers audio classifier folder (AST on AudioSet, …) or CNN14 weights
     kl_mode: str = "auto"  # softmax | sigmoid | auto (sigmoid for a multi-label classifier)
     prompts: str | None = None  # score only: JSON lines {file, prompt}; generate: jobs.generate's prompt file
     resolution: int | None = None  # images: centre-crop and resize to this side first (None: as stored)
@@ -402,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-extractor", help="FID Inception weights file, or a transformers vision folder "
                                                     "(CLIP, DINOv2) for FD / KID")
     parser.add_argument("--clip-model", help="transformers CLIPModel folder (clip_score)")
-    parser.add_argument("--audio-model", help="ClapModel or audio-encoder folder (fad)")
+    parser.add_argument("--audio-model", help="ClapModel or audio-encoder folder, or VGGish / PANNs CNN14 weights "
+                                              "file (fad)")
     parser.add_argument("--clap-model", help="ClapModel folder (clap_score)")
-    parser.add_argument("--classifier", help="transformers audio classifier folder (kl)")
+    parser.add_argument("--classifier", help="transformers audio classifier folder, or PANNs CNN14 weights file (kl)")
     parser.add_argument("--prompts", help="score only: JSON lines {file, prompt}; generate: a prompt file")
     parser.add_argument("--model", help="generate and score: the model folder (see jobs.generate)")
     parser.add_argument("--classes", type=int, help="generate and score: class indices 0…N-1 of a class model")

@@ -247,17 +247,17 @@ class Models:
 
             self.clip = ClipScorer(clip_model).to(device)
         if "fad" in metrics:
-            from models.audio_metrics import AudioEmbeddings
+            from models.audio_metrics import load_audio_embeddings
 
-            self.audio = AudioEmbeddings(audio_model).to(device)
+            self.audio = load_audio_embeddings(audio_model).to(device)
         if "clap_score" in metrics:
             from models.audio_metrics import ClapScorer
 
             self.clap = ClapScorer(clap_model).to(device)
         if "kl" in metrics:
-            from models.audio_metrics import AudioClassifier
+            from models.audio_metrics import load_audio_classifier
 
-            self.classifier = AudioClassifier(classifier).to(device)
+            self.classifier = load_audio_classifier(classifier).to(device)
 
 
 def score_images(source: Source, models: Models, metrics: set[str], batch_size: int, resolution: int | None = None,
@@ -421,6 +421,8 @@ def compare(metrics: set[str], side: Side, real: Any, real_spatial: Any, network
         results[name] = {"value": real.frechet_distance(fake_stats), "real_samples": real.n or None,
                          "fake_samples": fake_stats.n, "extractor": network.id, "label": fd_label(network.id,
                                                                                                  modality)}
+        if modality == "audio":  # VGGish embeds every 0.96 s of a clip (the FAD paper's unit), the others a clip
+            results[name]["vectors"] = getattr(network, "vector_unit", "clip")
     if "kid" in metrics:
         mean, std = kernel_inception_distance(real.features, fake_stats.features, kid_subsets,
                                               kid_subset_size, kid_seed)

@@ -338,3 +338,68 @@ def make_tiny_audio_classifier(path, labels: int = 8, sample_rate: int = 16000, 
     ASTFeatureExtractor(feature_size=1, sampling_rate=sample_rate, num_mel_bins=16, max_length=64,
                         do_normalize=True).save_pretrained(Path(path))
     return str(path)
+
+
+def make_tiny_vggish(path, widths: tuple[int, ...] = (4, 8, 8, 8, 16, 16), hidden: int = 32, dim: int = 8,
+                     seed: int = 0) -> str:
+    """A narrow random VGGish in torchvggish's weights layout (``features.{0,3,6,8,11,13}``, ``embeddings.{0,2,4}``;
+    the release is 64…512 wide with 4096-wide layers and a 128-d embedding), saved as one ``.pth`` file: FAD's network
+    in the tests. ``path`` is the file; returns it."""
+    g = torch.Generator().manual_seed(seed)
+    state, channels = {}, 1
+    for index, width in zip((0, 3, 6, 8, 11, 13), widths):
+        state[f"features.{index}.weight"] = torch.randn(width, channels, 3, 3, generator=g) / (3 * channels ** 0.5)
+        state[f"features.{index}.bias"] = 0.1 * torch.randn(width, generator=g)
+        channels = width
+    for index, (inputs, outputs) in zip((0, 2, 4), ((channels * 24, hidden), (hidden, hidden), (hidden, dim))):
+        state[f"embeddings.{index}.weight"] = torch.randn(outputs, inputs, generator=g) / inputs ** 0.5
+        state[f"embeddings.{index}.bias"] = 0.1 * torch.randn(outputs, generator=g)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return str(path)
+
+
+def make_tiny_cnn14(path, sample_rate: int = 16000, widths: tuple[int, ...] = (4, 4, 8, 8, 16, 16), classes: int = 10,
+                    seed: int = 0) -> str:
+    """A narrow random PANNs CNN14 in audioset_tagging_cnn's layout, saved as its checkpoints are (``{"model": …}``):
+    the release's front end for ``sample_rate`` (the STFT as torchlibrosa's DFT × periodic-Hann convolution, the
+    Slaney mel bank, 64 bands from 50 Hz), six conv blocks of ``widths`` (the release: 64…2048), ``classes`` outputs
+    (the release: 527). KL's and FAD's CNN14 in the tests; ``path`` is the file; returns it."""
+    import math
+
+    import torchaudio.functional as AF
+
+    n_fft = {32000: 1024, 16000: 512, 8000: 256}[sample_rate]
+    g = torch.Generator().manual_seed(seed)
+    n = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+    state = {"spectrogram_extractor.stft.conv_real.weight": (torch.cos(2 * math.pi * k * n / n_fft) * window)[:, None],
+             "spectrogram_extractor.stft.conv_imag.weight": (-torch.sin(2 * math.pi * k * n / n_fft) * window)[:, None],
+             "logmel_extractor.melW": AF.melscale_fbanks(n_fft // 2 + 1, 50.0, min(14000.0, sample_rate / 2), 64,
+                                                         sample_rate, norm="slaney", mel_scale="slaney")}
+    state = {key: value.float() for key, value in state.items()}
+
+    def batch_norm(prefix: str, width: int) -> None:
+        state.update({f"{prefix}.weight": 1 + 0.1 * torch.randn(width, generator=g),
+                      f"{prefix}.bias": 0.1 * torch.randn(width, generator=g),
+                      f"{prefix}.running_mean": torch.randn(width, generator=g),
+                      f"{prefix}.running_var": 1 + torch.rand(width, generator=g),
+                      f"{prefix}.num_batches_tracked": torch.tensor(100)})
+
+    batch_norm("bn0", 64)
+    state["bn0.running_mean"] = -40 + 10 * torch.randn(64, generator=g)  # log-mel levels in dB
+    state["bn0.running_var"] = 100 + 50 * torch.rand(64, generator=g)
+    channels = 1
+    for i, width in enumerate(widths, start=1):
+        state[f"conv_block{i}.conv1.weight"] = torch.randn(width, channels, 3, 3, generator=g) / (3 * channels ** 0.5)
+        state[f"conv_block{i}.conv2.weight"] = torch.randn(width, width, 3, 3, generator=g) / (3 * width ** 0.5)
+        batch_norm(f"conv_block{i}.bn1", width)
+        batch_norm(f"conv_block{i}.bn2", width)
+        channels = width
+    for name, outputs in (("fc1", channels), ("fc_audioset", classes)):
+        state[f"{name}.weight"] = torch.randn(outputs, channels, generator=g) / channels ** 0.5
+        state[f"{name}.bias"] = 0.1 * torch.randn(outputs, generator=g)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, path)
+    return str(path)
