@@ -40,6 +40,7 @@ from jobs.demo_data import (
     dominant_pitch,
     nearest_solid,
     reference_solids,
+    solid_caption,
     tone_caption,
 )
 from jobs.runtime import free_port
@@ -92,10 +93,11 @@ class DemoConfig:
     # solid 0.02 at 1 or 1.5, 0.2 at 4 (the images' and clips' scale)
     points_guidance: float = 1.5
     points_requested: int = 1024  # points per generated cloud: 4× the 256 it trains on (time-aware Fourier features)
-    # in-training evaluation of the image model (docs/training.md#in-training-evaluation): every eval_every steps
-    # (0: off) and at the last, the EMA weights draw one prompt per colour with seed 0 in eval_sample_steps solver
-    # steps, scored by the same colour dominance as the served images; the curve and the last grid go into the
-    # report. About 0.45 s per evaluation on 2 cores (4 VAE decodes are most of it) and 1.7 s for the first (it loads
+    # in-training evaluation (docs/training.md#in-training-evaluation): every eval_every steps of each model (0: off)
+    # and at its last, the EMA weights draw one prompt per colour (eval_sample_steps solver steps), per pitch and per
+    # solid (the served samples' steps) with seed 0, scored as the served samples are (colour, pitch, nearest solid;
+    # MMD-CD and COV-CD for the clouds); the curves and the image model's last grid go into the report. The image
+    # model's: about 0.45 s per evaluation on 2 cores (4 VAE decodes are most of it) and 1.7 s for the first (it loads
     # the VAE): 6 evaluations of the 1100 steps add ≈ 4 s
     eval_every: int = 200
     eval_sample_steps: int = 4
@@ -138,7 +140,7 @@ def eval_prompts() -> list[str]:
 
 def point_prompts() -> list[tuple[str, str]]:
     """(prompt, solid) for every built-in solid, in the captions' words."""
-    return [(f"a {solid}", solid) for solid in SOLIDS]
+    return [(solid_caption(solid), solid) for solid in SOLIDS]
 
 
 def prepare(cfg: DemoConfig, data: Path, curated: Path, text_encoder: str, vae: str, mel_vae: str | None) -> dict:
@@ -178,16 +180,25 @@ def train(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str, vae: st
 def train_audio(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str, mel_vae: str):
     """The tiny-audio Next-DiT on the curated tones (the manifest's audio rows: the task is t2a, from the model),
     its captions encoded online by the dual text encoder ``text_encoder`` (prepare's precomputed features are the
-    image model's encoder's)."""
+    image model's encoder's), evaluated while it trains: one clip per pitch, scored by its dominant pitch."""
+    evaluation = {"every": cfg.eval_every, "prompts": [prompt for prompt, _ in audio_prompts()], "seeds": [0],
+                  "sampler": {"steps": cfg.audio_sample_steps, "guidance": cfg.guidance, "duration": CLIP_SECONDS,
+                              "batch_size": len(PITCHES_HZ)},
+                  "scorers": ["jobs.demo_data:pitch_fidelity"]} if cfg.eval_every else None
     return train_run(cfg, curated, runs, "demo-audio", "tiny-audio", text_encoder, mel_vae, cfg.audio_steps,
-                     cfg.audio_lr, {"text_features": "online", "micro_batch": cfg.audio_micro_batch})
+                     cfg.audio_lr, {"text_features": "online", "micro_batch": cfg.audio_micro_batch}, evaluation)
 
 
 def train_points(cfg: DemoConfig, curated: Path, runs: Path, text_encoder: str):
     """The tiny-points Next-DiT on the curated solids (the manifest's points rows: the task is t2p, from the model),
-    their captions encoded online by their own tiny text encoder."""
+    their captions encoded online by their own tiny text encoder, evaluated while it trains: one cloud per solid at
+    the trained 256 points, scored by its nearest solid, with MMD-CD and COV-CD against training clouds."""
+    evaluation = {"every": cfg.eval_every, "prompts": [prompt for prompt, _ in point_prompts()], "seeds": [0],
+                  "sampler": {"steps": cfg.points_sample_steps, "guidance": cfg.points_guidance,
+                              "batch_size": len(SOLIDS)},
+                  "scorers": ["jobs.demo_data:solid_fidelity"]} if cfg.eval_every else None
     return train_run(cfg, curated, runs, "demo-points", "tiny-points", text_encoder, None, cfg.points_steps,
-                     cfg.points_lr, {"text_features": "online", "micro_batch": cfg.points_micro_batch})
+                     cfg.points_lr, {"text_features": "online", "micro_batch": cfg.points_micro_batch}, evaluation)
 
 
 def train_run(cfg: DemoConfig, curated: Path, runs: Path, name: str, preset: str, text_encoder: str, vae: str | None,
@@ -358,10 +369,34 @@ def eval_section(report: Path, eval_dir: Path) -> tuple[dict, list[str]]:
     return {"eval": rows}, lines
 
 
+def other_evals_section(report: Path, eval_dirs: dict[str, Path]) -> tuple[dict, list[str]]:
+    """The audio and point models' in-training evaluations in the report: a table of their numbers per evaluation and
+    their curves (``eval_curve_{name}.png``); returns (summary fields ``eval_{name}``, report.md lines)."""
+    from jobs.training.evaluation import CURVE_FILE, read_rows
+
+    numbers = {"audio": [("pitch fidelity", "pitch_fidelity", ".0%"), ("latent_fd", "latent_fd", ".3g")],
+               "points": [("solid fidelity", "solid_fidelity", ".0%"), ("MMD-CD", "mmd_cd", ".3g"),
+                          ("COV-CD", "cov_cd", ".0%")]}
+    summary, lines = {}, []
+    for name, folder in eval_dirs.items():
+        rows = read_rows(str(folder)) if folder.exists() else []
+        if not rows:
+            continue
+        shutil.copyfile(folder / CURVE_FILE, report / f"eval_curve_{name}.png")
+        summary[f"eval_{name}"] = rows
+        lines += [(f"In-training evaluation ({name} model: one sample per prompt, seed 0, "
+                   f"{rows[-1]['weights'].upper()} weights; curve `eval_curve_{name}.png`):"), "",
+                  "| step | " + " | ".join(str(r["step"]) for r in rows) + " |", "|---|" + "---|" * len(rows),
+                  *["| " + label + " | " + " | ".join(format(r[key], fmt) if key in r else "–" for r in rows) + " |"
+                    for label, key, fmt in numbers[name]], ""]
+    return summary, lines
+
+
 def write_report(report: Path, results: list[dict], history: list[dict], stats: dict, timings: dict,
                  clips: list[dict] | None = None, audio_history: list[dict] | None = None,
                  round_trip: dict | None = None, clouds: list[dict] | None = None,
-                 points_history: list[dict] | None = None, eval_dir: Path | None = None) -> dict:
+                 points_history: list[dict] | None = None, eval_dir: Path | None = None,
+                 other_eval_dirs: dict[str, Path] | None = None) -> dict:
     from jobs.report import image_grid, line_chart, spectrogram_image
 
     report.mkdir(parents=True, exist_ok=True)
@@ -435,6 +470,8 @@ def write_report(report: Path, results: list[dict], history: list[dict], stats: 
         summary.update(points_summary)
     eval_summary, eval_lines = eval_section(report, eval_dir) if eval_dir is not None else ({}, [])
     summary.update(eval_summary)
+    other_summary, other_lines = other_evals_section(report, other_eval_dirs or {})
+    summary.update(other_summary)
     summary.update({"timings_s": timings, "prepare_stats": stats})
     (report / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     lines = [
@@ -445,6 +482,7 @@ def write_report(report: Path, results: list[dict], history: list[dict], stats: 
         *audio_lines,
         *points_lines,
         *eval_lines,
+        *other_lines,
         "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in timings.items()], "",
         "Files: `samples.png` (prompt → dominant colour found), "
         + ("`mel.png` (log-mel of every clip: asked pitch → pitch found), `audio/*.wav`, " if clips is not None else "")
@@ -530,7 +568,8 @@ def run(cfg: DemoConfig) -> dict:
     points_history = read_history(str(out / "runs" / "demo-points")) if cfg.points else None
     report = write_report(out / "report", results, history, stats, timings, clips if cfg.audio else None,
                           audio_history, round_trip, clouds if cfg.points else None, points_history,
-                          out / "runs" / "demo" / "eval")
+                          out / "runs" / "demo" / "eval",
+                          {name: out / "runs" / f"demo-{name}" / "eval" for name in models if name != "image"})
     report["corrupt_inputs"] = summary["corrupt"]
     return report
 

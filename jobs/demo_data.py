@@ -87,6 +87,10 @@ def tone_caption(hertz: int) -> str:
     return f"a tone at {hertz} hertz"
 
 
+def solid_caption(solid: str) -> str:
+    return f"a {solid}"
+
+
 def write_corrupt_files(root: Path) -> dict[str, str]:
     """The bad inputs of the corrupted-corpus check; returns {relative path: what is wrong}."""
     bad = root / "images"
@@ -142,7 +146,7 @@ def build_demo_dataset(root: str | Path, counts: DemoCounts | None = None, seed:
             (root / "points" / f"solid_{i:04d}.obj").write_text(CUBE_OBJ)
         else:
             np.save(root / "points" / f"solid_{i:04d}.npy", solid_points(solid, 2048, rng).astype(np.float32))
-        (root / "points" / f"solid_{i:04d}.txt").write_text(f"a {solid}")
+        (root / "points" / f"solid_{i:04d}.txt").write_text(solid_caption(solid))
     bad = write_corrupt_files(root) if corrupt else {}
     return {"root": str(root), "images": counts.images, "tones": counts.tones, "solids": counts.solids,
             "corrupt": bad}
@@ -192,6 +196,26 @@ def colour_fidelity(samples: list) -> dict[str, float]:
     scored = [dominant_colour(s.result.image) == prompt_colour(s.prompt) for s in samples
               if s.result.image is not None and prompt_colour(s.prompt) is not None]
     return {"colour_fidelity": float(np.mean(scored))} if scored else {}
+
+
+def pitch_fidelity(samples: list) -> dict[str, float]:
+    """The demo report's audio fidelity as an in-training evaluation scorer (``jobs.demo_data:pitch_fidelity``): the
+    share of the generated clips whose dominant pitch is the one their prompt names (``tone_caption``)."""
+    named = {tone_caption(hertz): hertz for hertz in PITCHES_HZ}
+    scored = [dominant_pitch(s.result.audio, s.result.sample_rate) == named[s.prompt] for s in samples
+              if s.result.audio is not None and s.prompt in named]
+    return {"pitch_fidelity": float(np.mean(scored))} if scored else {}
+
+
+def solid_fidelity(samples: list) -> dict[str, float]:
+    """The demo report's point fidelity as an in-training evaluation scorer (``jobs.demo_data:solid_fidelity``): the
+    share of the generated clouds whose nearest built-in solid (Chamfer distance) is the one their prompt names
+    (``solid_caption``)."""
+    references = reference_solids()
+    named = {solid_caption(solid): solid for solid in SOLIDS}
+    scored = [nearest_solid(s.result.points, references)[0] == named[s.prompt] for s in samples
+              if s.result.points is not None and s.prompt in named]
+    return {"solid_fidelity": float(np.mean(scored))} if scored else {}
 
 
 def dominant_frequency(waveform: np.ndarray, rate: int = SAMPLE_RATE) -> float:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from jobs.demo import DemoConfig, run
 from jobs.demo_data import DemoCounts
+from models.checkpoint import read_checkpoint
 
 
 def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
@@ -21,7 +23,7 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     # pitch: it learns the pitch much sooner than the image model learns the colour
     # the points model trains 150 of the demo's 200 steps on half its solids (8 of each) and is asked for 4 clouds per
     # solid
-    # the image model is evaluated every 100 of its 400 steps while it trains (the demo: every 200 of 1100)
+    # each model is evaluated every 100 steps while it trains, and at its last (the demo: every 200)
     cfg = DemoConfig(out=str(out), counts=DemoCounts(images=96, tones=16, solids=24), steps=400, lr=4e-3,
                      batch_tokens=1024, seeds_per_prompt=2, sample_steps=10, audio_steps=150, points_steps=150,
                      points_seeds_per_prompt=4, eval_every=100)
@@ -48,6 +50,9 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     # prompt names dominates their spectrum at least half the time, twice chance (1 in 4 pitches; random guesses reach
     # 12 of 24 with probability < 1 %). Trained, it scores 1.0; the mel VAE alone keeps every pitch (the ceiling).
     assert (out / "model-audio" / "model.safetensors").exists()
+    _, _, audio_meta = read_checkpoint(str(out / "model-audio"), tensors=False)
+    # the export names the dual encoder it trained through
+    assert Path(audio_meta["text_encoder"]["path"]) == (out / "audio-text-encoder").resolve()
     assert report["clips"] == 24 and report["audio_chance"] == 0.25
     assert report["audio_fidelity"] >= 0.5, report["per_clip"]
     assert report["mel_vae_round_trip"]["fidelity"] == 1.0, report["mel_vae_round_trip"]
@@ -59,6 +64,9 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     # One that ignores its prompt scores exactly chance (the same seeds give the same clouds for every prompt: each
     # cloud is nearest one solid); trained so, it scored 1.0 (8 clouds per solid)
     assert (out / "model-points" / "model.safetensors").exists()
+    points_cfg, _, points_meta = read_checkpoint(str(out / "model-points"), tensors=False)
+    assert points_cfg.trained_sides == (1, 1, 256) and "vae" not in points_meta  # trained at 256, served at 1024
+    assert Path(points_meta["text_encoder"]["path"]) == (out / "points-text-encoder").resolve()
     assert report["clouds"] == 12 and report["point_chance"] == 1 / 3
     assert report["point_fidelity"] >= 0.5, report["per_cloud"]
     assert all(c["points"] == 1024 for c in report["per_cloud"])
@@ -71,8 +79,19 @@ def test_shortened_demo_runs_end_to_end(ray_cluster, tmp_path, monkeypatch):
     assert all(0 <= r["colour_fidelity"] <= 1 and r["latent_fd"] >= 0 for r in report["eval"])
     evaluation = out / "runs" / "demo" / "eval"
     assert (evaluation / "curve.png").exists() and len(list((evaluation / "step_00000400").glob("*.png"))) == 5
+    # the audio and point models are evaluated the same way inside their 2-worker ZeRO-3 fits, every 100 of their 150
+    # steps and at the last: one clip per pitch (pitch fidelity, latent_fd), one cloud per solid (solid fidelity,
+    # MMD-CD and COV-CD against training clouds)
+    for name, samples, numbers in (("audio", 4, {"pitch_fidelity", "latent_fd"}),
+                                   ("points", 3, {"solid_fidelity", "mmd_cd", "cov_cd"})):
+        rows = report[f"eval_{name}"]
+        assert [(r["step"], r["samples"]) for r in rows] == [(100, samples), (150, samples)], rows
+        assert all(numbers <= set(r) for r in rows), rows
+        assert len(list((out / "runs" / f"demo-{name}" / "eval" / "step_00000150").glob("*.json"))) == samples
+    assert 0 <= report["eval_points"][-1]["cov_cd"] <= 1 and report["eval_points"][-1]["mmd_cd"] > 0
+    assert len(list((out / "runs" / "demo-audio" / "eval" / "step_00000150").glob("*.wav"))) == 4
     for name in ("samples.png", "mel.png", "points.png", "loss.png", "report.json", "report.md", "eval_curve.png",
-                 "eval_grid.png"):
+                 "eval_grid.png", "eval_curve_audio.png", "eval_curve_points.png"):
         assert (out / "report" / name).stat().st_size > 0
     saved = json.loads((out / "report" / "report.json").read_text())
     assert set(saved["timings_s"]) >= {"prepare (Ray Data)", "train (Ray Train + DeepSpeed ZeRO-3)",

@@ -377,6 +377,48 @@ def test_point_tasks_give_the_points_as_tokens_with_labels_or_captions():
     assert per_sample.shape == (8,) and torch.isfinite(loss)
 
 
+def test_online_audio_captions_give_a_stack_the_caption_and_the_structured_caption(tmp_path):
+    """t2a with text_features=online through the paper's dual encoder (§5.2): each sample's caption goes to CLAP and
+    its structured caption (the shards' meta) to T5, the features the stack gives for that pair; a sample without one
+    gives T5 its caption, as jobs.prepare does."""
+    from jobs.training.data import ShardCatalog
+    from jobs.training.tasks import TextToAudio
+    from models.text_encoder import TextEncoder
+    from models.tiny import make_tiny_text_encoder_stack
+
+    stack_path = make_tiny_text_encoder_stack(tmp_path / "stack")
+    cfg = from_dict(TrainJobConfig, {"model": {"preset": "tiny-audio"}, "flow": {"caption_dropout": 0.0},
+                                     "data": {"text_encoder": stack_path, "text_features": "online"}})
+    task = TextToAudio(cfg, ShardCatalog("mem://data", [], {}), torch.device("cpu"))
+    caption, structured = "a tone at 440 hertz", '{"pitch": 440, "timbre": "sine"}'
+    samples = [{"key": "0", "caption": caption, "meta": {C.STRUCTURED_CAPTION: structured}},
+               {"key": "1", "caption": caption, "meta": {}}]
+    (feats, mask), _, _ = task.conditioning(samples, [torch.Generator().manual_seed(i) for i in range(2)])
+    stack = TextEncoder.from_pretrained(stack_path)
+    for i, second in enumerate((structured, caption)):
+        expected, expected_mask = stack.encode([caption], [second])
+        n = int(expected_mask.sum())
+        assert int(mask[i].sum()) == n
+        torch.testing.assert_close(feats[i, :n][mask[i, :n]], expected[0, :n][expected_mask[0, :n]])
+    assert not torch.equal(feats[0], feats[1])  # the structured caption changed the T5 part
+
+
+def test_an_export_names_the_encoders_the_shards_were_made_with_and_their_settings():
+    """jobs.export's references: the encoder jobs.prepare recorded, with its kind and settings, when the run names the
+    same path or none; another path named by the run, as it is; no text encoder for a model without text."""
+    from jobs.export import references
+
+    recorded = {"encoders": {"text_encoder": {"path": "/m/stack", "kind": "stack", "max_length": 128},
+                             "vae": {"path": "/m/mel-vae", "scaling_factor": 0.69, "shift_factor": 0.0}}}
+    same = references({"model": {"text_encoder": "/m/stack"}, "data": {}}, recorded)
+    assert same["text_encoder"] == {"path": "/m/stack", "kind": "stack", "max_length": 128}
+    assert same["vae"] == {"path": "/m/mel-vae", "scaling_factor": 0.69, "shift_factor": 0.0}
+    assert references({"model": {}, "data": {}}, recorded)["text_encoder"]["kind"] == "stack"  # none named
+    other = references({"model": {}, "data": {"text_encoder": "/m/t5"}}, recorded)
+    assert other["text_encoder"] == {"path": "/m/t5"}
+    assert "text_encoder" not in references({"model": {"class_names": ["a"]}}, recorded, text=False)
+
+
 @pytest.mark.parametrize("text_width, encoder, preset, task, classes", [
     (None, None, "tiny-points", "class-points", 4),  # labels and no text: the label task, 4 classes from labels.json
     (16, None, "tiny-points", "t2p", None),  # text features in the shards: text
