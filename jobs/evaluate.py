@@ -1,6 +1,6 @@
-"""``python -m jobs.evaluate``: score generated images or clips against a real set — FID (or FD in any feature space:
-FD_DINOv2, FD_CLIP), sFID, KID, IS, precision / recall, CLIP score; FAD, KL, CLAP score — into ``OUT/report.json``,
-``OUT/report.md`` and a PNG grid of samples.
+"""``python -m jobs.evaluate``: score generated images, clips or point clouds against a real set — FID (or FD in any
+feature space: FD_DINOv2, FD_CLIP), sFID, KID, IS, precision / recall, CLIP score; FAD, KL, CLAP score; MMD-CD, COV-CD,
+1-NNA-CD — into ``OUT/report.json``, ``OUT/report.md`` and a PNG grid of samples.
 
     python -m jobs.evaluate --real URI --fake URI --metric fid,kid,is,clip_score \
         --feature-extractor pt_inception-2015-12-05-6726825d.pth --clip-model CLIP_FOLDER --out DIR
@@ -9,10 +9,12 @@ FD_DINOv2, FD_CLIP), sFID, KID, IS, precision / recall, CLIP score; FAD, KL, CLA
     python -m jobs.evaluate --model MODEL --prompts PROMPTS.txt --real URI --metric fid,clip_score … --out DIR
     python -m jobs.evaluate --model MODEL --classes 1000 --samples 50 --real-stats VIRTUAL_imagenet256_labeled.npz \
         --metric fid,sfid,is,precision,recall --feature-extractor pt_inception-2015-12-05-6726825d.pth --out DIR
+    python -m jobs.evaluate --real SHAPENET_TEST/ --fake CLOUDS/ --metric mmd_cd,cov_cd,1nna_cd --out DIR
 
 Score only: ``--real`` and ``--fake`` are folders of PNG / JPEG / WebP (or WAV / FLAC / MP3 / OGG) files, local or
-``s3://``, a ``jobs.prepare`` output (its image shards, or its audio shards' original clips), or an ``.npz`` image
-batch (ADM's ``arr_0``). ``--real-stats FILE.npz`` instead gives the real side's statistics: a file this job cached (of
+``s3://``, a ``jobs.prepare`` output (its image shards, its audio shards' original clips, its point shards' clouds), or
+an ``.npz`` image batch (ADM's ``arr_0``); point clouds are folders of ``.npy`` / ``.npz`` / ``.ply`` clouds or
+``.obj`` / ``.off`` meshes, read as jobs.prepare reads them. ``--real-stats FILE.npz`` instead gives the real side's statistics: a file this job cached (of
 images, or of clips for FAD), or an ADM reference batch (``mu`` / ``sigma``, docs/evaluation.md#the-adm-reference-format). The real side's statistics are
 computed once per extractor, resolution and file listing and cached as ``.npz`` (``stats_cache``). Generate and score:
 ``--model`` with ``--prompts FILE`` (jobs.generate's prompt file) or ``--classes N --samples K`` (a class-conditional
@@ -50,6 +52,8 @@ from models.evaluation import (
     IMAGE_EXTENSIONS,
     IMAGE_METRICS,
     KEEP_FEATURES,
+    LABELS,
+    POINT_METRICS,
     REFERENCE_METRICS,
     Models,
     Side,
@@ -100,6 +104,8 @@ class EvaluateConfig:
     nearest_k: int = 3  # precision / recall: the k of the k-NN balls (Kynkäänniemi et al. 2019, the ADM suite)
     kid: KIDConfig = field(default_factory=KIDConfig)
     grid: int = 16  # samples in OUT/grid.png (0: none)
+    # point clouds: each cloud is cut to this many points (a fixed random subset), or to its set's smallest cloud
+    points: int = 2048
     out: str = "outputs/evaluate"
     # generate and score: --model with --prompts FILE, or --classes N --samples K
     model: str | None = None
@@ -108,25 +114,29 @@ class EvaluateConfig:
     generation: GenerateConfig = field(default_factory=GenerateConfig)  # sampler settings etc.; model / out are set
 
 
+METRICS_OF = {"image": IMAGE_METRICS, "audio": AUDIO_METRICS, "points": POINT_METRICS}
+
+
 def modality_of(cfg: EvaluateConfig) -> str:
-    return "audio" if any(m in AUDIO_METRICS for m in cfg.metrics) else "image"
+    return next((m for m in ("audio", "points") if any(x in METRICS_OF[m] for x in cfg.metrics)), "image")
 
 
 def validate(cfg: EvaluateConfig) -> None:
     """Every requirement of the chosen metrics, before any model loads or file is read."""
-    known = IMAGE_METRICS + AUDIO_METRICS
+    known = IMAGE_METRICS + AUDIO_METRICS + POINT_METRICS
     unknown = [m for m in cfg.metrics if m not in known]
     if unknown or not cfg.metrics:
         raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
-    if any(m in IMAGE_METRICS for m in cfg.metrics) and any(m in AUDIO_METRICS for m in cfg.metrics):
-        raise ValueError(f"image metrics and audio metrics in one run ({', '.join(cfg.metrics)}): run one job per "
+    modalities = [name for name, metrics in METRICS_OF.items() if any(m in metrics for m in cfg.metrics)]
+    if len(modalities) > 1:
+        raise ValueError(f"{' and '.join(modalities)} metrics in one run ({', '.join(cfg.metrics)}): run one job per "
                          "modality")
     needs = {**{m: "feature_extractor" for m in EXTRACTOR_METRICS},
              "clip_score": "clip_model", "fad": "audio_model", "clap_score": "clap_model", "kl": "classifier"}
     flags = {"feature_extractor": "--feature-extractor", "clip_model": "--clip-model", "audio_model": "--audio-model",
              "clap_model": "--clap-model", "classifier": "--classifier"}
     for metric in cfg.metrics:
-        if not getattr(cfg, needs[metric]):
+        if metric in needs and not getattr(cfg, needs[metric]):
             raise ValueError(f"{metric} needs {flags[needs[metric]]} PATH (a local path or s3://; nothing is "
                              "downloaded)")
     generating = bool(cfg.model)
@@ -143,9 +153,12 @@ def validate(cfg: EvaluateConfig) -> None:
         raise ValueError(f"{', '.join(compared)} compare against real data: give --real URI or --real-stats FILE.npz")
     if "kl" in cfg.metrics and not cfg.real:
         raise ValueError("kl pairs each generated clip with the real clip of the same file name: give --real URI")
+    if modalities == ["points"] and not cfg.real:
+        raise ValueError("point metrics compare clouds pair by pair: give --real (a folder of clouds or meshes, or a "
+                         "jobs.prepare output with point shards), not a statistics file")
     if cfg.kl_mode not in ("auto", "softmax", "sigmoid"):
         raise ValueError(f"kl_mode must be auto, softmax or sigmoid, got {cfg.kl_mode!r}")
-    for name in ("batch_size", "is_splits", "samples", "nearest_k"):
+    for name in ("batch_size", "is_splits", "samples", "nearest_k", "points"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.resolution is not None and cfg.resolution < 8:
@@ -173,7 +186,29 @@ def open_source(uri: str, modality: str, limit: int | None = None) -> Source:
         source = Source(uri, "shards", names, listing_hash([(r["path"], r["bytes"]) for r in rows]), shard_rows=rows)
         source.reader = functools.partial(_read_shards, source)
         return source
+    if modality == "points":
+        from pipelines.constants import POINTS_EXTENSIONS
+
+        source = evaluation.open_source(uri, modality, extensions=POINTS_EXTENSIONS)
+        source.names = one_file_per_sample(source.names)[:limit]
+        return source
     return evaluation.open_source(uri, modality, limit)
+
+
+def one_file_per_sample(names: list[str]) -> list[str]:
+    """One file per sample stem: jobs.generate writes a cloud as ``.npy`` (its float32 points) and ``.ply`` (the same
+    points), so a folder of its samples holds each twice; the first of npy, npz, ply, obj, off is kept."""
+    from pipelines.constants import POINTS_EXTENSIONS
+
+    preference = {ext: i for i, ext in enumerate(("npy", "npz", "ply", "obj", "off"))}
+    best: dict[str, str] = {}
+    for name in names:
+        stem, ext = name.rsplit(".", 1)
+        current = best.get(stem)
+        if ext.lower() in POINTS_EXTENSIONS and (current is None or preference.get(ext.lower(), 9) < preference.get(
+                current.rsplit(".", 1)[1].lower(), 9)):
+            best[stem] = name
+    return sorted(best.values())
 
 
 def _read_shards(source: Source, batch_size: int) -> Iterator[list[tuple[str, bytes | Exception]]]:
@@ -190,6 +225,8 @@ def _read_shards(source: Source, batch_size: int) -> Iterator[list[tuple[str, by
             meta = json.loads(raw.get(C.META_MEMBER, b"{}"))
             if row["modality"] == C.AUDIO:
                 member = C.ORIGINAL_AUDIO_MEMBER if C.ORIGINAL_AUDIO_MEMBER in raw else None
+            elif row["modality"] == C.POINTS:
+                member = C.POINTS_MEMBER if C.POINTS_MEMBER in raw else None
             elif meta.get("member") in C.IMAGE_FORMATS:
                 member = meta["member"]
             else:
@@ -285,6 +322,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.model:
         generated = generate_samples(cfg)
         cfg.fake = join(cfg.out, SAMPLES_DIR)
+    if modality == "points":
+        return evaluate_points(cfg, device, generated, began)
     models = load_models(cfg, device)
     fake = open_source(cfg.fake, modality, cfg.limit)
     prompts = read_prompts(cfg, fake) if metrics & {"clip_score", "clap_score"} else None
@@ -311,6 +350,65 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     }
     write_report(cfg.out, report, side.grid)
     return report
+
+
+def evaluate_points(cfg: EvaluateConfig, device: str, generated: dict | None, began: float) -> dict:
+    """MMD-CD, COV-CD and 1-NNA-CD (models.point_metrics, paper §5.3) of the generated clouds against the real ones:
+    every cloud read as jobs.prepare reads it (meshes sampled on their surface, all placed on the unit sphere), cut to
+    ``cfg.points`` points, then the Chamfer matrices on ``device``."""
+    import torch
+
+    from models.point_metrics import chamfer_matrix, mmd_cov_of, one_nna_of
+
+    fake_side, fake = read_clouds(open_source(cfg.fake, "points", cfg.limit), cfg)
+    real_side, real = read_clouds(open_source(cfg.real, "points", cfg.limit), cfg)
+    g, r = torch.from_numpy(fake).to(device), torch.from_numpy(real).to(device)
+    d_gr, metrics = chamfer_matrix(g, r), set(cfg.metrics)
+    values = mmd_cov_of(d_gr)
+    if "1nna_cd" in metrics:
+        values["1nna_cd"] = one_nna_of(chamfer_matrix(g, g), d_gr, chamfer_matrix(r, r))
+    results = {name: {"value": values[name], "real_samples": len(real), "fake_samples": len(fake),
+                      "points": {"fake": int(fake.shape[1]), "real": int(real.shape[1])}, "label": LABELS[name]}
+               for name in POINT_METRICS if name in metrics}
+    report = {
+        "mode": "generate" if cfg.model else "score", "modality": "points", "device": device,
+        "fake": {"uri": cfg.fake, "samples": fake_side.samples, "bad": fake_side.bad,
+                 **({"generated": generated} if generated else {})},
+        "real": {"uri": cfg.real, "samples": real_side.samples, "bad": real_side.bad}, "metrics": results,
+        "seconds": round(time.perf_counter() - began, 2), "config": to_dict(cfg),
+    }
+    write_report(cfg.out, report, [])
+    return report
+
+
+def read_clouds(source: Source, cfg: EvaluateConfig) -> tuple[Side, Any]:
+    """A set's clouds as one (B, N, 3) float32 array: each file decoded by jobs.prepare's own reader (point arrays and
+    PLY as they are, meshes sampled on their surface; every cloud centred and scaled onto the unit sphere, the space
+    the models generate in), files that do not decode listed with their reason; N is ``cfg.points``, or the set's
+    smallest cloud if that has fewer, each cloud keeping a fixed random subset of its points."""
+    import numpy as np
+
+    from models.evaluation import read_source, reason
+    from pipelines.config import PointsDecodeConfig
+    from pipelines.decode import decode_points
+
+    side, clouds = Side(), []
+    for batch in read_source(source, cfg.batch_size):
+        for name, data in batch:
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                ext = "npy" if source.kind == "shards" else name.rsplit(".", 1)[-1].lower()
+                clouds.append(decode_points(data, ext, PointsDecodeConfig(), seed=0)[0])
+            except Exception as exc:  # noqa: BLE001 - an unreadable cloud is reported, never fatal
+                side.bad.append({"file": name, "reason": reason(exc)})
+    if not clouds:
+        raise ValueError(f"no readable cloud in {source.uri} ({len(side.bad)} files did not decode)")
+    n = min(cfg.points, *(len(c) for c in clouds))
+    rngs = (np.random.default_rng(i) for i in range(len(clouds)))
+    side.samples = len(clouds)
+    return side, np.stack([c if len(c) == n else c[np.sort(g.choice(len(c), n, replace=False))]
+                           for c, g in zip(clouds, rngs)]).astype(np.float32)
 
 
 def kl_result(cfg: EvaluateConfig, models: Models, fake: Side) -> dict:
@@ -399,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", help="real set: folder (local or s3://), jobs.prepare output or .npz image batch")
     parser.add_argument("--fake", help="generated set: folder, jobs.prepare output or .npz image batch")
     parser.add_argument("--real-stats", help="real statistics .npz: this job's cache file or an ADM reference batch")
-    parser.add_argument("--metric", help=f"comma-separated: {', '.join(IMAGE_METRICS + AUDIO_METRICS)}")
+    parser.add_argument("--metric", help="comma-separated: "
+                                         f"{', '.join(IMAGE_METRICS + AUDIO_METRICS + POINT_METRICS)}")
     parser.add_argument("--feature-extractor", help="FID Inception weights file, or a transformers vision folder "
                                                     "(CLIP, DINOv2) for FD / KID")
     parser.add_argument("--clip-model", help="transformers CLIPModel folder (clip_score)")

@@ -25,13 +25,15 @@ log = logging.getLogger("models.evaluation")
 
 IMAGE_METRICS = ("fid", "sfid", "kid", "is", "precision", "recall", "clip_score")
 AUDIO_METRICS = ("fad", "kl", "clap_score")
-REFERENCE_METRICS = ("fid", "sfid", "kid", "precision", "recall", "fad", "kl")  # compared against the real set
+POINT_METRICS = ("mmd_cd", "cov_cd", "1nna_cd")  # models.point_metrics: the paper's §5.3 (PointFlow's protocol)
+REFERENCE_METRICS = ("fid", "sfid", "kid", "precision", "recall", "fad", "kl", *POINT_METRICS)  # against the real set
 EXTRACTOR_METRICS = {"fid", "sfid", "kid", "is", "precision", "recall"}  # the image metrics of --feature-extractor
 POOL_METRICS = {"fid", "kid", "precision", "recall"}  # compared in the pool feature space (FID's, DINOv2's, …)
 KEEP_FEATURES = {"kid", "precision", "recall"}  # need every real feature vector, not only (μ, Σ)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
-LABELS = {"sfid": "sFID", "kid": "KID", "is": "IS", "precision": "precision", "recall": "recall",
+LABELS = {"sfid": "sFID", "kid": "KID", "is": "IS", "precision": "precision", "recall": "recall", "mmd_cd": "MMD-CD",
+          "cov_cd": "COV-CD", "1nna_cd": "1-NNA-CD",
           "clip_score": "CLIP score", "kl": "KL", "clap_score": "CLAP score"}
 
 
@@ -53,9 +55,10 @@ class Source:
     reader: Callable[[int], Iterator[list[tuple[str, Any]]]] | None = None
 
 
-def open_source(uri: str, modality: str, limit: int | None = None) -> Source:
-    """List ``uri``: an ``.npz`` image batch, or a folder (every file with a ``modality`` extension below it, in name
-    order). An empty set is an error naming the extensions looked for. (``jobs.evaluate`` lists ``jobs.prepare``
+def open_source(uri: str, modality: str, limit: int | None = None,
+                extensions: tuple[str, ...] | None = None) -> Source:
+    """List ``uri``: an ``.npz`` image batch, or a folder (every file with a ``modality`` extension — or one of
+    ``extensions`` — below it, in name order). An empty set is an error naming the extensions looked for. (``jobs.evaluate`` lists ``jobs.prepare``
     outputs itself: their shards are read through ``pipelines``.)"""
     from models.image_metrics import listing_hash
     from models.storage import filesystem, local_copy
@@ -72,7 +75,7 @@ def open_source(uri: str, modality: str, limit: int | None = None) -> Source:
             raise ValueError(f"{uri} has no image batch (arr_0): give it as --real-stats if it holds statistics")
         names = [f"arr_0[{i}]" for i in range(count)][:limit]
         return Source(uri, "npz", names, listing_hash([(os.path.basename(root), fs.size(root))]))
-    extensions = IMAGE_EXTENSIONS if modality == "image" else AUDIO_EXTENSIONS
+    extensions = extensions or (IMAGE_EXTENSIONS if modality == "image" else AUDIO_EXTENSIONS)
     found = {os.path.relpath(path, root): int(info.get("size") or 0) for path, info in fs.find(root, detail=True).items()}
     sizes = {name: size for name, size in found.items() if name.rsplit(".", 1)[-1].lower() in extensions}
     if not sizes:
@@ -505,12 +508,12 @@ def markdown(report: dict) -> str:
         label = r.get("label") or LABELS.get(name, name)
         std = f"{r['std']:.4g}" if "std" in r else ""
         lines.append(f"| {label} | {r['value']:.4f} | {std} | {r.get('real_samples') or r.get('pairs') or ''} | "
-                     f"{r.get('fake_samples') or r.get('pairs') or ''} | {r.get('extractor') or r.get('model')} |")
+                     f"{r.get('fake_samples') or r.get('pairs') or ''} | {r.get('extractor') or r.get('model') or ''} |")
     lines += ["", f"Fake: {report['fake']['uri']} ({report['fake']['samples']} samples)."]
     if report["real"]:
         real = report["real"]
-        lines.append(f"Real: {real['uri']} ({real.get('samples') or 'statistics only'}; statistics: "
-                     f"{real['statistics']}).")
+        statistics = f"; statistics: {real['statistics']}" if "statistics" in real else ""
+        lines.append(f"Real: {real['uri']} ({real.get('samples') or 'statistics only'}{statistics}).")
     for where in ("fake", "real"):
         bad = report[where].get("bad") or []
         if bad:
