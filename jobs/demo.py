@@ -385,7 +385,8 @@ def other_evals_section(report: Path, eval_dirs: dict[str, Path]) -> tuple[dict,
         shutil.copyfile(folder / CURVE_FILE, report / f"eval_curve_{name}.png")
         summary[f"eval_{name}"] = rows
         lines += [(f"In-training evaluation ({name} model: one sample per prompt, seed 0, "
-                   f"{rows[-1]['weights'].upper()} weights; curve `eval_curve_{name}.png`):"), "",
+                   f"{rows[-1]['weights'].upper()} weights, which trail the served raw weights while the EMA (0.99) catches up; "
+                   f"curve `eval_curve_{name}.png`):"), "",
                   "| step | " + " | ".join(str(r["step"]) for r in rows) + " |", "|---|" + "---|" * len(rows),
                   *["| " + label + " | " + " | ".join(format(r[key], fmt) if key in r else "–" for r in rows) + " |"
                     for label, key, fmt in numbers[name]], ""]
@@ -490,6 +491,8 @@ def write_report(report: Path, results: list[dict], history: list[dict], stats: 
            if clouds is not None else "")
         + ("`eval_curve.png`, `eval_grid.png` (the in-training evaluation; every step's samples in "
            "`../runs/demo/eval/`), " if eval_lines else "")
+        + "".join(f"`eval_curve_{name}.png` (`../runs/demo-{name}/eval/`), " for name in other_eval_dirs or {}
+                  if f"eval_{name}" in other_summary)
         + "`loss.png`, `report.json` (every number, the prepare stats of every stage), `../curated/stats.json`, "
         "`../curated/rejects.parquet`.",
     ]
