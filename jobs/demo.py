@@ -385,8 +385,8 @@ def other_evals_section(report: Path, eval_dirs: dict[str, Path]) -> tuple[dict,
         shutil.copyfile(folder / CURVE_FILE, report / f"eval_curve_{name}.png")
         summary[f"eval_{name}"] = rows
         lines += [(f"In-training evaluation ({name} model: one sample per prompt, seed 0, "
-                   f"{rows[-1]['weights'].upper()} weights, which trail the served raw weights while the EMA (0.99) catches up; "
-                   f"curve `eval_curve_{name}.png`):"), "",
+                   f"{rows[-1]['weights'].upper()} weights, which trail the served raw weights while the EMA "
+                   f"(0.99) catches up; curve `eval_curve_{name}.png`):"), "",
                   "| step | " + " | ".join(str(r["step"]) for r in rows) + " |", "|---|" + "---|" * len(rows),
                   *["| " + label + " | " + " | ".join(format(r[key], fmt) if key in r else "–" for r in rows) + " |"
                     for label, key, fmt in numbers[name]], ""]
