@@ -9,13 +9,13 @@
     CLAP score = 100 · max(cos(E_audio, E_text), 0) per pair, averaged (the CLIP score with CLAP's towers,
                  ``models.image_metrics.clip_score``)
 
-Models (nothing downloads: local folders and files, or ``s3://`` fetched once into the local cache):
-- ``load_audio_embeddings(path)``: a released weights file (VGGish, the FAD paper's network, or PANNs' CNN14:
-  ``models.audio_networks``), else a folder: ``AudioEmbeddings(folder)``: a transformers ``ClapModel`` folder (the projected audio embedding, FAD as fadtk's
+Models (nothing downloads: local folders, or ``s3://`` fetched once into the local cache; the released weights
+files of VGGish and PANNs' CNN14 are ``models.audio_networks``, whose ``load_audio_embeddings`` /
+``load_audio_classifier`` pick between them and these):
+- ``AudioEmbeddings(folder)``: a transformers ``ClapModel`` folder (the projected audio embedding, FAD as fadtk's
   ``clap-laion-*``), or any transformers audio encoder with a feature extractor (wav2vec 2.0, HuBERT, AST, …: the
   time-average of its last hidden state);
-- ``load_audio_classifier(path)``: PANNs' CNN14 weights file (its 527 AudioSet logits), else
-  ``AudioClassifier(folder)``: a transformers audio classifier (``AutoModelForAudioClassification``: AST fine-tuned on
+- ``AudioClassifier(folder)``: a transformers audio classifier (``AutoModelForAudioClassification``: AST fine-tuned on
   AudioSet, …) for KL;
 - ``ClapScorer(folder)``: a ``ClapModel`` folder for the CLAP score.
 
@@ -132,35 +132,6 @@ class AudioClassifier(_FolderModel):
     @torch.no_grad()
     def forward(self, waves: Sequence[Any], rate: int) -> torch.Tensor:
         return self.model(**self.inputs(waves, rate)).logits.float()
-
-
-def is_weights_file(path: str) -> bool:
-    """A released weights file (.pth / .pt / .bin, or any local file) rather than a transformers model folder."""
-    import os
-
-    from models.storage import is_remote
-
-    name = str(path).rstrip("/")
-    return name.endswith((".pth", ".pt", ".bin")) or (not is_remote(name) and os.path.isfile(name))
-
-
-def load_audio_embeddings(path: str) -> torch.nn.Module:
-    """FAD's network: VGGish or CNN14 from a weights file, else a transformers folder (``AudioEmbeddings``)."""
-    if is_weights_file(path):
-        from models.audio_networks import load_audio_network
-
-        return load_audio_network(path, "embedding")
-    return AudioEmbeddings(path)
-
-
-def load_audio_classifier(path: str) -> torch.nn.Module:
-    """KL's classifier: CNN14 from a weights file (AudioSet, multi-label), else a transformers folder
-    (``AudioClassifier``)."""
-    if is_weights_file(path):
-        from models.audio_networks import load_audio_network
-
-        return load_audio_network(path, "logits")
-    return AudioClassifier(path)
 
 
 class ClapScorer(_FolderModel):

@@ -8,6 +8,8 @@ in pure PyTorch (docs/evaluation.md#vggish-and-panns):
             KL and its "FD" embedding. ``Cnn14_mAP=0.431.pth`` (32 kHz), ``Cnn14_16k_mAP=0.438.pth`` (16 kHz),
             ``Cnn14_8k_mAP=0.416.pth`` (8 kHz). One 2048-d embedding and 527 AudioSet logits per clip.
 
+``load_audio_embeddings(path)`` / ``load_audio_classifier(path)`` are what jobs.evaluate loads FAD's and KL's network
+with: a weights file is one of these two, a folder a transformers model (``models.audio_metrics``).
 ``load_audio_network(path, output)`` reads a ``.pth`` file, tells the two layouts apart by their keys and builds the
 network at the widths the file holds, so the released files give the released networks (and the tests' narrow random
 files the same code paths). Both take float waveforms at any rate (resampled to the network's) and are deterministic.
@@ -303,3 +305,28 @@ def load_audio_network(path: str, output: str = "embedding") -> AudioNetwork:
                          "(conv_block1…6, fc1, fc_audioset)")
     network.id = f"{'vggish' if layout == 'vggish' else 'panns-cnn14'}:{fingerprint(local)}"
     return network
+
+
+def is_weights_file(path: str) -> bool:
+    """A released weights file (.pth / .pt / .bin, or any local file) rather than a transformers model folder."""
+    import os
+
+    from models.storage import is_remote
+
+    name = str(path).rstrip("/")
+    return name.endswith((".pth", ".pt", ".bin")) or (not is_remote(name) and os.path.isfile(name))
+
+
+def load_audio_embeddings(path: str) -> nn.Module:
+    """FAD's network: VGGish or CNN14 from a weights file, else a transformers folder (``AudioEmbeddings``)."""
+    from models.audio_metrics import AudioEmbeddings
+
+    return load_audio_network(path, "embedding") if is_weights_file(path) else AudioEmbeddings(path)
+
+
+def load_audio_classifier(path: str) -> nn.Module:
+    """KL's classifier: CNN14 from a weights file (AudioSet, multi-label), else a transformers folder
+    (``AudioClassifier``)."""
+    from models.audio_metrics import AudioClassifier
+
+    return load_audio_network(path, "logits") if is_weights_file(path) else AudioClassifier(path)

@@ -250,7 +250,7 @@ class Models:
 
             self.clip = ClipScorer(clip_model).to(device)
         if "fad" in metrics:
-            from models.audio_metrics import load_audio_embeddings
+            from models.audio_networks import load_audio_embeddings
 
             self.audio = load_audio_embeddings(audio_model).to(device)
         if "clap_score" in metrics:
@@ -258,7 +258,7 @@ class Models:
 
             self.clap = ClapScorer(clap_model).to(device)
         if "kl" in metrics:
-            from models.audio_metrics import load_audio_classifier
+            from models.audio_networks import load_audio_classifier
 
             self.classifier = load_audio_classifier(classifier).to(device)
 

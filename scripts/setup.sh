@@ -13,6 +13,18 @@ fi
 export DS_BUILD_OPS=0   # DeepSpeed ops JIT-build on first use; never at install time
 "$VENV/bin/pip" install --quiet --upgrade "pip>=23.2" setuptools wheel
 "$VENV/bin/pip" install --quiet -e ".[dev]"
+# The one op DeepSpeed builds even so: its CPU shared-memory collective (deepspeed_shm_comm), compiled the first time a
+# process group starts on CPU (jobs.train, the tests' ZeRO-3 runs). About 40 s of C++ on 2 cores that would stall the
+# first training on a fresh machine: built once here, into ~/.cache/torch_extensions (a machine without a compiler
+# only loses the head start: DeepSpeed then tries again on first use, as it would have).
+"$VENV/bin/python" - <<'PY' || echo "note: DeepSpeed's shared-memory op was not prebuilt; it builds on first use"
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    builder.load(verbose=False)
+PY
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 echo "set-up done: $VENV"

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.audio_metrics import load_audio_classifier, load_audio_embeddings
-from models.audio_networks import Cnn14, VGGish, vggish_examples, vggish_mel_matrix
+from models.audio_networks import (
+    Cnn14,
+    VGGish,
+    load_audio_classifier,
+    load_audio_embeddings,
+    vggish_examples,
+    vggish_mel_matrix,
+)
 from models.tiny import make_tiny_cnn14, make_tiny_vggish
 
 
