@@ -35,7 +35,7 @@ VGGISH_MELS, VGGISH_MEL_RANGE_HZ = 64, (125.0, 7500.0)
 VGGISH_LOG_OFFSET = 0.01
 VGGISH_EXAMPLE_FRAMES = 96  # one example: 0.96 s of 10-ms frames
 VGGISH_LAYERS = ("conv", "pool", "conv", "pool", "conv", "conv", "pool", "conv", "conv", "pool")  # 64 M 128 M …
-VGGISH_EXAMPLE_SECONDS = VGGISH_EXAMPLE_FRAMES * VGGISH_HOP / VGGISH_RATE  # one FAD vector per 0.96 s
+VGGISH_EXAMPLE_SECONDS = VGGISH_EXAMPLE_FRAMES * VGGISH_HOP / VGGISH_RATE
 
 # CNN14's front ends: the FFT size, stored in the file as the STFT's convolution, says which release it is
 CNN14_RELEASES = {1024: (32_000, 320), 512: (16_000, 160), 256: (8_000, 80)}  # n_fft → (sample rate, hop)
@@ -117,7 +117,7 @@ class VGGish(AudioNetwork):
     one example is padded with silence to one."""
 
     sample_rate = VGGISH_RATE
-    vector_unit = "0.96-s example"
+    vector_unit = f"{VGGISH_EXAMPLE_SECONDS:g}-s example"  # one FAD vector each
 
     def __init__(self, state: dict[str, torch.Tensor], name: str = "vggish"):
         super().__init__()
