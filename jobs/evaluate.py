@@ -14,9 +14,9 @@ feature space: FD_DINOv2, FD_CLIP), sFID, KID, IS, precision / recall, CLIP scor
 Score only: ``--real`` and ``--fake`` are folders of PNG / JPEG / WebP (or WAV / FLAC / MP3 / OGG) files, local or
 ``s3://``, a ``jobs.prepare`` output (its image shards, its audio shards' original clips, its point shards' clouds), or
 an ``.npz`` image batch (ADM's ``arr_0``); point clouds are folders of ``.npy`` / ``.npz`` / ``.ply`` clouds or
-``.obj`` / ``.off`` meshes, read as jobs.prepare reads them. ``--real-stats FILE.npz`` instead gives the real side's statistics: a file this job cached (of
-images, or of clips for FAD), or an ADM reference batch (``mu`` / ``sigma``, docs/evaluation.md#the-adm-reference-format). The real side's statistics are
-computed once per extractor, resolution and file listing and cached as ``.npz`` (``stats_cache``). Generate and score:
+``.obj`` / ``.off`` meshes, read as jobs.prepare reads them. ``--real-stats FILE.npz`` instead gives the real side's
+statistics: a file this job cached (of images, or of clips for FAD), or an ADM reference batch (``mu`` / ``sigma``,
+docs/evaluation.md#the-adm-reference-format). The real side's statistics are computed once per extractor, resolution and file listing and cached as ``.npz`` (``stats_cache``). Generate and score:
 ``--model`` with ``--prompts FILE`` (jobs.generate's prompt file) or ``--classes N --samples K`` (a class-conditional
 model, K per class) first writes the samples into ``OUT/samples`` through jobs.generate's Ray Data job (its
 ``--prompt-file`` path, one sampler per GPU), skipping those already there, then scores them as ``--fake``. The reading,
@@ -198,16 +198,10 @@ def open_source(uri: str, modality: str, limit: int | None = None) -> Source:
 def one_file_per_sample(names: list[str]) -> list[str]:
     """One file per sample stem: jobs.generate writes a cloud as ``.npy`` (its float32 points) and ``.ply`` (the same
     points), so a folder of its samples holds each twice; the first of npy, npz, ply, obj, off is kept."""
-    from pipelines.constants import POINTS_EXTENSIONS
-
-    preference = {ext: i for i, ext in enumerate(("npy", "npz", "ply", "obj", "off"))}
+    order = ("npy", "npz", "ply", "obj", "off")
     best: dict[str, str] = {}
-    for name in names:
-        stem, ext = name.rsplit(".", 1)
-        current = best.get(stem)
-        if ext.lower() in POINTS_EXTENSIONS and (current is None or preference.get(ext.lower(), 9) < preference.get(
-                current.rsplit(".", 1)[1].lower(), 9)):
-            best[stem] = name
+    for name in sorted(names, key=lambda n: order.index(n.rsplit(".", 1)[1].lower())):
+        best.setdefault(name.rsplit(".", 1)[0], name)
     return sorted(best.values())
 
 
@@ -405,10 +399,9 @@ def read_clouds(source: Source, cfg: EvaluateConfig) -> tuple[Side, Any]:
     if not clouds:
         raise ValueError(f"no readable cloud in {source.uri} ({len(side.bad)} files did not decode)")
     n = min(cfg.points, *(len(c) for c in clouds))
-    rngs = (np.random.default_rng(i) for i in range(len(clouds)))
     side.samples = len(clouds)
-    return side, np.stack([c if len(c) == n else c[np.sort(g.choice(len(c), n, replace=False))]
-                           for c, g in zip(clouds, rngs)]).astype(np.float32)
+    return side, np.stack([c if len(c) == n else c[np.sort(np.random.default_rng(i).choice(len(c), n, replace=False))]
+                           for i, c in enumerate(clouds)]).astype(np.float32)
 
 
 def kl_result(cfg: EvaluateConfig, models: Models, fake: Side) -> dict:

@@ -58,8 +58,8 @@ class Source:
 def open_source(uri: str, modality: str, limit: int | None = None,
                 extensions: tuple[str, ...] | None = None) -> Source:
     """List ``uri``: an ``.npz`` image batch, or a folder (every file with a ``modality`` extension — or one of
-    ``extensions`` — below it, in name order). An empty set is an error naming the extensions looked for. (``jobs.evaluate`` lists ``jobs.prepare``
-    outputs itself: their shards are read through ``pipelines``.)"""
+    ``extensions`` — below it, in name order). An empty set is an error naming the extensions looked for.
+    (``jobs.evaluate`` lists ``jobs.prepare`` outputs itself: their shards are read through ``pipelines``.)"""
     from models.image_metrics import listing_hash
     from models.storage import filesystem, local_copy
 
@@ -508,7 +508,8 @@ def markdown(report: dict) -> str:
         label = r.get("label") or LABELS.get(name, name)
         std = f"{r['std']:.4g}" if "std" in r else ""
         lines.append(f"| {label} | {r['value']:.4f} | {std} | {r.get('real_samples') or r.get('pairs') or ''} | "
-                     f"{r.get('fake_samples') or r.get('pairs') or ''} | {r.get('extractor') or r.get('model') or ''} |")
+                     f"{r.get('fake_samples') or r.get('pairs') or ''} | "
+                     f"{r.get('extractor') or r.get('model') or ''} |")
     lines += ["", f"Fake: {report['fake']['uri']} ({report['fake']['samples']} samples)."]
     if report["real"]:
         real = report["real"]
