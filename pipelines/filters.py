@@ -51,8 +51,8 @@ class RuleFilter(Stage):
 
 # ---- dedup -------------------------------------------------------------------------------------------------------------
 class DedupIndex:
-    """A Ray actor holding every content hash this output has accepted: seeded from the committed shards, so a rerun
-    also rejects duplicates of samples written by earlier runs.
+    """Every content hash this output has accepted (held by the run's records actor, ``plan.RunRecords``): seeded from
+    the committed shards, so a rerun also rejects duplicates of samples written by earlier runs.
 
     Perceptual near-duplicates within ``max_distance`` bits are found by banding: split the 64-bit hash into
     ``max_distance + 1`` bands; by pigeonhole two hashes that close agree on at least one band, so only hashes sharing a
@@ -121,12 +121,9 @@ class DedupIndex:
         return out
 
 
-def dedup_name(run_id: str) -> str:
-    return f"prepare-dedup-{run_id}"
-
-
 class Dedup(Stage):
-    """Asks the run's DedupIndex actor about a whole batch at once (one round trip per batch)."""
+    """Asks the run's dedup index (``index``: the name of the actor that holds it, ``plan.RunRecords``) about a whole
+    batch at once (one round trip per batch)."""
 
     stage = C.STAGE_DEDUP
 

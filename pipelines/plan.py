@@ -4,7 +4,7 @@ bucket → encode → write, one Ray Data pipeline per modality, each stage's re
 Consecutive stages of one kind with the same resources form one operator, a ``stage.StageChain``: model-free stages
 run in Ray tasks (an image is decoded, filtered, bucketed and serialised in one process, its row converted to and from
 the batch format once), model stages in actor pools (models loaded once per actor; e.g. VAE and text encoder share one).
-The ledger, the dedup index and the shard writers are named actors of this run.
+The run's records (its ledger and its dedup index, one actor) and the shard writers are named actors of this run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from models.config_io import ConfigError, to_dict
@@ -30,7 +30,7 @@ from pipelines.encode import (
     run_encoders,
     run_mel,
 )
-from pipelines.filters import Dedup, DedupIndex, RuleFilter, dedup_name
+from pipelines.filters import Dedup, DedupIndex, RuleFilter
 from pipelines.io import options_for, resolve_storage
 from pipelines.labels import assign_labels, check_labels, label_source, labels_record
 from pipelines.ledger import Ledger, ledger_name, new_run_id
@@ -117,7 +117,7 @@ def build_plan(config: PrepareConfig, s3_options: dict, run_id: str | None = Non
 
             specs.append(StageSpec(ScoreFilter, {"config": cfg, "modality": modality, **audio}, f.resources, True))
         if f.enabled and (f.dedup_exact or f.dedup_perceptual):
-            specs.append(StageSpec(Dedup, {"config": cfg, "index": dedup_name(run_id)}, dec_res, False))
+            specs.append(StageSpec(Dedup, {"config": cfg, "index": ledger_name(run_id)}, dec_res, False))
         specs.append(StageSpec(Bucketize, {"config": cfg, **audio}, dec_res, False))
         e = config.encode
         if modality == C.IMAGE and e.enabled and e.vae:
@@ -212,6 +212,16 @@ def apply_operator(ds, group: list[StageSpec], run_id: str, modality: str, rows:
                           batch_size=task_batch_size(r, rows, cpus), batch_format="numpy", **args)
 
 
+class RunRecords(Ledger, DedupIndex):
+    """The run's records, one named actor: its ledger (what every stage read, kept and rejected) and its dedup index
+    (every content hash it accepted). Both are a few dicts that each batch consults once; one process for the two
+    saves every job a Ray worker's start, about 0.5 CPU-s (docs/benchmarks.md#curation)."""
+
+    def __init__(self, output: str, storage: dict, run_id: str, flush_rows: int, max_distance: int):
+        Ledger.__init__(self, output, storage, run_id, flush_rows)
+        DedupIndex.__init__(self, max_distance)
+
+
 def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     """Run the job to completion; returns the stats written to OUTPUT/stats.json. Ray must be initialised."""
     import ray
@@ -255,12 +265,13 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
         items = items[: config.read.limit]
     log.info("listed %d inputs (%d tars); %d already done; %d to process", listed, len(tars), skipped, len(items))
 
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    config = replace(config, write=replace(config.write, num_writers=config.write.writers(cpus)))
     plan = build_plan(config, s3_options, encoders=encoders)
     run_id = plan.run_id
-    ledger = ray.remote(num_cpus=0)(Ledger).options(name=ledger_name(run_id)).remote(
-        config.output, out_options, run_id, config.write.rejects_flush_rows)
-    index = ray.remote(num_cpus=0)(DedupIndex).options(name=dedup_name(run_id)).remote(config.filter.phash_max_distance)
-    ray.get(index.seed.remote(state.hash_records()))
+    ledger = ray.remote(num_cpus=0)(RunRecords).options(name=ledger_name(run_id)).remote(
+        config.output, out_options, run_id, config.write.rejects_flush_rows, config.filter.phash_max_distance)
+    ray.get(ledger.seed.remote(state.hash_records()))
     writers = [
         ray.remote(num_cpus=0)(ShardWriter).options(name=writer_name(run_id, i)).remote(
             config.output, out_options, run_id, config.write.samples_per_shard, state.next_indices(), encoders)
@@ -287,7 +298,7 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
         ray.get(ledger.flush.remote())
         snapshot = ray.get(ledger.snapshot.remote())
     finally:
-        for handle in [ledger, index, *writers]:
+        for handle in [ledger, *writers]:
             ray.kill(handle)
     elapsed = time.time() - run_start
 
@@ -373,6 +384,7 @@ def make_stats(run_id, snapshot, totals, manifest, rejects, elapsed, wall, encod
         "run_id": run_id,
         C.STATS_ENCODERS: {name: encoders.get(name) for name in C.RUN_ENCODERS},
         "run": {"stages": stages, "written_samples": written, "written_shards": sum(t["shards"] for t in totals),
+                "writers": len(totals),
                 "seconds": round(elapsed, 3), "wall_seconds": round(wall, 3),
                 "samples_per_s": round(written / elapsed, 2) if elapsed > 0 else None},
         "total": {"shards": manifest.num_rows, "samples": int(sum(manifest.column("samples").to_pylist())),

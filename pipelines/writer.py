@@ -158,6 +158,11 @@ class ShardWriter:
         return {"rel": rel, "final": final, "target": target, "file": f, "stream": stream,
                 "tar": SampleTar(stream), "records": [], "info": info, "text": True}
 
+    def add_batch(self, slots: dict[str, tuple[dict[str, Any], list[PackedSample]]]) -> int:
+        """``add`` for every bucket of one batch: one actor call per batch, however many buckets it spans (a call costs
+        both sides more CPU than appending its samples: docs/benchmarks.md#curation). Returns commits."""
+        return sum(self.add(slot, info, samples) for slot, (info, samples) in slots.items())
+
     def add(self, slot: str, info: dict[str, Any], samples: list[PackedSample]) -> int:
         """Append samples of one bucket (``slot`` = "modality/bucket"); commits every full shard. Returns commits."""
         commits = 0
@@ -250,19 +255,20 @@ class WriteShards(Stage):
     def process_rows(self, rows):
         import ray
 
-        slots: dict[str, list] = {}
-        infos: dict[str, dict] = {}
+        n = self.config.write.num_writers
+        per_writer: dict[int, dict[str, tuple[dict, list]]] = {}  # writer → slot → (info, samples)
         for row in rows:
             modality, bucket = str(row[C.MODALITY]), str(row[C.BUCKET])
             slot = f"{modality}/{bucket}"
-            slots.setdefault(slot, []).append(self.sample_of(row))
-            tensor = row[C.TENSOR]
-            infos[slot] = {"member": self.member_of(modality), "shape": list(tensor.shape), "dtype": str(tensor.dtype),
-                           "micro_batch": micro_batch_for(modality, bucket_size(row), self.config)}
-        n = self.config.write.num_writers
-        pending = [self.writers[writer_of(*slot.split("/", 1), n)].add.remote(slot, infos[slot], samples)
-                   for slot, samples in slots.items()]
-        ray.get(pending)  # back-pressure: the next batch waits for the writers
+            slots = per_writer.setdefault(writer_of(modality, bucket, n), {})
+            if slot not in slots:
+                tensor = row[C.TENSOR]
+                slots[slot] = ({"member": self.member_of(modality), "shape": list(tensor.shape),
+                                "dtype": str(tensor.dtype),
+                                "micro_batch": micro_batch_for(modality, bucket_size(row), self.config)}, [])
+            slots[slot][1].append(self.sample_of(row))
+        # back-pressure: the next batch waits for the writers
+        ray.get([self.writers[w].add_batch.remote(slots) for w, slots in per_writer.items()])
         # only the keys leave the stage: the payloads are written, nothing downstream needs them
         return [{C.KEY: str(r[C.KEY])} for r in rows], []
 

@@ -68,7 +68,8 @@ def local_run(ray_cluster, corpus, tmp_path_factory):
     """One job over the whole corrupted corpus (all modalities), shared by the tests that only read its output."""
     root, _, _ = corpus
     out = tmp_path_factory.mktemp("local") / "out"
-    cfg = config([root], out, write={"samples_per_shard": 4})
+    # three writers for its many buckets: each bucket belongs to one of them (the default on a small cluster is one)
+    cfg = config([root], out, write={"samples_per_shard": 4, "num_writers": 3})
     return cfg, run_prepare(cfg)
 
 
@@ -137,7 +138,7 @@ def test_corrupted_corpus_local(local_run, corpus):
     assert raw[key_of(str(jpeg))]["jpg"] == jpeg.read_bytes()
     assert raw[key_of(str(webp))]["jpg"][:2] == b"\xff\xd8"  # a JPEG now
     # stats: counts per stage and reason, throughput
-    assert stats["run"]["written_samples"] == len(good)
+    assert stats["run"]["written_samples"] == len(good) and stats["run"]["writers"] == 3
     assert stats["run"]["stages"]["decode"]["rejected"]["nan"] == 1
     saved = json.loads((out / C.STATS_FILE).read_text())
     assert saved["total"]["samples"] == len(good) and saved["total"]["rejected"] == len(bad)

@@ -545,6 +545,47 @@ def test_task_batches_give_every_cpu_work_and_stay_at_most_the_batch_size():
     assert task_batch_size(r, 1, 8.0) == 1 and task_batch_size(r, 5, 0.0) == 5
 
 
+def test_writers_scale_with_the_cluster_unless_set():
+    """``write.num_writers=0`` (the default): one writer per CPUS_PER_WRITER CPUs of the cluster, at least one; a count
+    that is set stays; a negative count is refused with its name."""
+    from pipelines.config import CPUS_PER_WRITER, WriteConfig
+
+    auto = WriteConfig()
+    assert auto.num_writers == 0
+    assert auto.writers(2.0) == 1 and auto.writers(CPUS_PER_WRITER) == 1
+    assert auto.writers(CPUS_PER_WRITER + 1) == 2 and auto.writers(10 * CPUS_PER_WRITER) == 10
+    assert auto.writers(0.0) == 1
+    assert WriteConfig(num_writers=3).writers(2.0) == 3
+    with pytest.raises(ConfigError, match="write.num_writers"):
+        resolve_config(PrepareConfig, overrides=["inputs=[a]", "output=b", "write.num_writers=-1"]).validate()
+
+
+def test_one_writer_call_per_batch_writes_what_a_call_per_bucket_writes(tmp_path):
+    """``ShardWriter.add_batch`` (every bucket of a batch in one actor call) commits the shards, sidecars and records
+    that one ``add`` per bucket commits."""
+    from pipelines.writer import PackedSample, ShardWriter, pack_sample
+
+    info = {"member": "jpg", "shape": [16, 16, 3], "dtype": "uint8", "micro_batch": 1}
+    batches = [{f"image/{side}x{side}": (info, [PackedSample(pack_sample({"__key__": f"{b}-{side}-{i}", "jpg": b"x" * i}),
+                                                             {"key": f"{b}-{side}-{i}"}, False) for i in range(3)])
+                for side in (16, 32)} for b in range(3)]
+    outputs = {}
+    for how in ("add", "add_batch"):
+        writer = ShardWriter(str(tmp_path / how), {}, "run", 4, {}, {})
+        for slots in batches:
+            if how == "add":
+                for slot, (slot_info, samples) in slots.items():
+                    writer.add(slot, slot_info, samples)
+            else:
+                writer.add_batch(slots)
+        assert writer.flush() == {"shards": 6, "samples": 18}
+        outputs[how] = {p.relative_to(tmp_path / how): p.read_bytes() for p in sorted((tmp_path / how).rglob("*.tar"))}
+        sidecars = [json.loads(p.read_text()) for p in sorted((tmp_path / how).rglob("*.json"))]
+        outputs[how + " records"] = [(s["path"], s["samples"], s["sha256"], s["records"]) for s in sidecars]
+    assert outputs["add"] == outputs["add_batch"] and len(outputs["add"]) == 6
+    assert outputs["add records"] == outputs["add_batch records"]
+
+
 def test_vae_encode_in_bfloat16_gives_the_float32_latents_to_its_precision(tmp_path):
     """``encode.vae_dtype=bfloat16`` (the GPU setting) computes the same latents as float32, within bfloat16's
     precision: the stage casts the VAE, not the meaning of its output (float32, scaled, in ``latent_dtype``)."""
