@@ -3,8 +3,8 @@ stage and reason; one bad file never fails the job").
 
 One named Ray actor per run (``plan.RunRecords``, which also holds the dedup index) keeps the counters and buffers
 reject rows; it commits them as parquet parts under ``OUTPUT/_work/rejects/`` (written whole, then renamed), so a rerun
-knows which inputs were already judged and ``rejects.parquet`` never lists an input twice. The stages (``pipelines.stage``) report to it through ``report``, one
-round trip per batch.
+knows which inputs were already judged and ``rejects.parquet`` never lists an input twice. The stages
+(``pipelines.stage``) report to it through ``report``, one round trip per batch.
 """
 
 from __future__ import annotations

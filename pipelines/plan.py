@@ -269,16 +269,16 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     config = replace(config, write=replace(config.write, num_writers=config.write.writers(cpus)))
     plan = build_plan(config, s3_options, encoders=encoders)
     run_id = plan.run_id
-    ledger = ray.remote(num_cpus=0)(RunRecords).options(name=ledger_name(run_id)).remote(
+    records = ray.remote(num_cpus=0)(RunRecords).options(name=ledger_name(run_id)).remote(
         config.output, out_options, run_id, config.write.rejects_flush_rows, config.filter.phash_max_distance)
-    ray.get(ledger.seed.remote(state.hash_records()))
+    ray.get(records.seed.remote(state.hash_records()))
     writers = [
         ray.remote(num_cpus=0)(ShardWriter).options(name=writer_name(run_id, i)).remote(
             config.output, out_options, run_id, config.write.samples_per_shard, state.next_indices(), encoders)
         for i in range(config.write.num_writers)
     ]
-    ray.get(ledger.add.remote(C.STAGE_READ, **{"in": listed, "out": len(items), "skipped_done": skipped,
-                                                "duplicate_inputs": listed - len(unique)}))
+    ray.get(records.add.remote(C.STAGE_READ, **{"in": listed, "out": len(items), "skipped_done": skipped,
+                                                 "duplicate_inputs": listed - len(unique)}))
     log.info("plan:\n%s", plan.describe())
 
     run_start = time.time()
@@ -295,10 +295,10 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
             for _ in ds.iter_batches(batch_size=None):
                 pass
         totals = ray.get([w.flush.remote() for w in writers])
-        ray.get(ledger.flush.remote())
-        snapshot = ray.get(ledger.snapshot.remote())
+        ray.get(records.flush.remote())
+        snapshot = ray.get(records.snapshot.remote())
     finally:
-        for handle in [ledger, *writers]:
+        for handle in [records, *writers]:
             ray.kill(handle)
     elapsed = time.time() - run_start
 
