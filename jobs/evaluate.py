@@ -16,7 +16,8 @@ Score only: ``--real`` and ``--fake`` are folders of PNG / JPEG / WebP (or WAV /
 an ``.npz`` image batch (ADM's ``arr_0``); point clouds are folders of ``.npy`` / ``.npz`` / ``.ply`` clouds or
 ``.obj`` / ``.off`` meshes, read as jobs.prepare reads them. ``--real-stats FILE.npz`` instead gives the real side's
 statistics: a file this job cached (of images, or of clips for FAD), or an ADM reference batch (``mu`` / ``sigma``,
-docs/evaluation.md#the-adm-reference-format). The real side's statistics are computed once per extractor, resolution and file listing and cached as ``.npz`` (``stats_cache``). Generate and score:
+docs/evaluation.md#the-adm-reference-format). The real side's statistics are computed once per extractor, resolution
+and file listing and cached as ``.npz`` (``stats_cache``). Generate and score:
 ``--model`` with ``--prompts FILE`` (jobs.generate's prompt file) or ``--classes N --samples K`` (a class-conditional
 model, K per class) first writes the samples into ``OUT/samples`` through jobs.generate's Ray Data job (its
 ``--prompt-file`` path, one sampler per GPU), skipping those already there, then scores them as ``--fake``. The reading,

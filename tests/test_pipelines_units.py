@@ -566,9 +566,12 @@ def test_one_writer_call_per_batch_writes_what_a_call_per_bucket_writes(tmp_path
     from pipelines.writer import PackedSample, ShardWriter, pack_sample
 
     info = {"member": "jpg", "shape": [16, 16, 3], "dtype": "uint8", "micro_batch": 1}
-    batches = [{f"image/{side}x{side}": (info, [PackedSample(pack_sample({"__key__": f"{b}-{side}-{i}", "jpg": b"x" * i}),
-                                                             {"key": f"{b}-{side}-{i}"}, False) for i in range(3)])
-                for side in (16, 32)} for b in range(3)]
+
+    def packed(batch: int, side: int) -> list[PackedSample]:
+        keys = [f"{batch}-{side}-{i}" for i in range(3)]
+        return [PackedSample(pack_sample({"__key__": k, "jpg": b"x" * i}), {"key": k}, False) for i, k in enumerate(keys)]
+
+    batches = [{f"image/{side}x{side}": (info, packed(b, side)) for side in (16, 32)} for b in range(3)]
     outputs = {}
     for how in ("add", "add_batch"):
         writer = ShardWriter(str(tmp_path / how), {}, "run", 4, {}, {})
